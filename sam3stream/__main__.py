@@ -1,0 +1,3 @@
+from sam3stream.cli import main
+
+raise SystemExit(main())

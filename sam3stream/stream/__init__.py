@@ -1,0 +1,1 @@
+"""The stream half: camera sources, batcher, GPU worker, pipeline wiring."""
