@@ -1,0 +1,234 @@
+"""SAM 3 split into four graphs with plain-tensor inputs and outputs.
+
+- :class:`VisionEncoder`  frames [B, R, R, 3] uint8 -> FPN levels at 4x, 2x, 1x of the patch grid
+- :class:`TextEncoder`    token ids + mask [C, 32] -> prompt features [C, 32, D]
+- :class:`GeometryEncoder` 1x level + box exemplars -> geometry prompt tokens (CLS included)
+- :class:`Decoder`        FPN of B frames x prompts of C classes -> top-K per frame and class
+
+The parts reuse the submodules (and so the weights) of transformers' ``Sam3Model``; only the
+glue is written here. Composed, they reproduce ``Sam3Model.forward`` with one padding box,
+which is what Meta's reference does for text-only prompts (the geometry encoder's CLS token
+is part of every prompt there; transformers drops it when no box is given).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import Sam3Model
+
+__all__ = [
+    "PAD_BOX_LABEL",
+    "Decoder",
+    "GeometryEncoder",
+    "Parts",
+    "TextEncoder",
+    "VisionEncoder",
+    "padding_boxes",
+    "split_model",
+]
+
+# transformers' Sam3Processor pads box prompts with label -10: such a box is masked out.
+PAD_BOX_LABEL = -10
+
+
+def padding_boxes(batch: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One padding box per frame: makes the geometry encoder emit only its CLS token."""
+    boxes = torch.zeros(batch, 1, 4, device=device)
+    labels = torch.full((batch, 1), PAD_BOX_LABEL, dtype=torch.long, device=device)
+    return boxes, labels
+
+
+class VisionEncoder(nn.Module):
+    """ViT + the three FPN levels used downstream (the 0.5x level is never computed)."""
+
+    def __init__(self, model: Sam3Model) -> None:
+        super().__init__()
+        vision = model.vision_encoder
+        self.backbone = vision.backbone
+        self.fpn_layers = nn.ModuleList(list(vision.neck.fpn_layers)[:3])
+        self.patch = int(vision.config.backbone_config.patch_size)
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # uint8 RGB in, normalisation inside the graph: (x / 255 - 0.5) / 0.5, as Sam3Processor does.
+        dtype = self.fpn_layers[0].proj1.weight.dtype
+        pixels = frames.permute(0, 3, 1, 2).to(dtype) * (1.0 / 127.5) - 1.0
+        hidden = self.backbone(pixels).last_hidden_state
+        batch, grid = pixels.shape[0], pixels.shape[-1] // self.patch
+        spatial = hidden.view(batch, grid, grid, -1).permute(0, 3, 1, 2)
+        fpn0, fpn1, fpn2 = (layer(spatial) for layer in self.fpn_layers)
+        return fpn0, fpn1, fpn2
+
+
+class TextEncoder(nn.Module):
+    """CLIP text encoder + projection to the DETR width. Independent of the resolution."""
+
+    def __init__(self, model: Sam3Model) -> None:
+        super().__init__()
+        self.text_encoder = model.text_encoder
+        self.text_projection = model.text_projection
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        projected: torch.Tensor = self.text_projection(out.last_hidden_state)
+        return projected
+
+
+class GeometryEncoder(nn.Module):
+    """Box exemplars (normalized cxcywh, label 1/0, or -10 for padding) -> prompt tokens.
+
+    Runs per frame, not per class: with only padding boxes its output (the CLS token after
+    cross-attending to the image) does not depend on the text.
+    """
+
+    def __init__(self, model: Sam3Model) -> None:
+        super().__init__()
+        self.geometry_encoder = model.geometry_encoder
+        self.position_encoding = model.vision_encoder.neck.position_encoding
+
+    def forward(
+        self, fpn2: torch.Tensor, boxes: torch.Tensor, box_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pos2 = self.position_encoding(fpn2.shape, fpn2.device, fpn2.dtype)
+        box_mask = box_labels != PAD_BOX_LABEL
+        labels = torch.where(box_mask, box_labels, torch.zeros_like(box_labels))
+        out = self.geometry_encoder(
+            box_embeddings=boxes.to(fpn2.dtype),
+            box_mask=box_mask,
+            box_labels=labels,
+            img_feats=(fpn2,),
+            img_pos_embeds=(pos2,),
+        )
+        return out.last_hidden_state, out.attention_mask
+
+
+class Decoder(nn.Module):
+    """DETR encoder + decoder, scoring, top-K, then masks for the K kept queries only.
+
+    Frames x classes run in one call, frame-major (row b * C + c). Ranking by
+    sigmoid(logit) * sigmoid(presence) equals ranking by logit within a (frame, class), so
+    the K rows are exactly the K best of the full model's queries; the mask head (the costly
+    part: a dot product per query over a 4x-grid map) then runs on K instead of all queries.
+    """
+
+    def __init__(self, model: Sam3Model, queries: int) -> None:
+        super().__init__()
+        total = int(model.config.detr_decoder_config.num_queries)
+        if not 1 <= queries <= total:
+            raise ValueError(f"queries must be between 1 and {total}, got {queries}")
+        self.queries = queries
+        self.position_encoding = model.vision_encoder.neck.position_encoding
+        self.detr_encoder = model.detr_encoder
+        self.detr_decoder = model.detr_decoder
+        self.scoring = model.dot_product_scoring
+        mask = model.mask_decoder
+        self.pixel_decoder = mask.pixel_decoder
+        self.mask_embedder = mask.mask_embedder
+        self.instance_projection = mask.instance_projection
+        self.prompt_cross_attn = mask.prompt_cross_attn
+        self.prompt_cross_attn_norm = mask.prompt_cross_attn_norm
+        self.mask_config = mask.config
+
+    def forward(
+        self,
+        fpn0: torch.Tensor,
+        fpn1: torch.Tensor,
+        fpn2: torch.Tensor,
+        text_features: torch.Tensor,
+        text_mask: torch.Tensor,
+        geo_features: torch.Tensor,
+        geo_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from transformers.masking_utils import create_bidirectional_mask
+        from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy, inverse_sigmoid
+
+        frames, classes = fpn2.shape[0], text_features.shape[0]
+        rows = frames * classes
+        dim, height, width = fpn2.shape[1], fpn2.shape[2], fpn2.shape[3]
+
+        def per_row(x: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [B*C, ...], frame-major
+            return x.unsqueeze(1).expand(frames, classes, *x.shape[1:]).reshape(rows, *x.shape[1:])
+
+        prompt = torch.cat([text_features.to(fpn2.dtype).repeat(frames, 1, 1), per_row(geo_features)], dim=1)
+        prompt_mask = torch.cat([text_mask.bool().repeat(frames, 1), per_row(geo_mask.bool())], dim=1)
+        fpn2_rows = per_row(fpn2)
+        pos2 = self.position_encoding(fpn2_rows.shape, fpn2.device, fpn2.dtype)
+
+        enc = self.detr_encoder(
+            vision_features=[fpn2_rows], text_features=prompt, vision_pos_embeds=[pos2], text_mask=prompt_mask
+        )
+        dec = self.detr_decoder(
+            vision_features=enc.last_hidden_state,
+            text_features=enc.text_features,
+            vision_pos_encoding=enc.pos_embeds_flattened,
+            text_mask=prompt_mask,
+            spatial_shapes=enc.spatial_shapes,
+        )
+        # Only the last decoder layer's predictions are used, as in Sam3Model.forward.
+        hidden = dec.intermediate_hidden_states[-1]  # [rows, Q, D]
+        offsets = self.detr_decoder.box_head(hidden)
+        boxes = box_cxcywh_to_xyxy((inverse_sigmoid(dec.reference_boxes[-1]) + offsets).sigmoid())
+        logits = self.scoring(
+            decoder_hidden_states=hidden.unsqueeze(0), text_features=enc.text_features, text_mask=prompt_mask
+        )[0, :, :, 0]
+        presence = dec.presence_logits[-1].sigmoid()  # [rows, 1]
+        scores = logits.sigmoid() * presence
+
+        top_scores, top_index = scores.topk(self.queries, dim=1)  # sorted, best first
+        top_boxes = boxes.gather(1, top_index.unsqueeze(-1).expand(-1, -1, 4))
+        top_hidden = hidden.gather(1, top_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+        # Mask head (Sam3MaskDecoder.forward without the unused semantic map), on K queries.
+        encoded = enc.last_hidden_state
+        normed = self.prompt_cross_attn_norm(encoded)
+        cross_mask = create_bidirectional_mask(
+            config=self.mask_config, inputs_embeds=normed, encoder_hidden_states=prompt, attention_mask=prompt_mask
+        )
+        attn, _ = self.prompt_cross_attn(query=normed, key=prompt, value=prompt, attention_mask=cross_mask)
+        encoded = encoded + attn
+        visual = encoded[:, : height * width].transpose(1, 2).reshape(rows, dim, height, width)
+        pixel = self._pixel_decoder(visual, fpn1, fpn0, frames, classes)
+        instance = self.instance_projection(pixel)
+        masks = torch.einsum("rqc,rchw->rqhw", self.mask_embedder(top_hidden), instance)
+
+        size = masks.shape[-1]
+        return (
+            top_scores.view(frames, classes, self.queries),
+            top_boxes.view(frames, classes, self.queries, 4),
+            masks.view(frames, classes, self.queries, size, size),
+            presence.view(frames, classes),
+            top_index.view(frames, classes, self.queries),
+        )
+
+    def _pixel_decoder(
+        self, coarse: torch.Tensor, fpn1: torch.Tensor, fpn0: torch.Tensor, frames: int, classes: int
+    ) -> torch.Tensor:
+        """Sam3PixelDecoder.forward, adding each frame's skip feature by broadcasting over classes
+        instead of materialising C copies of the large 4x and 2x levels."""
+        prev = coarse
+        for index, skip in enumerate((fpn1, fpn0)):
+            prev = F.interpolate(prev, size=skip.shape[-2:], mode="nearest")
+            shape = prev.shape
+            prev = (prev.view(frames, classes, *shape[1:]) + skip.unsqueeze(1)).view(shape)
+            prev = F.relu(self.pixel_decoder.norms[index](self.pixel_decoder.conv_layers[index](prev)))
+        return prev
+
+
+class Parts(nn.Module):
+    """The four parts of one model, sharing its weights."""
+
+    def __init__(self, model: Sam3Model, queries: int) -> None:
+        super().__init__()
+        self.vision = VisionEncoder(model)
+        self.text = TextEncoder(model)
+        self.geometry = GeometryEncoder(model)
+        self.decoder = Decoder(model, queries)
+
+
+def split_model(model: Sam3Model, queries: int = 50) -> Parts:
+    return Parts(model, queries).eval()
