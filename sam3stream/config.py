@@ -1,0 +1,537 @@
+"""The service configuration: one TOML file parsed into frozen msgspec Structs.
+
+Validation reports every problem at once, each with the key path that caused it
+(``cameras[2].url``, ``batching.max_batch``); unknown keys are errors. Validation
+never touches the file system beyond reading the config itself: whether a video
+file or an engine directory exists is the run's business, not the config's.
+
+Relative paths (engine directory, checkpoint, file cameras, sink outputs) are
+resolved against the config file's directory while parsing, so the Structs only
+ever hold absolute paths for them.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeAlias
+from urllib.parse import urlsplit
+
+import msgspec
+
+from sam3stream.errors import ConfigError, ResolutionError
+from sam3stream.resolution import check_resolution
+
+__all__ = [
+    "BatchingConfig",
+    "CameraConfig",
+    "Config",
+    "EnginesConfig",
+    "ExportConfig",
+    "JsonlSinkConfig",
+    "LifecycleConfig",
+    "LoggingConfig",
+    "MetricsConfig",
+    "MqttSinkConfig",
+    "OnFull",
+    "PromptsConfig",
+    "SinkConfig",
+    "VideoSinkConfig",
+    "load_config",
+    "parse_config",
+    "sink_name",
+]
+
+OnFull: TypeAlias = Literal["drop_oldest", "block"]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Probability = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+# Camera names become MQTT topic levels and file names.
+CAMERA_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+CameraName = Annotated[str, msgspec.Meta(pattern=CAMERA_NAME.pattern)]
+NETWORK_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt"})
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+# --------------------------------------------------------------------------- engines
+
+
+class ExportConfig(_Section, frozen=True, kw_only=True):
+    """How to make the engine directory when it does not exist yet (``[engines.export]``)."""
+
+    random: Literal["tiny", "full"] | None = None  # random weights (tests, demos)
+    checkpoint: str | None = None  # a SAM 3 checkpoint directory
+    resolution: int = 1008
+    queries: PositiveInt = 50
+    seed: int = 0
+
+
+class EnginesConfig(_Section, frozen=True, kw_only=True):
+    dir: str
+    backend: Literal["onnxruntime", "torch", "tensorrt", "fake"] = "onnxruntime"
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # torch only; the others ignore it
+    export: ExportConfig | None = None
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+class PromptsConfig(_Section, frozen=True, kw_only=True):
+    classes: list[str]
+    conf: Probability = 0.3
+    thresholds: dict[str, Probability] = {}
+    mask_size: tuple[int, int] | Literal["original"] = "original"  # [w, h] or the frame's own size
+
+    def threshold(self, label: str) -> float:
+        return self.thresholds.get(label, self.conf)
+
+    @property
+    def threshold_list(self) -> list[float]:
+        """One threshold per class, in class order."""
+        return [self.threshold(c) for c in self.classes]
+
+    @property
+    def mask_wh(self) -> tuple[int, int] | None:
+        """Mask size for postprocessing: ``None`` means the original frame size."""
+        return None if self.mask_size == "original" else self.mask_size
+
+
+# --------------------------------------------------------------------------- cameras
+
+
+class CameraConfig(_Section, frozen=True, kw_only=True):
+    name: CameraName
+    url: str  # a file path, or rtsp://, rtsps://, http(s)://
+    mode: Literal["auto", "live", "file"] = "auto"
+    fps: Positive | None = None  # live: sample down to it; file: pace to it (None = as fast as possible)
+    loop: bool = False  # files only: start again at the end
+    options: dict[str, str] = {}  # passed to av.open (e.g. rtsp_transport = "tcp")
+
+    @property
+    def is_network(self) -> bool:
+        return urlsplit(self.url).scheme.lower() in NETWORK_SCHEMES
+
+    @property
+    def effective_mode(self) -> Literal["live", "file"]:
+        """``auto`` means file for a local path and live for anything on the network."""
+        if self.mode == "auto":
+            return "live" if self.is_network else "file"
+        return self.mode
+
+
+# --------------------------------------------------------------------------- batching
+
+
+class BatchingConfig(_Section, frozen=True, kw_only=True):
+    max_batch: PositiveInt = 8  # must also be <= the engine's batch (checked when it loads)
+    max_wait_ms: NonNegative = 20.0  # flush a partial batch this long after its first frame
+    camera_queue: PositiveInt = 4  # frames buffered per file camera (live cameras keep 1)
+    batch_queue: PositiveInt = 2  # batches between batcher and GPU worker: one in flight + one ready
+
+
+# --------------------------------------------------------------------------- sinks
+
+
+class _Sink(_Section, frozen=True, kw_only=True, tag_field="type"):
+    name: str = ""  # for logs and metrics; defaults to "<type>-<index>"
+    queue: PositiveInt = 256  # results buffered between the pipeline and this sink
+    cameras: list[str] = []  # only these cameras (empty = all)
+
+
+class JsonlSinkConfig(_Sink, frozen=True, kw_only=True, tag="jsonl"):
+    """One JSON object per line, one file per camera: ``<path>/<camera>.jsonl``."""
+
+    path: str  # a directory (created if missing)
+    rotate_mb: Positive | None = None  # start ``<camera>.1.jsonl``, ``.2``, ... past this size
+    on_full: OnFull = "block"  # a file is lossless: slow disks slow the pipeline down
+
+
+class MqttSinkConfig(_Sink, frozen=True, kw_only=True, tag="mqtt"):
+    """One message per frame on ``<prefix>/<camera>/detections``, stats on ``<prefix>/stats``."""
+
+    host: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
+    prefix: str = "sam3stream"
+    qos: Literal[0, 1, 2] = 0
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    buffer: Annotated[int, msgspec.Meta(ge=0)] = 1000  # results kept while the broker is down
+    stats_interval_s: NonNegative = 10.0  # 0 = no stats messages
+    keepalive: Annotated[int, msgspec.Meta(ge=1)] = 60
+    on_full: OnFull = "drop_oldest"  # a broker hiccup must never stall inference
+
+
+class VideoSinkConfig(_Sink, frozen=True, kw_only=True, tag="video"):
+    """Annotated video per camera: ``<dir>/<camera>.mp4``."""
+
+    dir: str
+    fps: Positive | None = None  # None: the camera's fps, else 10
+    draw_masks: bool = True
+    draw_boxes: bool = True
+    codec: str = "libx264"
+    every_n: PositiveInt = 1  # record one result in N (N > 1: periodic snapshots)
+    queue: PositiveInt = 32  # results hold full-size images here: keep it short
+    on_full: OnFull = "block"
+
+
+SinkConfig: TypeAlias = JsonlSinkConfig | MqttSinkConfig | VideoSinkConfig
+
+
+def sink_name(index: int, sink: SinkConfig) -> str:
+    """The name a sink is known by in logs and metrics."""
+    return sink.name or f"{sink.__struct_config__.tag}-{index}"
+
+
+# --------------------------------------------------------------------------- the rest
+
+
+class MetricsConfig(_Section, frozen=True, kw_only=True):
+    interval_s: Positive = 10.0  # how often the reporter logs (and publishes) stats
+    prometheus_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
+
+
+class LoggingConfig(_Section, frozen=True, kw_only=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+
+
+class LifecycleConfig(_Section, frozen=True, kw_only=True):
+    drain_timeout_s: NonNegative = 10.0  # stop: finish in-flight work and flush sinks within this
+    stall_timeout_s: Positive = 10.0  # no frame for this long (downstream not full) => reconnect
+    reconnect_base_s: Positive = 0.5  # backoff: uniform(0, min(cap, base * 2**attempt))
+    reconnect_cap_s: Positive = 30.0
+
+
+class Config(_Section, frozen=True, kw_only=True):
+    engines: EnginesConfig
+    prompts: PromptsConfig
+    cameras: list[CameraConfig]
+    batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
+    sinks: list[SinkConfig] = []
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    lifecycle: LifecycleConfig = msgspec.field(default_factory=LifecycleConfig)
+
+    @property
+    def engine_dir(self) -> Path:
+        return Path(self.engines.dir)
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.cameras)} cameras, {len(self.sinks)} sinks, "
+            f"{len(self.prompts.classes)} classes, backend {self.engines.backend} on {self.engines.device}, "
+            f"max_batch {self.batching.max_batch}"
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        problem = f"cannot read the config file: {exc.strerror or exc}"
+        raise ConfigError([("", problem)], source=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([("", f"not UTF-8 text: {exc.reason}")], source=str(path)) from None
+    return parse_config(text, source=str(path), base_dir=path.resolve().parent)
+
+
+def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Parse TOML text; relative paths resolve against ``base_dir`` (default: the working directory)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already ends in "(at line N, column M)".
+        raise ConfigError([("", f"TOML syntax error: {exc}")], source=source) from None
+    problems: list[tuple[str, str]] = []
+    config = _convert(raw, Config, "", problems)
+    problems.extend(_check_raw(raw))
+    if problems or not isinstance(config, Config):
+        raise ConfigError(problems, source=source)
+    return _resolve_paths(config, (base_dir or Path.cwd()).resolve())
+
+
+# --------------------------------------------------------------------------- structure
+
+_INVALID: Any = object()  # marks a subtree that failed; its problems are already recorded
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(value: object) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _literal_choices(tp: Any) -> list[Any] | None:
+    """The allowed values of a Literal (or optional Literal) field, else None."""
+    if typing.get_origin(tp) is Literal:
+        return list(typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if all(typing.get_origin(a) is Literal or a is type(None) for a in args):
+            return [v for a in args if a is not type(None) for v in typing.get_args(a)]
+    return None
+
+
+def _leaf(value: object, tp: Any, path: str, problems: list[tuple[str, str]]) -> Any:
+    """Convert a value that holds no Structs; msgspec's error path is appended to ours."""
+    try:
+        return msgspec.convert(value, tp)
+    except msgspec.ValidationError as exc:
+        match = _AT.match(str(exc))
+        assert match is not None
+        msg, sub = match.group("msg"), match.group("path") or ""
+        choices = _literal_choices(tp)
+        if choices is not None and not sub:
+            msg = f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+        elif CAMERA_NAME.pattern in msg:
+            msg = f"use only letters, digits, '_' and '-' (it becomes an MQTT topic level), got {value!r}"
+        else:
+            msg = f"{msg[0].lower()}{msg[1:]}"
+            msg += "" if "got" in msg else f", got {value!r}"
+        problems.append((path + sub, msg))
+        return _INVALID
+
+
+def _struct_args(tp: Any) -> list[type[msgspec.Struct]] | None:
+    """The Struct types inside ``tp`` (a Struct, an optional Struct or a union of Structs)."""
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return [tp]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if args and all(isinstance(a, type) and issubclass(a, msgspec.Struct) for a in args):
+            return args
+    return None
+
+
+def _convert(value: object, tp: Any, path: str, problems: list[tuple[str, str]]) -> Any:
+    """Like msgspec.convert, but walks into Structs and lists of Structs to find every problem."""
+    structs = _struct_args(tp)
+    if structs is not None:
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        if len(structs) > 1:
+            return _convert_tagged(value, structs, path, problems)
+        return _convert_struct(value, structs[0], path, problems)
+    if typing.get_origin(tp) is list and _struct_args(typing.get_args(tp)[0]) is not None:
+        if not isinstance(value, list):
+            problems.append((path, f"expected an array of tables, got {_type_name(value)}"))
+            return _INVALID
+        items = [_convert(v, typing.get_args(tp)[0], _join(path, i), problems) for i, v in enumerate(value)]
+        return _INVALID if any(i is _INVALID for i in items) else items
+    return _leaf(value, tp, path, problems)
+
+
+def _convert_tagged(
+    value: object, structs: list[type[msgspec.Struct]], path: str, problems: list[tuple[str, str]]
+) -> Any:
+    by_tag = {s.__struct_config__.tag: s for s in structs}
+    field = structs[0].__struct_config__.tag_field or "type"
+    if not isinstance(value, dict):
+        problems.append((path, f"expected a table, got {_type_name(value)}"))
+        return _INVALID
+    tag = value.get(field)
+    if tag not in by_tag:
+        choices = ", ".join(repr(t) for t in by_tag)
+        got = "nothing" if tag is None else repr(tag)
+        problems.append((_join(path, field), f"must be one of {choices}, got {got}"))
+        return _INVALID
+    return _convert_struct({k: v for k, v in value.items() if k != field}, by_tag[tag], path, problems)
+
+
+def _convert_struct(
+    value: object, tp: type[msgspec.Struct], path: str, problems: list[tuple[str, str]]
+) -> Any:
+    if not isinstance(value, dict):
+        problems.append((path, f"expected a table, got {_type_name(value)}"))
+        return _INVALID
+    fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
+    hints = typing.get_type_hints(tp, include_extras=True)
+    ok = True
+    args: dict[str, Any] = {}
+    for key, item in value.items():
+        if key not in fields:
+            problems.append((_join(path, key), "unknown key"))
+            ok = False
+            continue
+        converted = _convert(item, hints[fields[key].name], _join(path, key), problems)
+        ok = ok and converted is not _INVALID
+        args[fields[key].name] = converted
+    for key, field in fields.items():
+        if field.required and key not in value:
+            problems.append((_join(path, key), "required key is missing"))
+            ok = False
+    if not ok:
+        return _INVALID
+    result = tp(**args)
+    check = _CHECKS.get(tp)
+    bad = [(_join(path, sub) if sub else path, msg) for sub, msg in check(result)] if check else []
+    problems.extend(bad)
+    return _INVALID if bad else result
+
+
+# --------------------------------------------------------------------------- meaning
+# Rules beyond one field's type. Each checker sees one converted section and yields
+# (path relative to it, message); cross-section rules read the raw TOML so that they
+# still run when some other part of the file failed to convert.
+
+Problems = Iterator[tuple[str, str]]
+
+
+def _check_engines(engines: EnginesConfig) -> Problems:
+    if not engines.dir:
+        yield "dir", "must not be empty"
+    if not DEVICE.match(engines.device):
+        yield "device", f"must be cpu, cuda or cuda:N, got {engines.device!r}"
+    elif engines.backend == "tensorrt" and engines.device == "cpu":
+        yield "device", "the tensorrt backend needs a cuda device"
+
+
+def _check_export(export: ExportConfig) -> Problems:
+    if (export.random is None) == (export.checkpoint is None):
+        yield "", 'give exactly one of random = "tiny" | "full" or checkpoint = "path"'
+    try:
+        check_resolution(export.resolution, key="resolution")
+    except ResolutionError as exc:
+        yield "resolution", str(exc).removeprefix("resolution: ")
+
+
+def _check_prompts(prompts: PromptsConfig) -> Problems:
+    if not prompts.classes:
+        yield "classes", "give at least one class"
+    seen: set[str] = set()
+    for i, label in enumerate(prompts.classes):
+        if not label.strip():
+            yield f"classes[{i}]", "must not be empty"
+        elif label in seen:
+            yield f"classes[{i}]", f"duplicate class {label!r}"
+        seen.add(label)
+    for label in prompts.thresholds:
+        if label not in seen:
+            yield f"thresholds.{label}", f"{label!r} is not one of prompts.classes"
+    if prompts.mask_size != "original" and min(prompts.mask_size) < 1:
+        yield "mask_size", f"width and height must be >= 1, got {list(prompts.mask_size)}"
+
+
+def _check_camera(cam: CameraConfig) -> Problems:
+    if cam.loop and cam.effective_mode == "live":
+        yield "loop", 'only file cameras can loop (set mode = "file" or drop loop)'
+    if not cam.url.strip():
+        yield "url", "must not be empty"
+        return
+    parts = urlsplit(cam.url)
+    scheme = parts.scheme.lower()
+    # A one-letter "scheme" is a Windows drive (C:\\videos\\a.mp4).
+    if len(scheme) > 1 and scheme != "file" and scheme not in NETWORK_SCHEMES:
+        allowed = ", ".join(sorted(NETWORK_SCHEMES))
+        yield "url", f"unsupported scheme {scheme!r}: use a file path or one of {allowed}"
+    elif scheme in NETWORK_SCHEMES and not parts.hostname:
+        yield "url", f"{cam.url!r} has no host"
+
+
+def _check_mqtt(sink: MqttSinkConfig) -> Problems:
+    if not sink.host:
+        yield "host", "must not be empty"
+    if not sink.prefix or any(c in sink.prefix for c in "+#"):
+        yield "prefix", "must be a non-empty MQTT topic without wildcards (+, #)"
+
+
+def _check_lifecycle(life: LifecycleConfig) -> Problems:
+    if life.reconnect_base_s > life.reconnect_cap_s:
+        yield "reconnect_base_s", "must not exceed reconnect_cap_s"
+
+
+_CHECKS: dict[type[Any], Callable[[Any], Problems]] = {
+    EnginesConfig: _check_engines,
+    ExportConfig: _check_export,
+    PromptsConfig: _check_prompts,
+    CameraConfig: _check_camera,
+    MqttSinkConfig: _check_mqtt,
+    LifecycleConfig: _check_lifecycle,
+}
+
+
+def _check_raw(raw: dict[str, Any]) -> Problems:
+    """Rules across sections: unique camera and sink names, sinks naming real cameras."""
+    cameras = raw.get("cameras")
+    cameras = cameras if isinstance(cameras, list) else []
+    if "cameras" in raw and not cameras:
+        yield "cameras", "give at least one [[cameras]] entry"
+    first: dict[str, int] = {}
+    for i, cam in enumerate(cameras):
+        name = cam.get("name") if isinstance(cam, dict) else None
+        if isinstance(name, str) and name in first:
+            yield f"cameras[{i}].name", f"duplicate camera name {name!r} (also cameras[{first[name]}])"
+        elif isinstance(name, str):
+            first[name] = i
+    sinks = raw.get("sinks")
+    seen: dict[str, int] = {}
+    for i, sink in enumerate(sinks if isinstance(sinks, list) else []):
+        if not isinstance(sink, dict):
+            continue
+        name = sink.get("name") or f"{sink.get('type')}-{i}"
+        if isinstance(name, str) and name in seen:
+            yield f"sinks[{i}].name", f"duplicate sink name {name!r} (also sinks[{seen[name]}])"
+        elif isinstance(name, str):
+            seen[name] = i
+        wanted = sink.get("cameras")
+        for j, cam_name in enumerate(wanted if isinstance(wanted, list) else []):
+            if isinstance(cam_name, str) and cam_name not in first:
+                yield f"sinks[{i}].cameras[{j}]", f"no camera is named {cam_name!r}"
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def resolve(p: str) -> str:
+        return str((base / Path(p).expanduser()).resolve()) if p else p
+
+    engines = config.engines
+    export = engines.export
+    if export is not None and export.checkpoint:
+        export = msgspec.structs.replace(export, checkpoint=resolve(export.checkpoint))
+    engines = msgspec.structs.replace(engines, dir=resolve(engines.dir), export=export)
+
+    cameras = []
+    for cam in config.cameras:
+        scheme = urlsplit(cam.url).scheme.lower()
+        if scheme == "file":
+            cam = msgspec.structs.replace(cam, url=resolve(urlsplit(cam.url).path))
+        elif not cam.is_network and len(scheme) <= 1:
+            cam = msgspec.structs.replace(cam, url=resolve(cam.url))
+        cameras.append(cam)
+
+    sinks: list[SinkConfig] = []
+    for sink in config.sinks:
+        if isinstance(sink, JsonlSinkConfig):
+            sink = msgspec.structs.replace(sink, path=resolve(sink.path))
+        elif isinstance(sink, VideoSinkConfig):
+            sink = msgspec.structs.replace(sink, dir=resolve(sink.dir))
+        sinks.append(sink)
+    return msgspec.structs.replace(config, engines=engines, cameras=cameras, sinks=sinks)
