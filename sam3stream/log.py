@@ -1,0 +1,38 @@
+"""Logging: structlog, key=value on a console or one JSON object per line.
+
+Configured once by the CLI; an application embedding the pipeline keeps its own setup.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+import structlog
+
+__all__ = ["configure_logging"]
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure_logging(level: str = "info", fmt: Literal["console", "json"] | str = "console") -> None:
+    """Send structlog output to stderr at ``level`` as ``console`` (key=value) or ``json`` lines."""
+    # The console renderer formats exceptions itself; JSON needs them turned into a field.
+    tail: list[structlog.typing.Processor]
+    if fmt == "json":
+        tail = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    else:
+        tail = [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            *tail,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level.lower(), logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )

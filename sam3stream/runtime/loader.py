@@ -1,0 +1,51 @@
+"""Pick a backend by name; each one is imported only when chosen (torch stays out otherwise)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from sam3stream.errors import BackendUnavailableError
+from sam3stream.runtime.types import Backend
+
+__all__ = ["BACKENDS", "open_backend"]
+
+BACKENDS = ("onnxruntime", "torch", "tensorrt", "fake")
+
+# What to install when a backend's dependency is missing.
+_INSTALL = {
+    "onnxruntime": "pip install onnxruntime (or onnxruntime-gpu)",
+    "torch": "pip install 'sam3stream[gpu]' (torch and cuda-python)",
+    "tensorrt": "pip install 'sam3stream[tensorrt]' (tensorrt and cuda-python)",
+}
+
+
+# kind -> (module, class, whether the constructor takes device=)
+_CLASSES = {
+    "onnxruntime": ("sam3stream.runtime.onnxruntime_backend", "OnnxRuntimeBackend", False),
+    "torch": ("sam3stream.runtime.torch_backend", "TorchBackend", True),
+    "tensorrt": ("sam3stream.runtime.tensorrt_backend", "TensorRTBackend", True),
+}
+
+
+def open_backend(kind: str, engine_dir: Path, device: str = "cpu") -> Backend:
+    """Load the engines in ``engine_dir`` with the ``kind`` runtime on ``device``."""
+    engine_dir = Path(engine_dir)
+    if kind == "fake":
+        from sam3stream.runtime.fake import FakeBackend
+
+        return FakeBackend.from_dir(engine_dir)
+    if kind not in _CLASSES:
+        raise BackendUnavailableError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+    module_name, class_name, takes_device = _CLASSES[kind]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if exc.name == module_name:
+            raise BackendUnavailableError(f"this sam3stream build has no {kind} backend") from exc
+        raise BackendUnavailableError(
+            f"the {kind} backend needs the Python module {exc.name or exc!s}: {_INSTALL[kind]}"
+        ) from exc
+    cls = getattr(module, class_name)
+    backend: Backend = cls(engine_dir, device=device) if takes_device else cls(engine_dir)
+    return backend
