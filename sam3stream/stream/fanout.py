@@ -1,0 +1,165 @@
+"""Fan-out: every result to every sink, each through its own bounded queue and runner task.
+
+A sink never slows inference down unless it asked to: ``drop_oldest`` routes
+(MQTT, the embedding app's subscriber) throw away their oldest undelivered
+result when full and count it; ``block`` routes (files) make the pipeline wait,
+because losing lines from a file is worse than running slower. A sink that
+raises is logged and counted, and its runner carries on with the next result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from typing import TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from sam3stream.config import OnFull
+from sam3stream.errors import Sam3StreamError
+from sam3stream.metrics import Metrics
+from sam3stream.sinks.base import Sink
+from sam3stream.stream.frames import FrameResult
+
+__all__ = ["Fanout", "SinkRoute", "Subscriber"]
+
+log = structlog.get_logger(__name__)
+
+Image: TypeAlias = npt.NDArray[np.uint8] | None
+_LOG_EVERY_S = 10.0  # a sink failing on every result logs once per this, with a count
+
+
+class SinkRoute:
+    """One sink, its queue and its runner."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        name: str,
+        capacity: int,
+        on_full: OnFull,
+        cameras: Iterable[str] = (),
+        metrics: Metrics,
+        close_timeout_s: float = 10.0,
+    ) -> None:
+        self.sink = sink
+        self.name = name
+        self.on_full = on_full
+        self.cameras = frozenset(cameras)  # empty: all cameras
+        self.queue: asyncio.Queue[tuple[FrameResult, Image]] = asyncio.Queue(maxsize=capacity)
+        self._metrics = metrics
+        self._close_timeout_s = close_timeout_s
+        self.errors = 0
+        self.dropped = 0
+        self._errors_unlogged = 0
+        self._last_logged = float("-inf")
+
+    @property
+    def wants_images(self) -> bool:
+        return bool(getattr(self.sink, "wants_images", False))
+
+    def accepts(self, camera: str) -> bool:
+        return not self.cameras or camera in self.cameras
+
+    async def offer(self, result: FrameResult, image: Image) -> None:
+        item = (result, image if self.wants_images else None)
+        if self.on_full == "block":
+            await self.queue.put(item)
+            return
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.queue.task_done()
+            self.dropped += 1
+            self._metrics.sink_dropped(self.name, 1)
+        self.queue.put_nowait(item)
+
+    async def start(self) -> None:
+        try:
+            await self.sink.start()
+        except Exception as exc:
+            # Before any frame flows: a sink that cannot start is a setup problem; say which.
+            raise Sam3StreamError(f"sink {self.name!r} could not start: {exc}") from exc
+
+    async def run(self) -> None:
+        """Deliver queued results until cancelled, then close the sink."""
+        try:
+            while True:
+                result, image = await self.queue.get()
+                try:
+                    await self.sink.publish(result, image)
+                except Exception as exc:
+                    self.record_error("sink_publish_failed", exc)
+                finally:
+                    self.queue.task_done()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the sink (bounded in time); errors are logged and counted."""
+        try:
+            async with asyncio.timeout(self._close_timeout_s):
+                await self.sink.aclose()
+        except Exception as exc:
+            self.record_error("sink_close_failed", exc, force=True)
+
+    def record_error(self, event: str, exc: Exception, *, force: bool = False) -> None:
+        self.errors += 1
+        self._errors_unlogged += 1
+        self._metrics.sink_error(self.name)
+        now = time.monotonic()
+        if force or now - self._last_logged >= _LOG_EVERY_S:
+            log.error(event, sink=self.name, error=repr(exc), errors=self._errors_unlogged, exc_info=exc)
+            self._last_logged = now
+            self._errors_unlogged = 0
+
+
+class Subscriber:
+    """A drop-oldest queue of results for code embedding the pipeline (``Pipeline.results()``)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.queue: asyncio.Queue[FrameResult] = asyncio.Queue(maxsize=capacity)
+        self.dropped = 0
+
+    def offer(self, result: FrameResult) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.dropped += 1
+        self.queue.put_nowait(result)
+
+
+class Fanout:
+    """Hands each result to every route that takes its camera, and to the subscriber."""
+
+    def __init__(self, routes: list[SinkRoute], subscriber: Subscriber | None = None) -> None:
+        self.routes = routes
+        self.subscriber = subscriber
+
+    def wants_images(self, camera: str) -> bool:
+        return any(r.wants_images and r.accepts(camera) for r in self.routes)
+
+    async def publish(self, result: FrameResult, image: Image) -> None:
+        for route in self.routes:
+            if route.accepts(result.camera):
+                await route.offer(result, image)
+        if self.subscriber is not None:
+            self.subscriber.offer(result)
+
+    async def camera_state(self, camera: str, state: str, error: str | None) -> None:
+        """Pass a camera's state change to the sinks that report it (MQTT's status topic)."""
+        for route in self.routes:
+            publish_status = getattr(route.sink, "publish_status", None)
+            if publish_status is None or not route.accepts(camera):
+                continue
+            try:
+                await publish_status(camera, state, error)
+            except Exception as exc:
+                route.record_error("sink_status_failed", exc)
+
+    async def join(self) -> None:
+        """Wait until every sink has taken everything queued for it."""
+        for route in self.routes:
+            await route.queue.join()

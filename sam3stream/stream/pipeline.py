@@ -1,0 +1,408 @@
+"""Pipeline: builds the queues and actors from a Config and supervises them.
+
+    async with Pipeline(config) as p:
+        async for result in p.results():
+            ...
+
+All actors run in one TaskGroup with named tasks, so one failing actor (the
+engine dying) stops all of them and the error reaches whoever awaits the
+pipeline. Stopping drains: sources stop, frames already accepted get their
+results, sinks get everything queued for them, then the rest is cancelled;
+all of it within ``lifecycle.drain_timeout_s``.
+
+The pipeline never touches the event loop policy or signal handlers: it can
+run inside any application's loop. The CLI adds those (commands/run.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import random
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+
+import structlog
+
+from sam3stream.config import Config, sink_name
+from sam3stream.errors import BackendUnavailableError, EngineMismatchError
+from sam3stream.metrics import Metrics, Reporter
+from sam3stream.runtime.loader import open_backend
+from sam3stream.runtime.manifest import check_engine_matches
+from sam3stream.runtime.types import Backend
+from sam3stream.sinks.base import Sink
+from sam3stream.stream.batcher import Batch, Batcher
+from sam3stream.stream.fanout import Fanout, SinkRoute, Subscriber
+from sam3stream.stream.frames import FrameResult
+from sam3stream.stream.mailbox import Doorbell, Inbox, InFlight
+from sam3stream.stream.source import CameraSource
+from sam3stream.stream.tasks import first_error
+from sam3stream.stream.threads import close_executor, single_thread
+from sam3stream.stream.worker import GpuWorker, Postprocess
+
+__all__ = ["Pipeline"]
+
+log = structlog.get_logger(__name__)
+
+_EXTRA_SINK_QUEUE = 256
+_BACKEND_CLOSE_S = 30.0
+
+
+class Pipeline:
+    """Cameras -> batcher -> GPU worker -> sinks, as one supervised unit.
+
+    ``backend``: use this one instead of opening ``config.engines`` (tests,
+    embedding); the caller keeps ownership and closes it. ``sinks``: extra
+    sinks next to the configured ones. ``results_queue``: how many results
+    :meth:`results` keeps for a slow reader before dropping the oldest.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        backend: Backend | None = None,
+        sinks: Sequence[Sink] = (),
+        metrics: Metrics | None = None,
+        results_queue: int = 256,
+        postprocess: Postprocess | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics if metrics is not None else Metrics(window_s=config.metrics.interval_s)
+        self._given_backend = backend
+        self._extra_sinks = list(sinks)
+        self._postprocess = postprocess
+        self._rng = rng or random.Random()
+        self._subscriber = Subscriber(results_queue)
+        self._stop_requested = asyncio.Event()
+        self._started = asyncio.Event()
+        self._main: asyncio.Task[None] | None = None
+        self.backend: Backend | None = None
+        self.sources: dict[str, CameraSource] = {}
+        self.inboxes: dict[str, Inbox] = {}
+        self.batches: asyncio.Queue[Batch] = asyncio.Queue(maxsize=config.batching.batch_queue)
+        self.routes: list[SinkRoute] = []
+        self.in_flight = InFlight()
+        self.drained: bool | None = None  # after a stop: whether everything accepted was delivered
+
+    # ------------------------------------------------------------------ public API
+
+    async def __aenter__(self) -> Pipeline:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            await self.stop()
+        else:
+            await self.abort()
+
+    async def start(self) -> None:
+        """Load the engine, start every actor; return once frames can flow (or raise why not)."""
+        if self._main is not None:
+            raise RuntimeError("a Pipeline can only be started once")
+        self._main = asyncio.create_task(self._run(), name="sam3stream-pipeline")
+        started = asyncio.ensure_future(self._started.wait())
+        try:
+            await asyncio.wait({started, self._main}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            started.cancel()
+        if self._main.done():
+            self._raise_outcome()
+
+    async def wait(self) -> None:
+        """Until the pipeline has finished: all files ended, stop() drained it, or it failed (raises)."""
+        main = self._require_started()
+        await asyncio.wait({main})
+        self._raise_outcome()
+
+    async def stop(self) -> None:
+        """Drain and stop: sources stop, in-flight frames finish, sinks flush (bounded in time)."""
+        self._require_started()
+        if not self._started.is_set():
+            await self.abort()  # still loading the engine: nothing to drain
+            return
+        self._stop_requested.set()
+        await self.wait()
+
+    async def abort(self) -> None:
+        """Stop now, without draining; for errors and a second Ctrl-C."""
+        main = self._require_started()
+        main.cancel()
+        await asyncio.wait({main})
+        if not main.cancelled() and main.exception() is not None:
+            log.debug("pipeline_aborted_after_error", error=repr(main.exception()))
+
+    async def results(self) -> AsyncIterator[FrameResult]:
+        """Results as they come, until the pipeline finishes (raises if it failed).
+
+        Reading is optional: unread results beyond ``results_queue`` are dropped, oldest first.
+        """
+        main = self._require_started()
+        queue = self._subscriber.queue
+        while True:
+            if not queue.empty():
+                yield queue.get_nowait()
+                continue
+            if main.done():
+                self._raise_outcome()
+                return
+            getter = asyncio.ensure_future(queue.get())
+            try:
+                await asyncio.wait({getter, main}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()
+            if getter.done() and not getter.cancelled():
+                yield getter.result()
+
+    @property
+    def results_dropped(self) -> int:
+        return self._subscriber.dropped
+
+    def camera_states(self) -> dict[str, str]:
+        return {name: src.state for name, src in self.sources.items()}
+
+    def camera_errors(self) -> dict[str, str]:
+        return {name: src.error for name, src in self.sources.items() if src.error is not None}
+
+    # ------------------------------------------------------------------ internals
+
+    def _require_started(self) -> asyncio.Task[None]:
+        if self._main is None:
+            raise RuntimeError("the pipeline is not started: use `async with Pipeline(config) as p:`")
+        return self._main
+
+    def _raise_outcome(self) -> None:
+        main = self._require_started()
+        if main.cancelled():
+            return
+        exc = main.exception()
+        if exc is not None:
+            raise exc
+
+    async def _run(self) -> None:
+        infer_pool = single_thread("sam3-infer")
+        backend: Backend | None = None
+        try:
+            backend = self._given_backend or await self._open_backend(infer_pool)
+            await self._run_with(backend, infer_pool)
+        finally:
+            # A backend we opened is closed on its own thread, after any call still running there.
+            owned = backend is not None and self._given_backend is None
+            await close_executor(infer_pool, _BACKEND_CLOSE_S, backend.close if owned and backend else None)
+
+    async def _open_backend(self, infer_pool: ThreadPoolExecutor) -> Backend:
+        engines = self.config.engines
+        engine_dir = await self._engine_dir()
+        log.info("engine_loading", backend=engines.backend, dir=str(engine_dir), device=engines.device)
+        loop = asyncio.get_running_loop()
+        # Loaded on the thread that will run it: device contexts and streams stay on one thread.
+        backend = await loop.run_in_executor(
+            infer_pool, open_backend, engines.backend, engine_dir, engines.device
+        )
+        return backend
+
+    async def _engine_dir(self) -> Path:
+        engines = self.config.engines
+        path = Path(engines.dir)
+        if engines.backend == "fake" or await asyncio.to_thread(path.exists):
+            return path
+        export = engines.export
+        if export is None:
+            raise EngineMismatchError(
+                f"engine directory {path} does not exist; add [engines.export] to the config to make it "
+                f"on first run, or make it with `sam3stream export ... --out {path}`"
+            )
+        try:
+            module = importlib.import_module("sam3stream.model.export")
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"{path} does not exist and exporting it needs {exc.name or exc}: "
+                "pip install 'sam3stream[export]'"
+            ) from exc
+        source = f"random {export.random}" if export.random else f"checkpoint {export.checkpoint}"
+        log.info("engine_export_started", out=str(path), source=source, resolution=export.resolution)
+        await asyncio.to_thread(
+            module.export_engines,
+            random=export.random,
+            checkpoint=Path(export.checkpoint) if export.checkpoint else None,
+            resolution=export.resolution,
+            batch=self.config.batching.max_batch,
+            queries=export.queries,
+            out=path,
+            seed=export.seed,
+            progress=lambda step: log.info("engine_export_progress", step=step),
+        )
+        log.info("engine_export_done", out=str(path))
+        return path
+
+    def _check_engine(self, backend: Backend) -> None:
+        export = self.config.engines.export
+        check_engine_matches(
+            backend.manifest,
+            Path(self.config.engines.dir),
+            resolution=export.resolution if export is not None else None,
+            batch=self.config.batching.max_batch,
+            queries=export.queries if export is not None else None,
+        )
+
+    def _make_routes(self) -> list[SinkRoute]:
+        from sam3stream.sinks.base import make_sink  # the sink modules import aiomqtt, av: only when used
+
+        routes = []
+        close_s = max(1.0, self.config.lifecycle.drain_timeout_s)
+        for i, cfg in enumerate(self.config.sinks):
+            name = sink_name(i, cfg)
+            sink = make_sink(cfg, name=name, metrics=self.metrics)
+            routes.append(
+                SinkRoute(
+                    sink,
+                    name=name,
+                    capacity=cfg.queue,
+                    on_full=cfg.on_full,
+                    cameras=cfg.cameras,
+                    metrics=self.metrics,
+                    close_timeout_s=close_s,
+                )
+            )
+        for sink in self._extra_sinks:
+            routes.append(
+                SinkRoute(
+                    sink,
+                    name=sink.name,
+                    capacity=_EXTRA_SINK_QUEUE,
+                    on_full="block" if sink.lossless else "drop_oldest",
+                    metrics=self.metrics,
+                    close_timeout_s=close_s,
+                )
+            )
+        return routes
+
+    async def _start_routes(self, routes: list[SinkRoute]) -> None:
+        started: list[SinkRoute] = []
+        try:
+            for route in routes:
+                await route.start()
+                started.append(route)
+        except BaseException:
+            for route in started:
+                await route.close()
+            raise
+
+    async def _run_with(self, backend: Backend, infer_pool: ThreadPoolExecutor) -> None:
+        self.backend = backend
+        self._check_engine(backend)
+        manifest = backend.manifest
+        cfg = self.config
+        self.routes = self._make_routes()
+        fanout = Fanout(self.routes, self._subscriber)
+        doorbell = Doorbell()
+        for cam in cfg.cameras:
+            live = cam.effective_mode == "live"
+            inbox = Inbox(
+                cam.name,
+                capacity=1 if live else cfg.batching.camera_queue,
+                policy="drop_oldest" if live else "block",
+                doorbell=doorbell,
+                in_flight=self.in_flight,
+                on_drop=self.metrics.frame_dropped,
+            )
+            self.inboxes[cam.name] = inbox
+            self.sources[cam.name] = CameraSource(
+                cam,
+                inbox,
+                resolution=manifest.resolution,
+                lifecycle=cfg.lifecycle,
+                metrics=self.metrics,
+                keep_image=fanout.wants_images(cam.name),
+                rng=self._rng,
+                on_state=fanout.camera_state,
+            )
+        batcher = Batcher(
+            list(self.inboxes.values()),
+            self.batches,
+            doorbell=doorbell,
+            max_batch=cfg.batching.max_batch,
+            max_wait_s=cfg.batching.max_wait_ms / 1000,
+        )
+        worker = GpuWorker(
+            backend,
+            cfg.prompts,
+            self.batches,
+            fanout.publish,
+            in_flight=self.in_flight,
+            metrics=self.metrics,
+            postprocess=self._postprocess,
+            infer_pool=infer_pool,
+        )
+        reporter = Reporter(
+            self.metrics, interval_s=cfg.metrics.interval_s, prometheus_port=cfg.metrics.prometheus_port
+        )
+        for route in self.routes:
+            publish_stats = getattr(route.sink, "publish_stats", None)
+            if publish_stats is not None:
+                reporter.add_publisher(route.name, publish_stats)
+
+        await self._start_routes(self.routes)
+        log.info(
+            "pipeline_started",
+            cameras=len(self.sources),
+            sinks=len(self.routes),
+            resolution=manifest.resolution,
+            max_batch=cfg.batching.max_batch,
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                sources = [tg.create_task(s.run(), name=f"source-{n}") for n, s in self.sources.items()]
+                rest = [
+                    tg.create_task(batcher.run(), name="batcher"),
+                    tg.create_task(worker.run(), name="gpu-worker"),
+                    tg.create_task(reporter.run(), name="metrics-reporter"),
+                    *(tg.create_task(r.run(), name=f"sink-{r.name}") for r in self.routes),
+                ]
+                self._started.set()
+                tg.create_task(self._supervise(sources, rest, fanout), name="supervisor")
+        except BaseExceptionGroup as group:
+            # Callers match on the error (EngineDeadError), not on a group wrapping it.
+            raise first_error(group) from None
+        await reporter.report()
+        log.info("pipeline_stopped", drained=self.drained, in_flight=self.in_flight.count)
+
+    async def _supervise(
+        self, sources: list[asyncio.Task[None]], rest: list[asyncio.Task[None]], fanout: Fanout
+    ) -> None:
+        """Wait for a stop request or for every camera to end, then drain and stop the rest."""
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        ended = asyncio.ensure_future(asyncio.wait(sources))
+        try:
+            await asyncio.wait({stop, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            ended.cancel()
+        reason = "stop requested" if self._stop_requested.is_set() else "all cameras ended"
+        log.info("pipeline_draining", reason=reason, timeout_s=self.config.lifecycle.drain_timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.lifecycle.drain_timeout_s
+        for task in sources:
+            task.cancel()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.wait(sources)
+                await self.in_flight.wait_idle()
+                await fanout.join()
+            self.drained = True
+        except TimeoutError:
+            self.drained = False
+            log.warning(
+                "drain_timeout",
+                in_flight=self.in_flight.count,
+                queued={r.name: r.queue.qsize() for r in self.routes},
+            )
+        for task in rest:
+            task.cancel()

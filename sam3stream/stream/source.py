@@ -1,0 +1,300 @@
+"""CameraSource: one camera, decoded by PyAV on its own thread, into the camera's inbox.
+
+The decode thread does the heavy part (demux, decode, one resize to R x R RGB)
+one frame per call; the actor on the loop numbers frames, paces or samples
+them, and hands them to the inbox. Because the next frame is only asked for once
+the previous one is delivered, a full inbox holds the decoder back (files), and
+the stall timer only runs while waiting on the camera, never on the pipeline.
+
+Live cameras reconnect forever with jittered exponential backoff; files end
+(after looping, if asked), and a file that cannot be read ends this camera only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import av
+import av.error
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from sam3stream.config import CameraConfig, LifecycleConfig
+from sam3stream.metrics import Metrics
+from sam3stream.stream.frames import Frame
+from sam3stream.stream.mailbox import Inbox
+from sam3stream.stream.threads import close_executor, single_thread
+
+__all__ = ["Backoff", "CameraSource", "CameraState", "StateListener"]
+
+log = structlog.get_logger(__name__)
+
+CameraState = Literal["connecting", "running", "reconnecting", "ended"]
+# on_state(camera, state, error or None): e.g. MQTT's retained status topic
+StateListener = Callable[[str, str, str | None], Awaitable[None]]
+
+# What a broken, missing or unreachable stream raises from PyAV.
+_STREAM_ERRORS = (av.error.FFmpegError, OSError, EOFError)
+_THREAD_CLOSE_S = 5.0
+
+
+class _EndOfStream(Exception):
+    """The decoder has no more frames (a plain end, not an error)."""
+
+
+class _Stopped(Exception):
+    """The decode thread was asked to stop."""
+
+
+class _SourceFailure(Exception):
+    """The stream could not be opened or broke while reading."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Delay before reconnect attempt ``n``: uniform(0, min(cap, base * 2**n))."""
+
+    base_s: float
+    cap_s: float
+    rng: random.Random
+
+    def delay(self, attempt: int) -> float:
+        return self.rng.uniform(0.0, min(self.cap_s, self.base_s * 2.0 ** min(attempt, 62)))
+
+
+@dataclass(slots=True)
+class _Decoded:
+    pts: int | None
+    stream_time: float | None
+    capture_time: float
+    width: int
+    height: int
+    pixels: npt.NDArray[np.uint8]
+    image: npt.NDArray[np.uint8] | None
+
+
+class _Decoder:
+    """The thread side: every method runs on the camera's decode thread."""
+
+    def __init__(
+        self,
+        url: str,
+        options: dict[str, str],
+        *,
+        resolution: int,
+        keep_image: bool,
+        stop: threading.Event,
+        timeout_s: float | None,
+    ) -> None:
+        self._url = url
+        self._options = options
+        self._resolution = resolution
+        self._keep_image = keep_image
+        self._stop = stop
+        self._timeout_s = timeout_s
+        self._container: Any = None
+        self._frames: Iterator[Any] = iter(())
+        self.bad_packets = 0
+
+    def open(self) -> None:
+        self._container = av.open(self._url, options=self._options, timeout=self._timeout_s)
+        if not self._container.streams.video:
+            raise _SourceFailure("no video stream")
+        stream = self._container.streams.video[0]
+        stream.thread_type = "AUTO"
+        self._frames = self._iterate(stream)
+
+    def _iterate(self, stream: Any) -> Iterator[Any]:
+        for packet in self._container.demux(stream):
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                frames = packet.decode()
+            except av.error.InvalidDataError:
+                # One damaged packet costs its frames, not the stream.
+                self.bad_packets += 1
+                continue
+            yield from frames
+
+    def next(self) -> _Decoded:
+        frame = next(self._frames, None)
+        if frame is None:
+            raise _EndOfStream
+        r = self._resolution
+        pixels = frame.reformat(width=r, height=r, format="rgb24").to_ndarray()
+        image = frame.to_ndarray(format="rgb24") if self._keep_image else None
+        has_time = frame.pts is not None and frame.time_base is not None
+        stream_time = float(frame.pts * frame.time_base) if has_time else None
+        return _Decoded(
+            pts=frame.pts,
+            stream_time=stream_time,
+            capture_time=time.time(),
+            width=frame.width,
+            height=frame.height,
+            pixels=pixels,
+            image=image,
+        )
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+
+class CameraSource:
+    """Decode one camera into its inbox until cancelled (live) or the file ends."""
+
+    def __init__(
+        self,
+        camera: CameraConfig,
+        inbox: Inbox,
+        *,
+        resolution: int,
+        lifecycle: LifecycleConfig,
+        metrics: Metrics,
+        keep_image: bool = False,
+        rng: random.Random | None = None,
+        on_state: StateListener | None = None,
+    ) -> None:
+        self.camera = camera
+        self.name = camera.name
+        self.mode = camera.effective_mode
+        self._inbox = inbox
+        self._resolution = resolution
+        self._lifecycle = lifecycle
+        self._metrics = metrics
+        self._keep_image = keep_image
+        self._on_state = on_state
+        self._backoff = Backoff(lifecycle.reconnect_base_s, lifecycle.reconnect_cap_s, rng or random.Random())
+        self._period = 1.0 / camera.fps if camera.fps else None
+        self._next_due = 0.0
+        self.state: CameraState = "connecting"
+        self.error: str | None = None
+        self.seq = 0  # the next frame's number: keeps counting across reconnects and loops
+        self.reconnects = 0
+        self._session_frames = 0
+        self._log = log.bind(camera=self.name)
+
+    async def _set_state(self, state: CameraState, error: str | None = None, **fields: Any) -> None:
+        changed = state != self.state or error is not None
+        if error is not None:
+            fields["error"] = error
+        if changed or fields:
+            self._log.info("camera_state", state=state, **fields)
+        self.state = state
+        self._metrics.camera_state(self.name, state)
+        if changed and self._on_state is not None:
+            await self._on_state(self.name, state, error)
+
+    async def run(self) -> None:
+        await self._set_state("connecting", url=self.camera.url, mode=self.mode)
+        attempt = 0
+        while True:
+            failure: str | None = None
+            try:
+                await self._session()
+            except _SourceFailure as exc:
+                failure = str(exc)
+            produced = self._session_frames
+            if self.mode == "file":
+                if failure is None and self.camera.loop and produced > 0:
+                    self._log.debug("file_loop", seq=self.seq)
+                    continue
+                self.error = failure if failure is not None else (None if produced else "no frames")
+                if self.error is not None:
+                    self._log.error("camera_failed", url=self.camera.url, error=self.error)
+                    await self._set_state("ended", error=self.error)
+                else:
+                    await self._set_state("ended", frames=self.seq)
+                return
+            # Live: whatever happened, come back. A session that delivered frames was healthy.
+            attempt = 0 if produced else attempt
+            delay = self._backoff.delay(attempt)
+            attempt += 1
+            self.reconnects += 1
+            await self._set_state("reconnecting", error=failure or "stream ended", retry_in_s=round(delay, 3))
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        """Open the stream and deliver frames until it ends (counted in ``_session_frames``)."""
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        pool = single_thread(f"decode-{self.name}")
+        decoder = _Decoder(
+            self.camera.url,
+            dict(self.camera.options),
+            resolution=self._resolution,
+            keep_image=self._keep_image,
+            stop=stop,
+            # Bounds each blocking open/read in the thread, so a dead network camera
+            # cannot pin it; local files never wait.
+            timeout_s=self._lifecycle.stall_timeout_s if self.camera.is_network else None,
+        )
+        self._session_frames = 0
+        try:
+            try:
+                async with asyncio.timeout(self._lifecycle.stall_timeout_s):
+                    await loop.run_in_executor(pool, decoder.open)
+            except TimeoutError:
+                raise _SourceFailure(f"no answer within {self._lifecycle.stall_timeout_s} s") from None
+            except _STREAM_ERRORS as exc:
+                raise _SourceFailure(f"cannot open: {exc}") from exc
+            await self._set_state("running")
+            while True:
+                try:
+                    async with asyncio.timeout(self._lifecycle.stall_timeout_s):
+                        decoded = await loop.run_in_executor(pool, decoder.next)
+                except _EndOfStream:
+                    bad = decoder.bad_packets
+                    self._log.info("stream_ended", frames=self._session_frames, bad_packets=bad)
+                    return
+                except TimeoutError:
+                    stall, n = self._lifecycle.stall_timeout_s, self._session_frames
+                    raise _SourceFailure(f"stalled: no frame for {stall} s after {n} frames") from None
+                except _STREAM_ERRORS as exc:
+                    raise _SourceFailure(f"read error after {self._session_frames} frames: {exc}") from exc
+                self._session_frames += 1
+                self._metrics.frame_decoded(self.name)
+                await self._deliver(decoded, loop.time())
+        finally:
+            stop.set()
+            await close_executor(pool, _THREAD_CLOSE_S, decoder.close)
+
+    async def _deliver(self, decoded: _Decoded, now: float) -> None:
+        if self._period is not None:
+            if self.mode == "live":
+                # Sample down to the target rate on the stream's own clock when it has one.
+                t = decoded.stream_time if decoded.stream_time is not None else now
+                if t < self._next_due - 10 * self._period:
+                    self._next_due = t  # the clock went back: a reconnect or a new stream
+                if t + 1e-6 < self._next_due:
+                    return
+                self._next_due += self._period
+                if self._next_due <= t:
+                    self._next_due = t + self._period  # after a gap, do not burst to catch up
+            else:
+                # Pace a file to the target rate; after a stall, carry on rather than burst.
+                wait = self._next_due - now
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self._next_due = max(self._next_due, now) + self._period
+        frame = Frame(
+            camera=self.name,
+            seq=self.seq,
+            pts=decoded.pts,
+            stream_time=decoded.stream_time,
+            capture_time=decoded.capture_time,
+            width=decoded.width,
+            height=decoded.height,
+            pixels=decoded.pixels,
+            image=decoded.image,
+        )
+        self.seq += 1
+        await self._inbox.put(frame)

@@ -1,0 +1,42 @@
+"""One-thread executors that actors own, and closing them without blocking the loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+__all__ = ["close_executor", "single_thread"]
+
+log = structlog.get_logger(__name__)
+
+
+def single_thread(name: str) -> ThreadPoolExecutor:
+    """An executor with exactly one thread: calls run in order, on the same thread."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+
+async def close_executor(
+    pool: ThreadPoolExecutor, timeout_s: float, last: Callable[[], None] | None = None
+) -> None:
+    """Run ``last`` on the pool after whatever call is in progress, then let its thread end.
+
+    Waits at most ``timeout_s`` (a call stuck in a read cannot be interrupted from
+    here); the wait is shielded so that it also completes while the caller is
+    being cancelled.
+    """
+    done = pool.submit(last if last is not None else _nothing)
+    pool.shutdown(wait=False, cancel_futures=False)
+    finished, _ = await asyncio.wait({asyncio.wrap_future(done)}, timeout=timeout_s)
+    if not finished:
+        log.warning("thread_still_busy", timeout_s=timeout_s)
+        return
+    exc = done.exception()
+    if exc is not None:
+        log.warning("thread_close_failed", error=repr(exc))
+
+
+def _nothing() -> None:
+    return None

@@ -1,0 +1,208 @@
+"""GpuWorker: owns the backend, turns batches of frames into FrameResults.
+
+Two stages, each on its own single thread, linked by a one-slot handoff so that
+postprocessing batch N overlaps inference of batch N+1 while results still
+leave in batch order:
+
+    batches -> [infer thread] stack, backend.infer -> handoff -> [post thread] detections -> publish
+
+The backend is only ever called from the infer thread (backends are not
+thread-safe). Any exception from the backend means the engine is dead: it is
+raised as EngineDeadError and the pipeline stops, rather than carrying on with
+an engine in an unknown state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from sam3stream.config import PromptsConfig
+from sam3stream.errors import EngineDeadError
+from sam3stream.metrics import Metrics
+from sam3stream.runtime.types import Backend, RawOutputs, TextFeatures
+from sam3stream.stream.batcher import Batch
+from sam3stream.stream.frames import Detection, FrameResult, StageTimes
+from sam3stream.stream.mailbox import InFlight
+from sam3stream.stream.tasks import first_error
+from sam3stream.stream.threads import close_executor, single_thread
+
+__all__ = ["GpuWorker", "Postprocess", "Publish"]
+
+log = structlog.get_logger(__name__)
+
+# to_detections(raw, b, labels, thresholds, width, height, mask_size) -> detections of frame b
+Postprocess = Callable[
+    [RawOutputs, int, Sequence[str], Sequence[float], int, int, tuple[int, int] | None], list[Detection]
+]
+# publish(result, original image or None)
+Publish = Callable[[FrameResult, npt.NDArray[np.uint8] | None], Awaitable[None]]
+
+_THREAD_CLOSE_S = 30.0  # an engine call cannot be interrupted: let the one in flight finish
+
+
+def default_postprocess() -> Postprocess:
+    module = importlib.import_module("sam3stream.postprocess")
+    fn: Postprocess = module.to_detections
+    return fn
+
+
+@dataclass(slots=True)
+class _Inferred:
+    batch: Batch
+    raw: RawOutputs
+    started: float  # monotonic, when the infer thread picked the batch up
+    preprocess_ms: float
+    vision_ms: float
+    decoder_ms: float
+
+
+class GpuWorker:
+    def __init__(
+        self,
+        backend: Backend,
+        prompts: PromptsConfig,
+        batches: asyncio.Queue[Batch],
+        publish: Publish,
+        *,
+        in_flight: InFlight,
+        metrics: Metrics,
+        postprocess: Postprocess | None = None,
+        infer_pool: ThreadPoolExecutor | None = None,
+    ) -> None:
+        """``infer_pool``: the one thread that talks to the backend, when the caller made it
+        (it loaded the backend there, so device contexts stay on one thread); else our own."""
+        self._backend = backend
+        self._infer_pool = infer_pool
+        self._labels = list(prompts.classes)
+        self._thresholds = prompts.threshold_list
+        self._min_score = min(self._thresholds)
+        self._mask_size = prompts.mask_wh
+        self._batches = batches
+        self._publish = publish
+        self._in_flight = in_flight
+        self._metrics = metrics
+        self._postprocess = postprocess if postprocess is not None else default_postprocess()
+        self.text: TextFeatures | None = None
+        self.batches_done = 0
+
+    async def run(self) -> None:
+        own_pool = self._infer_pool is None
+        infer_pool = self._infer_pool or single_thread("sam3-infer")
+        post_pool = single_thread("sam3-post")
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                text = await loop.run_in_executor(infer_pool, self._backend.encode_text, self._labels)
+            except Exception as exc:
+                raise EngineDeadError(f"the text encoder failed: {exc!r}") from exc
+            self.text = text
+            log.info("prompts_encoded", classes=self._labels, min_score=self._min_score)
+            handoff: asyncio.Queue[_Inferred] = asyncio.Queue(maxsize=1)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._infer_loop(infer_pool, text, handoff), name="worker-infer")
+                    tg.create_task(self._post_loop(post_pool, handoff), name="worker-post")
+            except BaseExceptionGroup as group:
+                # Re-raise the one real error, not a group wrapping it: callers match on the type.
+                raise first_error(group) from None
+        finally:
+            if own_pool:
+                await close_executor(infer_pool, _THREAD_CLOSE_S)
+            await close_executor(post_pool, _THREAD_CLOSE_S)
+
+    async def _infer_loop(
+        self, pool: ThreadPoolExecutor, text: TextFeatures, handoff: asyncio.Queue[_Inferred]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._batches.get()
+            try:
+                inferred = await loop.run_in_executor(pool, self._infer, batch, text)
+            except Exception as exc:
+                log.error("engine_failed", error=repr(exc), batch=len(batch.frames))
+                raise EngineDeadError(f"inference failed, stopping: {exc!r}") from exc
+            finally:
+                self._batches.task_done()
+            await handoff.put(inferred)
+
+    def _infer(self, batch: Batch, text: TextFeatures) -> _Inferred:
+        started = time.monotonic()
+        t0 = time.perf_counter()
+        pixels = np.stack([f.pixels for f in batch.frames])
+        t1 = time.perf_counter()
+        raw = self._backend.infer(pixels, text, self._min_score)
+        t2 = time.perf_counter()
+        if raw.batch != len(batch.frames):
+            raise RuntimeError(f"backend returned {raw.batch} results for {len(batch.frames)} frames")
+        infer_ms = (t2 - t1) * 1000
+        # Backends that time their own stages say so; otherwise it all counts as vision.
+        timings = dict(getattr(self._backend, "last_timings", None) or {})
+        decoder_ms = float(timings.get("decoder", 0.0))
+        vision_ms = float(timings.get("vision", max(infer_ms - decoder_ms, 0.0)))
+        return _Inferred(batch, raw, started, (t1 - t0) * 1000, vision_ms, decoder_ms)
+
+    async def _post_loop(self, pool: ThreadPoolExecutor, handoff: asyncio.Queue[_Inferred]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            inferred = await handoff.get()
+            results = await loop.run_in_executor(pool, self._results, inferred)
+            frames = inferred.batch.frames
+            timing = results[0].timing if results else StageTimes()
+            self._metrics.batch(
+                len(frames),
+                {
+                    "queue_wait": sum(r.timing.queue_wait for r in results) / max(len(results), 1),
+                    "preprocess": timing.preprocess,
+                    "vision": timing.vision,
+                    "decoder": timing.decoder,
+                    "postprocess": timing.postprocess,
+                },
+            )
+            for frame, result in zip(frames, results, strict=True):
+                await self._publish(result, frame.image)
+                self._metrics.result(frame.camera, result)
+            self.batches_done += 1
+            self._in_flight.done(len(frames))
+
+    def _results(self, inferred: _Inferred) -> list[FrameResult]:
+        t0 = time.perf_counter()
+        frames = inferred.batch.frames
+        detections = [
+            self._postprocess(
+                inferred.raw, b, self._labels, self._thresholds, f.width, f.height, self._mask_size
+            )
+            for b, f in enumerate(frames)
+        ]
+        post_ms = (time.perf_counter() - t0) * 1000
+        now = time.time()
+        return [
+            FrameResult(
+                camera=f.camera,
+                seq=f.seq,
+                pts=f.pts,
+                stream_time=f.stream_time,
+                capture_time=f.capture_time,
+                width=f.width,
+                height=f.height,
+                detections=dets,
+                timing=StageTimes(
+                    queue_wait=max(inferred.started - f.enqueued, 0.0) * 1000,
+                    preprocess=inferred.preprocess_ms,
+                    vision=inferred.vision_ms,
+                    decoder=inferred.decoder_ms,
+                    postprocess=post_ms,
+                    end_to_end=(now - f.capture_time) * 1000,
+                    batch_size=len(frames),
+                ),
+            )
+            for f, dets in zip(frames, detections, strict=True)
+        ]

@@ -1,0 +1,41 @@
+"""File cameras end to end with the fake backend: every frame once, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from sam3stream.runtime.fake import FakeBackend
+from sam3stream.stream.pipeline import Pipeline
+from tests.stream.helpers import MemorySink, camera_toml, make_config, stub_postprocess
+from tests.stream.videos import gray_level
+
+
+async def test_eight_file_cameras_every_frame_once_in_order(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    counts = [10 + i for i in range(8)]
+    cams = "".join(camera_toml(f"cam{i}", video(f"cam{i}.mp4", frames=n)) for i, n in enumerate(counts))
+    config = make_config(tmp_path, cams, max_batch=8)
+    sink = MemorySink()
+    backend = FakeBackend(batch=8)
+    async with Pipeline(config, backend=backend, sinks=[sink], postprocess=stub_postprocess) as p:
+        seen: dict[str, list[int]] = {}
+        async for result in p.results():
+            seen.setdefault(result.camera, []).append(result.seq)
+    for i, n in enumerate(counts):
+        assert sink.seqs(f"cam{i}") == list(range(n))
+        assert seen[f"cam{i}"] == list(range(n))
+    assert p.camera_states() == {f"cam{i}": "ended" for i in range(8)}
+    assert sink.started and sink.closed
+    assert backend.infer_threads == 1
+    assert max(backend.batch_sizes) <= 8
+    # The fake scores a frame by its brightness: results belong to their own frames.
+    first = sink.results["cam0"][3]
+    assert abs(first.detections[0].score - gray_level(3) / 255) < 0.03
+    assert first.width == 64 and first.height == 48
+    assert first.timing.batch_size >= 1 and first.timing.end_to_end > 0
+    assert not [t for t in threading.enumerate() if t.name.startswith(("decode-", "sam3-"))]
+    assert asyncio.current_task() is not None
