@@ -1,0 +1,448 @@
+"""Runtime metrics: counters the pipeline updates, snapshots the reporter reads.
+
+``Metrics`` is thread-safe (one lock, held only for a few dict/deque updates)
+because the Prometheus endpoint reads it from its own HTTP thread while the
+event loop keeps updating it. Times come from an injectable monotonic clock so
+rates can be tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from sam3stream.stream.frames import FrameResult
+
+__all__ = [
+    "Metrics",
+    "Publisher",
+    "Reporter",
+    "SnapshotCollector",
+    "log_fields",
+    "percentile",
+    "process_gpu_memory",
+]
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], float]
+Publisher = Callable[[dict[str, Any]], Awaitable[None]]
+
+STAGES = ("queue_wait", "preprocess", "vision", "decoder", "postprocess")
+
+
+class _Rate:
+    """Events per second over a sliding window and since the first event."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.times: deque[float] = deque()
+        self.total = 0
+        self.first: float | None = None
+
+    def add(self, now: float, n: int = 1) -> None:
+        if self.first is None:
+            self.first = now
+        self.total += n
+        self.times.extend([now] * n)
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        horizon = now - self.window_s
+        while self.times and self.times[0] <= horizon:
+            self.times.popleft()
+
+    def recent(self, now: float) -> float:
+        self._prune(now)
+        if self.first is None:
+            return 0.0
+        # Early on the window is not full yet: divide by the time actually covered.
+        span = min(self.window_s, now - self.first)
+        return len(self.times) / span if span > 0 else 0.0
+
+    def overall(self, now: float) -> float:
+        if self.first is None or now <= self.first:
+            return 0.0
+        return self.total / (now - self.first)
+
+
+@dataclass
+class _Camera:
+    decoded: _Rate
+    processed: _Rate
+    dropped: int = 0
+    detections: int = 0
+    state: str = "unknown"
+    latency_ms: deque[float] = field(default_factory=deque)
+
+
+@dataclass
+class _BatchStats:
+    count: int = 0
+    stage_ms_sum: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _SinkStats:
+    errors: int = 0
+    dropped: int = 0
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default method), ``q`` in 0..100."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+class Metrics:
+    """Counters for cameras, batches and sinks.
+
+    ``window_s`` is the span of the "recent" rates (normally the report interval);
+    ``latency_window`` bounds how many recent end-to-end latencies the
+    percentiles are computed over.
+    """
+
+    def __init__(
+        self,
+        *,
+        window_s: float = 10.0,
+        latency_window: int = 2048,
+        clock: Clock = time.monotonic,
+        gpu_memory: Callable[[], int | None] | None = None,
+    ) -> None:
+        self._window_s = window_s
+        self._latency_window = latency_window
+        self._clock = clock
+        self._gpu_memory = gpu_memory if gpu_memory is not None else process_gpu_memory
+        self._started = clock()
+        self._lock = threading.Lock()
+        self._cameras: dict[str, _Camera] = {}
+        self._batches: dict[int, _BatchStats] = {}
+        self._sinks: dict[str, _SinkStats] = {}
+
+    def _camera(self, camera: str) -> _Camera:
+        cam = self._cameras.get(camera)
+        if cam is None:
+            cam = _Camera(
+                decoded=_Rate(self._window_s),
+                processed=_Rate(self._window_s),
+                latency_ms=deque(maxlen=self._latency_window),
+            )
+            self._cameras[camera] = cam
+        return cam
+
+    def _sink(self, name: str) -> _SinkStats:
+        return self._sinks.setdefault(name, _SinkStats())
+
+    # ------------------------------------------------------------------ updates
+
+    def frame_decoded(self, camera: str) -> None:
+        now = self._clock()
+        with self._lock:
+            self._camera(camera).decoded.add(now)
+
+    def frame_dropped(self, camera: str, n: int = 1) -> None:
+        with self._lock:
+            self._camera(camera).dropped += n
+
+    def result(self, camera: str, result: FrameResult) -> None:
+        now = self._clock()
+        with self._lock:
+            cam = self._camera(camera)
+            cam.processed.add(now)
+            cam.detections += len(result.detections)
+            cam.latency_ms.append(result.timing.end_to_end)
+
+    def batch(self, size: int, stage_ms: dict[str, float]) -> None:
+        with self._lock:
+            stats = self._batches.setdefault(size, _BatchStats())
+            stats.count += 1
+            for stage, ms in stage_ms.items():
+                stats.stage_ms_sum[stage] = stats.stage_ms_sum.get(stage, 0.0) + ms
+
+    def camera_state(self, camera: str, state: str) -> None:
+        with self._lock:
+            self._camera(camera).state = state
+
+    def sink_error(self, sink_name: str) -> None:
+        with self._lock:
+            self._sink(sink_name).errors += 1
+
+    def sink_dropped(self, sink_name: str, n: int) -> None:
+        with self._lock:
+            self._sink(sink_name).dropped += n
+
+    # ------------------------------------------------------------------ reads
+
+    def snapshot(self) -> dict[str, Any]:
+        """A plain, JSON-ready picture of everything (no live references)."""
+        now = self._clock()
+        with self._lock:
+            cameras = {name: self._camera_snapshot(cam, now) for name, cam in sorted(self._cameras.items())}
+            batches = {
+                str(size): {
+                    "count": b.count,
+                    "stage_ms": {k: v / b.count for k, v in b.stage_ms_sum.items()},
+                }
+                for size, b in sorted(self._batches.items())
+            }
+            sinks = {
+                name: {"errors": s.errors, "dropped": s.dropped} for name, s in sorted(self._sinks.items())
+            }
+        # Outside the lock: NVML can take milliseconds.
+        return {
+            "uptime_s": now - self._started,
+            "cameras": cameras,
+            "batches": batches,
+            "sinks": sinks,
+            "gpu_memory_bytes": self._gpu_memory(),
+        }
+
+    @staticmethod
+    def _camera_snapshot(cam: _Camera, now: float) -> dict[str, Any]:
+        latencies = list(cam.latency_ms)
+        return {
+            "state": cam.state,
+            "decode_fps": cam.decoded.recent(now),
+            "decode_fps_avg": cam.decoded.overall(now),
+            "fps": cam.processed.recent(now),
+            "fps_avg": cam.processed.overall(now),
+            "frames_decoded": cam.decoded.total,
+            "frames_processed": cam.processed.total,
+            "frames_dropped": cam.dropped,
+            "detections": cam.detections,
+            "latency_ms_p50": percentile(latencies, 50),
+            "latency_ms_p95": percentile(latencies, 95),
+        }
+
+
+# --------------------------------------------------------------------------- GPU memory
+
+_nvml_state: dict[str, bool] = {}
+
+
+def process_gpu_memory() -> int | None:
+    """Bytes of GPU memory this process holds over all NVIDIA devices, or None.
+
+    None when there is no driver, pynvml is missing, or the driver does not show
+    this process (in a container NVML may report host PIDs that never match).
+    """
+    if _nvml_state.get("failed"):
+        return None
+    try:
+        import pynvml
+
+        if not _nvml_state.get("ready"):
+            pynvml.nvmlInit()
+            _nvml_state["ready"] = True
+        pid = os.getpid()
+        total = 0
+        found = False
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == pid and proc.usedGpuMemory is not None:
+                    total += int(proc.usedGpuMemory)
+                    found = True
+        return total if found else None
+    except Exception as exc:
+        # No driver is the normal case on CPU hosts: say so once, then stop asking.
+        _nvml_state["failed"] = True
+        log.info("gpu_memory_unavailable", error=repr(exc))
+        return None
+
+
+# --------------------------------------------------------------------------- reporter
+
+
+def _fmt(value: Any) -> Any:
+    return round(value, 2) if isinstance(value, float) else value
+
+
+def log_fields(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """Flatten a snapshot into ``key=value`` fields for one log line."""
+    fields: dict[str, Any] = {}
+    for cam, c in snapshot["cameras"].items():
+        fields[f"{cam}.state"] = c["state"]
+        fields[f"{cam}.decode_fps"] = _fmt(c["decode_fps"])
+        fields[f"{cam}.fps"] = _fmt(c["fps"])
+        fields[f"{cam}.dropped"] = c["frames_dropped"]
+        fields[f"{cam}.p50_ms"] = _fmt(c["latency_ms_p50"])
+        fields[f"{cam}.p95_ms"] = _fmt(c["latency_ms_p95"])
+    for size, b in snapshot["batches"].items():
+        fields[f"batch{size}.count"] = b["count"]
+    for name, s in snapshot["sinks"].items():
+        fields[f"sink.{name}.errors"] = s["errors"]
+        fields[f"sink.{name}.dropped"] = s["dropped"]
+    gpu = snapshot.get("gpu_memory_bytes")
+    if gpu is not None:
+        fields["gpu_mem_mb"] = round(gpu / 2**20, 1)
+    return fields
+
+
+class Reporter:
+    """Every ``interval_s``: one ``stats`` log line, then each registered publisher.
+
+    With ``prometheus_port`` set it also serves ``/metrics`` (0 picks a free
+    port; the bound one is in :attr:`prometheus_port` once :meth:`run` started).
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        interval_s: float = 10.0,
+        prometheus_port: int | None = None,
+        prometheus_host: str = "0.0.0.0",
+    ) -> None:
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.prometheus_port = prometheus_port
+        self.prometheus_host = prometheus_host
+        self._publishers: list[tuple[str, Publisher]] = []
+        self.serving = asyncio.Event()
+
+    def add_publisher(self, name: str, publish: Publisher) -> None:
+        """``publish(snapshot)`` is awaited every interval; ``name`` is for error counts."""
+        self._publishers.append((name, publish))
+
+    async def run(self) -> None:
+        server = None
+        if self.prometheus_port is not None:
+            server = await asyncio.to_thread(self._serve_prometheus, self.prometheus_port)
+        self.serving.set()
+        try:
+            while True:
+                await asyncio.sleep(self.interval_s)
+                await self.report()
+        finally:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+
+    async def report(self) -> dict[str, Any]:
+        """Log and publish one snapshot now (also what each tick of :meth:`run` does)."""
+        snap = await asyncio.to_thread(self.metrics.snapshot)
+        log.info("stats", **log_fields(snap))
+        for name, publish in self._publishers:
+            try:
+                await publish(snap)
+            except Exception as exc:
+                # A failing publisher must not stop the stats, but it is counted.
+                self.metrics.sink_error(name)
+                log.warning("stats_publish_failed", sink=name, error=repr(exc))
+        return snap
+
+    def _serve_prometheus(self, port: int) -> Any:
+        # Imported here: prometheus-client is an optional dependency.
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(SnapshotCollector(self.metrics))
+        server, _thread = start_http_server(port, addr=self.prometheus_host, registry=registry)
+        self.prometheus_port = int(server.server_port)
+        log.info("prometheus_serving", host=self.prometheus_host, port=self.prometheus_port)
+        return server
+
+
+class SnapshotCollector:
+    """A Prometheus collector that turns one fresh :meth:`Metrics.snapshot` into metric families."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = self.metrics.snapshot()
+        cams = snap["cameras"]
+
+        def per_camera(family: Any, key: str) -> Any:
+            for cam, c in cams.items():
+                if c[key] is not None:
+                    family.add_metric([cam], c[key])
+            return family
+
+        yield per_camera(
+            GaugeMetricFamily("sam3stream_decode_fps", "Decoded frames/s, recent window", labels=["camera"]),
+            "decode_fps",
+        )
+        yield per_camera(
+            GaugeMetricFamily("sam3stream_fps", "Processed frames/s, recent window", labels=["camera"]), "fps"
+        )
+        yield per_camera(
+            CounterMetricFamily("sam3stream_frames_decoded", "Frames decoded", labels=["camera"]),
+            "frames_decoded",
+        )
+        yield per_camera(
+            CounterMetricFamily("sam3stream_frames_processed", "Frames with a result", labels=["camera"]),
+            "frames_processed",
+        )
+        yield per_camera(
+            CounterMetricFamily(
+                "sam3stream_frames_dropped", "Frames dropped before inference", labels=["camera"]
+            ),
+            "frames_dropped",
+        )
+        yield per_camera(
+            CounterMetricFamily("sam3stream_detections", "Detections published", labels=["camera"]),
+            "detections",
+        )
+
+        latency = GaugeMetricFamily(
+            "sam3stream_latency_ms",
+            "End-to-end latency percentiles over recent results",
+            labels=["camera", "quantile"],
+        )
+        for cam, c in cams.items():
+            for q, key in (("0.5", "latency_ms_p50"), ("0.95", "latency_ms_p95")):
+                if c[key] is not None:
+                    latency.add_metric([cam, q], c[key])
+        yield latency
+
+        state = GaugeMetricFamily(
+            "sam3stream_camera_state", "1 for the camera's current state", labels=["camera", "state"]
+        )
+        for cam, c in cams.items():
+            state.add_metric([cam, c["state"]], 1)
+        yield state
+
+        batches = CounterMetricFamily("sam3stream_batches", "Batches run, by size", labels=["size"])
+        stage = GaugeMetricFamily(
+            "sam3stream_batch_stage_ms", "Mean stage time per batch size", labels=["size", "stage"]
+        )
+        for size, b in snap["batches"].items():
+            batches.add_metric([size], b["count"])
+            for name, ms in b["stage_ms"].items():
+                stage.add_metric([size, name], ms)
+        yield batches
+        yield stage
+
+        errors = CounterMetricFamily("sam3stream_sink_errors", "Sink errors", labels=["sink"])
+        dropped = CounterMetricFamily("sam3stream_sink_dropped", "Results a sink dropped", labels=["sink"])
+        for name, s in snap["sinks"].items():
+            errors.add_metric([name], s["errors"])
+            dropped.add_metric([name], s["dropped"])
+        yield errors
+        yield dropped
+
+        if snap["gpu_memory_bytes"] is not None:
+            yield GaugeMetricFamily(
+                "sam3stream_gpu_memory_bytes",
+                "GPU memory held by this process",
+                value=snap["gpu_memory_bytes"],
+            )
