@@ -1,0 +1,60 @@
+"""The sink protocol and the factory that builds a sink from its config."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from sam3stream.stream.frames import FrameResult
+
+if TYPE_CHECKING:
+    from sam3stream.config import SinkConfig
+    from sam3stream.metrics import Metrics
+
+__all__ = ["Sink", "make_sink"]
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where results go. The fan-out gives each sink its own queue and runner task.
+
+    ``lossless`` sinks get backpressure (the pipeline waits for them); the others
+    get a drop-oldest queue. ``wants_images`` tells the pipeline to keep the
+    full-size frame (``Frame.image``) and pass it as ``image``; sinks that do
+    not draw ignore ``image``.
+    """
+
+    name: str
+    lossless: bool
+    wants_images: bool
+
+    async def start(self) -> None: ...
+
+    async def publish(self, result: FrameResult, image: npt.NDArray[np.uint8] | None = None) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def make_sink(cfg: SinkConfig, *, name: str | None = None, metrics: Metrics | None = None) -> Sink:
+    """Build the sink a config entry describes (not started yet: call ``start()``).
+
+    ``name`` defaults to the config's own name, else the sink type.
+    """
+    from sam3stream.config import JsonlSinkConfig, MqttSinkConfig, VideoSinkConfig
+
+    label = name or cfg.name or str(cfg.__struct_config__.tag)
+    if isinstance(cfg, JsonlSinkConfig):
+        from sam3stream.sinks.jsonl import JsonlSink
+
+        return JsonlSink.from_config(cfg, name=label, metrics=metrics)
+    if isinstance(cfg, MqttSinkConfig):
+        from sam3stream.sinks.mqtt import MqttSink
+
+        return MqttSink.from_config(cfg, name=label, metrics=metrics)
+    if isinstance(cfg, VideoSinkConfig):
+        from sam3stream.sinks.video import VideoSink
+
+        return VideoSink.from_config(cfg, name=label, metrics=metrics)
+    raise TypeError(f"unknown sink config {type(cfg).__name__}")

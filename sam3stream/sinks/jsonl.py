@@ -1,0 +1,219 @@
+"""JSON Lines files: one compact FrameResult per line, one file per camera.
+
+Files are ``<dir>/<camera>.jsonl``; with a size bound, the next ones are
+``<camera>.1.jsonl``, ``<camera>.2.jsonl``, ... Files are never renamed, so a
+reader tailing one never has it moved under it, and reading them in index order
+gives the results in order. A restart appends to the newest existing file.
+
+The event loop only encodes (msgspec, microseconds) and appends to a pending
+list; a writer task hands whole batches to one dedicated thread, so a slow
+disk costs one thread hop per batch rather than per result. Lines are flushed
+after every batch (visible to ``tail -f``) but never fsynced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from sam3stream.stream.frames import FrameResult
+
+if TYPE_CHECKING:
+    from sam3stream.config import JsonlSinkConfig
+    from sam3stream.metrics import Metrics
+
+__all__ = ["JsonlSink", "camera_files"]
+
+log = structlog.get_logger(__name__)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+# Past this many unwritten lines, publish() waits for the writer (backpressure).
+_MAX_PENDING = 4096
+
+
+def safe_name(camera: str) -> str:
+    """A camera name usable as a file name (config already restricts names; the API does not)."""
+    return _UNSAFE.sub("_", camera) or "_"
+
+
+def _index_of(path: Path, stem: str) -> int | None:
+    if path.name == f"{stem}.jsonl":
+        return 0
+    middle = path.name[len(stem) + 1 : -len(".jsonl")]
+    return int(middle) if middle.isdigit() else None
+
+
+def camera_files(directory: Path, camera: str) -> list[Path]:
+    """A camera's files, oldest first (the order to read them in)."""
+    stem = safe_name(camera)
+    found: list[tuple[int, Path]] = []
+    for path in directory.glob(f"{stem}*.jsonl"):
+        index = _index_of(path, stem)
+        if index is not None:
+            found.append((index, path))
+    return [p for _, p in sorted(found)]
+
+
+class _CameraFile:
+    """The open file a camera currently appends to (used from the writer thread only)."""
+
+    def __init__(self, directory: Path, camera: str, limit: int | None) -> None:
+        self.directory = directory
+        self.stem = safe_name(camera)
+        self.limit = limit
+        existing = camera_files(directory, camera)
+        self.index = (_index_of(existing[-1], self.stem) or 0) if existing else 0
+        self.fh: IO[bytes] = open(self._path(), "ab")  # noqa: SIM115 - lives until close()
+        self.size = self.fh.tell()
+
+    def _path(self) -> Path:
+        name = f"{self.stem}.jsonl" if self.index == 0 else f"{self.stem}.{self.index}.jsonl"
+        return self.directory / name
+
+    def write(self, line: bytes) -> None:
+        if self.limit is not None and self.size > 0 and self.size + len(line) > self.limit:
+            self.fh.close()
+            self.index += 1
+            self.fh = open(self._path(), "ab")  # noqa: SIM115
+            self.size = self.fh.tell()
+        self.fh.write(line)
+        self.size += len(line)
+
+
+class _Files:
+    """All cameras' files. Every method runs on the sink's single writer thread."""
+
+    def __init__(self, directory: Path, limit: int | None) -> None:
+        self.directory = directory
+        self.limit = limit
+        self.open: dict[str, _CameraFile] = {}
+
+    def write_batch(self, batch: Iterable[tuple[str, bytes]]) -> None:
+        touched: set[str] = set()
+        for camera, line in batch:
+            f = self.open.get(camera)
+            if f is None:
+                f = self.open[camera] = _CameraFile(self.directory, camera, self.limit)
+            f.write(line)
+            touched.add(camera)
+        for camera in touched:
+            self.open[camera].fh.flush()
+
+    def close(self) -> None:
+        for f in self.open.values():
+            f.fh.close()
+        self.open.clear()
+
+
+class JsonlSink:
+    """Lossless by default: a slow disk slows the pipeline down instead of losing results."""
+
+    wants_images = False
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        name: str = "jsonl",
+        rotate_mb: float | None = None,
+        lossless: bool = True,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.name = name
+        self.lossless = lossless
+        self.directory = Path(directory)
+        self._limit = None if rotate_mb is None else max(1, int(rotate_mb * 1_000_000))
+        self._metrics = metrics
+        self._encoder = msgspec.json.Encoder()
+        self._files = _Files(self.directory, self._limit)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sink-{name}")
+        self._pending: list[tuple[str, bytes]] = []
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._error: OSError | None = None
+        self._inflight: asyncio.Future[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: JsonlSinkConfig, *, name: str, metrics: Metrics | None = None) -> JsonlSink:
+        return cls(
+            cfg.path, name=name, rotate_mb=cfg.rotate_mb, lossless=cfg.on_full == "block", metrics=metrics
+        )
+
+    async def start(self) -> None:
+        await self._in_thread(lambda: self.directory.mkdir(parents=True, exist_ok=True))
+        self._writer = asyncio.create_task(self._write_loop(), name=f"sink-{self.name}-writer")
+        log.info(
+            "sink_started", sink=self.name, kind="jsonl", dir=str(self.directory), rotate_bytes=self._limit
+        )
+
+    async def publish(self, result: FrameResult, image: npt.NDArray[np.uint8] | None = None) -> None:
+        if self._error is not None:
+            # Report a failed write to the caller once (the fan-out counts it).
+            error, self._error = self._error, None
+            raise error
+        while not self._room.is_set():
+            await self._room.wait()
+        self._pending.append((result.camera, self._encoder.encode(result) + b"\n"))
+        if len(self._pending) >= _MAX_PENDING:
+            self._room.clear()
+        self._wake.set()
+
+    async def aclose(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.wait({self._writer})
+            self._writer = None
+        if self._inflight is not None:
+            # The writer was shielding it: the thread finishes that batch regardless.
+            await self._settle(self._inflight, 0)
+        batch, self._pending = self._pending, []
+        try:
+            if batch:
+                await self._settle(self._submit(batch), len(batch))
+        finally:
+            await self._in_thread(self._files.close)
+            self._pool.shutdown(wait=False)
+        log.info("sink_closed", sink=self.name, kind="jsonl")
+        if self._error is not None:
+            raise self._error
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            self._room.set()
+            if batch:
+                self._inflight = self._submit(batch)
+                # Shielded: cancelling the writer (aclose) must not drop a batch
+                # that is queued for the thread but not started yet.
+                await self._settle(asyncio.shield(self._inflight), len(batch))
+                self._inflight = None
+
+    def _submit(self, batch: list[tuple[str, bytes]]) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().run_in_executor(self._pool, self._files.write_batch, batch)
+
+    async def _settle(self, fut: Awaitable[None], lines: int) -> None:
+        try:
+            await fut
+        except OSError as exc:
+            # Disk full, permissions...: these lines are lost. Count them, tell
+            # the next publish() caller, and keep going: the disk may recover.
+            log.error("jsonl_write_failed", sink=self.name, lines=lines, error=repr(exc))
+            if self._metrics is not None:
+                self._metrics.sink_dropped(self.name, lines)
+            self._error = exc
+
+    async def _in_thread(self, fn: Callable[[], object]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._pool, fn)

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from sam3stream.metrics import Metrics
+from sam3stream.sinks.jsonl import JsonlSink, camera_files
+from sam3stream.stream.frames import FrameResult
+from tests.sinks.results import make_result
+
+
+def read_all(directory: Path, camera: str) -> list[FrameResult]:
+    out = []
+    for path in camera_files(directory, camera):
+        for line in path.read_bytes().splitlines():
+            out.append(msgspec.json.decode(line, type=FrameResult))
+    return out
+
+
+async def test_one_line_per_result_per_camera(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path / "out")
+    await sink.start()
+    sent = [make_result(i, camera="a" if i % 3 else "b") for i in range(100)]
+    for r in sent:
+        await sink.publish(r)
+    await sink.aclose()
+
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.jsonl", "b.jsonl"]
+    for cam in ("a", "b"):
+        lines = (tmp_path / "out" / f"{cam}.jsonl").read_bytes().splitlines()
+        expected = [r for r in sent if r.camera == cam]
+        assert len(lines) == len(expected)
+        assert [msgspec.json.decode(line, type=FrameResult) for line in lines] == expected
+        # Compact encoding, with the schema version on every line.
+        assert all(b", " not in line and b'"schema":1' in line for line in lines)
+
+
+async def test_rotation_at_size_bound_loses_nothing(tmp_path: Path) -> None:
+    line_len = len(msgspec.json.encode(make_result(0))) + 1
+    limit_mb = 10 * line_len / 1_000_000  # about ten lines per file
+    sink = JsonlSink(tmp_path, rotate_mb=limit_mb)
+    await sink.start()
+    sent = [make_result(i) for i in range(95)]
+    for r in sent:
+        await sink.publish(r)
+    await sink.aclose()
+
+    files = camera_files(tmp_path, "cam1")
+    assert [p.name for p in files[:3]] == ["cam1.jsonl", "cam1.1.jsonl", "cam1.2.jsonl"]
+    assert len(files) >= 9
+    limit = int(limit_mb * 1_000_000)
+    assert all(p.stat().st_size <= limit for p in files)
+    # Every file but the last is full: adding the next line would have crossed the bound.
+    assert all(p.stat().st_size + line_len > limit for p in files[:-1])
+    assert read_all(tmp_path, "cam1") == sent
+
+
+async def test_restart_appends_to_newest_file(tmp_path: Path) -> None:
+    line_len = len(msgspec.json.encode(make_result(0))) + 1
+    limit_mb = 4 * line_len / 1_000_000
+    for batch in (range(0, 10), range(10, 13)):
+        sink = JsonlSink(tmp_path, rotate_mb=limit_mb)
+        await sink.start()
+        for i in batch:
+            await sink.publish(make_result(i))
+        await sink.aclose()
+    assert [r.seq for r in read_all(tmp_path, "cam1")] == list(range(13))
+
+
+async def test_write_failure_is_counted_and_reported(tmp_path: Path) -> None:
+    metrics = Metrics()
+    target = tmp_path / "out"
+    sink = JsonlSink(target, name="files", metrics=metrics)
+    await sink.start()
+    target.rmdir()
+    target.write_text("not a directory")  # opening out/cam1.jsonl now fails
+    await sink.publish(make_result(0))
+    await sink.publish(make_result(1))
+    # Whether the writer task or the final flush hit it, the failure is not silent.
+    with pytest.raises(OSError):
+        await sink.aclose()
+    assert metrics.snapshot()["sinks"]["files"]["dropped"] == 2

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+
+from sam3stream import rle
+from sam3stream.metrics import Metrics
+from sam3stream.sinks.video import VideoSink
+from tests.sinks.results import make_result
+
+
+def frame_image(seq: int, height: int, width: int) -> np.ndarray:
+    # A smooth gradient that moves: compresses well and differs frame to frame.
+    y, x = np.mgrid[0:height, 0:width]
+    base = ((x + y + 3 * seq) % 256).astype(np.uint8)
+    return np.stack([base, base // 2, 255 - base], axis=2)
+
+
+def decode_all(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+async def test_writes_decodable_mp4_with_even_size(tmp_path: Path) -> None:
+    sink = VideoSink(tmp_path, fps=15.0)
+    await sink.start()
+    h, w = 97, 131  # odd on purpose: H.264 in yuv420p needs even sizes
+    for i in range(24):
+        await sink.publish(make_result(i, width=w, height=h), frame_image(i, h, w))
+    path = sink.recording_path("cam1")
+    await sink.aclose()
+
+    assert path == tmp_path / "cam1.mp4"
+    frames = decode_all(path)
+    assert len(frames) == 24
+    assert frames[0].shape == (96, 130, 3)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert stream.codec_context.pix_fmt == "yuv420p"
+
+
+async def test_masks_visibly_change_pixels(tmp_path: Path) -> None:
+    h, w = 96, 128
+    plain = VideoSink(tmp_path / "plain", draw_masks=False, draw_boxes=False)
+    drawn = VideoSink(tmp_path / "drawn", draw_boxes=False)
+    for sink in (plain, drawn):
+        await sink.start()
+        for i in range(6):
+            await sink.publish(make_result(i, width=w, height=h, detections=1), frame_image(i, h, w))
+        await sink.aclose()
+
+    plain_frames = decode_all(tmp_path / "plain" / "cam1.mp4")
+    drawn_frames = decode_all(tmp_path / "drawn" / "cam1.mp4")
+    assert len(plain_frames) == len(drawn_frames) == 6
+    for i, (a, b) in enumerate(zip(plain_frames, drawn_frames, strict=True)):
+        det = make_result(i, width=w, height=h, detections=1).detections[0]
+        assert det.mask is not None
+        mask = rle.decode(det.mask)
+        inner = mask.copy()
+        inner[:, :-2] &= mask[:, 2:]  # stay off the mask edge: chroma subsampling blurs it
+        inner[:-2, :] &= mask[2:, :]
+        diff = np.abs(a.astype(int) - b.astype(int)).sum(axis=2)
+        # The tint is there, and only there: elsewhere the two encodes differ by codec noise.
+        assert diff[inner].mean() > 40
+        assert diff[inner].mean() > 5 * diff[~mask].mean()
+
+
+async def test_stream_time_stamps_and_snapshots(tmp_path: Path) -> None:
+    sink = VideoSink(tmp_path, every_n=4)
+    await sink.start()
+    for i in range(10):
+        r = make_result(i)
+        await sink.publish(r, frame_image(i, r.height, r.width))
+    await sink.aclose()
+    with av.open(str(tmp_path / "cam1.mp4")) as container:
+        times = [float(f.time) for f in container.decode(video=0)]
+    assert len(times) == 10
+    # Frames keep their 30 fps stream spacing (make_result: stream_time = seq / 30).
+    assert np.allclose(np.diff(times), 1 / 30, atol=2e-3)
+    snapshots = sorted(name for name in os.listdir(tmp_path) if name.endswith(".png"))
+    assert snapshots == ["cam1-00000003.png", "cam1-00000007.png"]
+
+
+async def test_never_overwrites_and_counts_frames_without_image(tmp_path: Path) -> None:
+    (tmp_path / "cam1.mp4").write_bytes(b"an older recording")
+    metrics = Metrics()
+    sink = VideoSink(tmp_path, name="rec", metrics=metrics)
+    await sink.start()
+    await sink.publish(make_result(0))  # no image: nothing to draw on
+    r = make_result(1)
+    await sink.publish(r, frame_image(1, r.height, r.width))
+    await sink.aclose()
+    assert (tmp_path / "cam1.mp4").read_bytes() == b"an older recording"
+    assert len(decode_all(tmp_path / "cam1.1.mp4")) == 1
+    assert metrics.snapshot()["sinks"]["rec"]["dropped"] == 1
