@@ -123,12 +123,16 @@ class Pipeline:
 
     async def stop(self) -> None:
         """Drain and stop: sources stop, in-flight frames finish, sinks flush (bounded in time)."""
-        self._require_started()
-        if not self._started.is_set():
-            await self.abort()  # still loading the engine: nothing to drain
-            return
-        self._stop_requested.set()
+        self.request_stop()
         await self.wait()
+
+    def request_stop(self) -> None:
+        """Start a drain without waiting for it (for signal handlers); :meth:`wait` sees it end."""
+        main = self._require_started()
+        if self._started.is_set():
+            self._stop_requested.set()
+        else:
+            main.cancel()  # still loading the engine: nothing to drain
 
     async def abort(self) -> None:
         """Stop now, without draining; for errors and a second Ctrl-C."""

@@ -1,0 +1,63 @@
+"""``sam3stream`` command line: one subcommand per module in sam3stream.commands.
+
+Errors a user can cause (:class:`Sam3StreamError`) print one line per problem on
+stderr, no traceback, and exit 2 for configuration errors, 1 for the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from sam3stream import __version__
+from sam3stream.errors import ConfigError, Sam3StreamError
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+# Registration points: (module, what it provides). A module listed here that is not
+# there yet (being written elsewhere) is skipped, so the rest of the CLI keeps working.
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("sam3stream.commands.run", "run"),
+    ("sam3stream.commands.validate", "validate"),
+    ("sam3stream.commands.export", "export"),
+    ("sam3stream.commands.build", "build"),
+    ("sam3stream.commands.infer", "infer"),
+    ("sam3stream.commands.checkpoint", "checkpoint"),
+    ("sam3stream.commands.bench", "bench"),
+    ("sam3stream.commands.plan", "plan"),
+    ("sam3stream.commands.demo", "demo"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sam3stream", description="Run SAM 3 on many video streams and publish per-frame detections."
+    )
+    parser.add_argument("--version", action="version", version=f"sam3stream {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name, _name in COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except Sam3StreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code

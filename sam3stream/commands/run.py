@@ -1,0 +1,95 @@
+"""``sam3stream run CONFIG``: run the pipeline until the files end or a signal stops it.
+
+SIGINT/SIGTERM drain (sources stop, accepted frames get their results, sinks
+flush) within ``lifecycle.drain_timeout_s`` and exit 0; a second signal exits 1
+at once. A fatal error (the engine dying) exits 1 with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from sam3stream.config import Config, load_config
+from sam3stream.log import configure_logging
+
+log = structlog.get_logger(__name__)
+
+# After a second signal: how long cancellation may take before the process just exits.
+HARD_EXIT_S = 3.0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("run", help="run the cameras -> model -> sinks pipeline of a config file")
+    p.add_argument("config", type=Path, help="TOML config file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    configure_logging(config.logging.level, config.logging.format)
+    return run_loop(lambda: serve(config))
+
+
+def run_loop(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run ``main`` on uvloop when it is installed, else on the default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
+
+
+async def serve(config: Config) -> int:
+    from sam3stream.stream.pipeline import Pipeline
+
+    loop = asyncio.get_running_loop()
+    pipeline = Pipeline(config)
+    task = asyncio.current_task()
+    assert task is not None
+    signals_seen = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("signal_received", signal=sig.name, action="draining")
+            pipeline.request_stop()
+            return
+        log.warning("signal_received", signal=sig.name, action="exiting now")
+        # Cancellation still has to wait for a decode read or an engine call to return;
+        # past HARD_EXIT_S the process exits regardless.
+        timer = threading.Timer(HARD_EXIT_S, os._exit, (1,))
+        timer.daemon = True
+        timer.start()
+        task.cancel()
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    for sig in handled:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await pipeline.start()
+        await pipeline.wait()
+    except asyncio.CancelledError:
+        await pipeline.abort()
+        print("error: stopped by a second signal without draining", file=sys.stderr)
+        return 1
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+    errors = pipeline.camera_errors()
+    if errors and len(errors) == len(config.cameras):
+        for name, error in errors.items():
+            print(f"error: camera {name}: {error}", file=sys.stderr)
+        return 1
+    return 0
