@@ -13,8 +13,10 @@ JSON payloads carry ``"schema": SCHEMA_VERSION``.
 ``publish()`` never waits for the broker: it appends to a bounded buffer that a
 background task drains. While the broker is unreachable the task reconnects with
 jittered exponential backoff and the buffer keeps the newest ``buffer`` results;
-older ones are dropped and counted. Delivery is at-least-once across a
-reconnect (a batch that was in flight when the connection broke is sent again).
+older ones are dropped and counted. With QoS 1/2 delivery is at-least-once
+across a reconnect (a batch that was in flight when the connection broke is
+sent again); with QoS 0, as with any QoS 0 client, what was written to a
+connection just before it broke can be lost unnoticed.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ class MqttSink:
         keepalive: int = 60,
         reconnect_base_s: float = 0.5,
         reconnect_cap_s: float = 30.0,
-        close_timeout_s: float = 5.0,
+        op_timeout_s: float = 5.0,
+        close_timeout_s: float = 3.0,
         metrics: Metrics | None = None,
         uniform: Callable[[float, float], float] = random.uniform,
         clock: Callable[[], float] = time.monotonic,
@@ -94,7 +97,8 @@ class MqttSink:
         self.keepalive = keepalive
         self.reconnect_base_s = reconnect_base_s
         self.reconnect_cap_s = reconnect_cap_s
-        self.close_timeout_s = close_timeout_s
+        self.op_timeout_s = op_timeout_s  # connect, acknowledgements, disconnect
+        self.close_timeout_s = close_timeout_s  # aclose: flushing the buffer and "offline"
         self.dropped = 0  # results lost to buffer overflow (also reported to metrics)
         self.connects = 0  # successful connections so far
         self.connect_failures = 0  # failed connection attempts and lost connections
@@ -204,27 +208,34 @@ class MqttSink:
         task, self._task = self._task, None
         if task is None:
             return
-        client = self._client
-        if client is not None:
-            try:
-                # Bounded: a broker that stopped acknowledging must not hang shutdown.
-                await asyncio.wait_for(self._idle.wait(), self.close_timeout_s)
-            except TimeoutError:
-                log.warning("mqtt_close_timeout", sink=self.name, undelivered=len(self._results))
-            try:
-                await client.publish(
-                    self.available_topic, b"offline", qos=self.qos, retain=True, timeout=self.close_timeout_s
-                )
-            except aiomqtt.MqttError as exc:
-                log.warning("mqtt_offline_publish_failed", sink=self.name, error=repr(exc))
-        task.cancel()
-        await asyncio.wait({task})  # its clean disconnect runs as the cancellation unwinds
+        try:
+            await self._say_goodbye()
+        finally:
+            # Even when our caller's own deadline cancels us: never leave the task behind.
+            task.cancel()
+            await asyncio.wait({task})  # its clean disconnect runs as the cancellation unwinds
         if not task.cancelled() and task.exception() is not None:
             log.error("mqtt_task_failed", sink=self.name, error=repr(task.exception()))
         if self._results:
+            log.warning("mqtt_undelivered_at_close", sink=self.name, results=len(self._results))
             self._drop(len(self._results))
             self._results.clear()
         log.info("sink_closed", sink=self.name, kind="mqtt", dropped=self.dropped)
+
+    async def _say_goodbye(self) -> None:
+        """Deliver what is buffered, then say ``offline`` ourselves: a clean disconnect fires no will."""
+        client = self._client
+        if client is None:
+            return
+        try:
+            # Bounded: a broker that stopped acknowledging must not hang shutdown.
+            async with asyncio.timeout(self.close_timeout_s):
+                await self._idle.wait()
+                await client.publish(self.available_topic, b"offline", qos=self.qos, retain=True)
+        except TimeoutError:
+            log.warning("mqtt_close_timeout", sink=self.name, undelivered=len(self._results))
+        except aiomqtt.MqttError as exc:
+            log.warning("mqtt_offline_publish_failed", sink=self.name, error=repr(exc))
 
     # ------------------------------------------------------------------ buffer
 
@@ -270,6 +281,7 @@ class MqttSink:
             username=self.username,
             password=self.password,
             keepalive=self.keepalive,
+            timeout=self.op_timeout_s,
             will=aiomqtt.Will(self.available_topic, b"offline", qos=self.qos, retain=True),
         )
 

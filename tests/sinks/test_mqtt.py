@@ -257,6 +257,24 @@ async def test_broker_restart_mid_run_resumes_delivery(mosquitto: Mosquitto) -> 
     assert await retained(mosquitto, f"{p}/available") == b"offline"
 
 
+async def test_close_is_bounded_when_the_broker_hangs(mosquitto: Mosquitto) -> None:
+    assert mosquitto.proc is not None
+    sink = MqttSink(mosquitto.host, mosquitto.port, qos=1, op_timeout_s=1.0, close_timeout_s=0.5)
+    await sink.start()
+    await wait_until(lambda: sink.connected)
+    # A frozen broker: TCP stays up (the kernel still answers), acknowledgements never come.
+    mosquitto.proc.send_signal(signal.SIGSTOP)
+    try:
+        for i in range(10):
+            await sink.publish(make_result(i))
+        t0 = time.monotonic()
+        await sink.aclose()
+        assert time.monotonic() - t0 < 4.0
+        assert sink.dropped == 10  # none acknowledged: all counted as lost
+    finally:
+        mosquitto.proc.send_signal(signal.SIGCONT)
+
+
 async def test_close_without_broker_counts_undelivered(tmp_path: Path) -> None:
     from tests.mosquitto import free_port
 
