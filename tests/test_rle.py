@@ -7,7 +7,7 @@ from sam3stream import rle
 from sam3stream.stream.frames import Rle
 
 try:  # only a cross-check; the hand-worked strings below stand on their own
-    from pycocotools import mask as coco_mask
+    from pycocotools import mask as coco_mask  # type: ignore[import-untyped,import-not-found,unused-ignore]
 except ImportError:
     coco_mask = None
 
