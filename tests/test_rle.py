@@ -58,6 +58,31 @@ def test_round_trips_random_and_structured_masks() -> None:
     assert enc.size == (1080, 1920)
 
 
+def naive_counts(mask: np.ndarray) -> list[int]:
+    counts, current, run = [], False, 0
+    for v in mask.ravel(order="F").tolist():
+        if v != current:
+            counts.append(run)
+            current, run = v, 0
+        run += 1
+    return [*counts, run]
+
+
+def test_counts_match_a_naive_column_major_scan() -> None:
+    # Blobs take the sparse-edge path, speckle the dense one: both must agree with the definition.
+    rng = np.random.default_rng(11)
+    for i in range(120):
+        h, w = (int(v) for v in rng.integers(1, 50, 2))
+        if i % 2:
+            mask = rng.random((h, w)) < 0.5
+        else:
+            mask = np.zeros((h, w), dtype=bool)
+            y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+            mask[y : y + int(rng.integers(1, h + 1)), x : x + int(rng.integers(1, w + 1))] = True
+            mask[0, 0] = bool(i % 4)
+        assert rle.mask_counts(mask).tolist() == naive_counts(mask)
+
+
 def test_large_and_negative_deltas_round_trip() -> None:
     counts = [0, 2_000_000, 1, 3, 1_500_000, 1, 7, 0, 0, 5]
     assert rle.counts_from_string(rle.counts_to_string(counts)).tolist() == counts
