@@ -279,6 +279,13 @@ def _join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
+def _sub(path: str, sub: str) -> str:
+    """``path`` extended by a relative path from a rule: "", "[2]" or "name"."""
+    if not sub:
+        return path
+    return path + sub if sub.startswith("[") else _join(path, sub)
+
+
 def _type_name(value: object) -> str:
     return {
         bool: "a boolean",
@@ -383,6 +390,11 @@ def _convert_struct(
             ok = False
             continue
         converted = _convert(item, hints[fields[key].name], _join(path, key), problems)
+        field_check = _FIELD_CHECKS.get((tp, key))
+        if converted is not _INVALID and field_check is not None:
+            bad = [(_sub(_join(path, key), sub), msg) for sub, msg in field_check(converted)]
+            problems.extend(bad)
+            converted = _INVALID if bad else converted
         ok = ok and converted is not _INVALID
         args[fields[key].name] = converted
     for key, field in fields.items():
@@ -393,75 +405,100 @@ def _convert_struct(
         return _INVALID
     result = tp(**args)
     check = _CHECKS.get(tp)
-    bad = [(_join(path, sub) if sub else path, msg) for sub, msg in check(result)] if check else []
+    bad = [(_sub(path, sub), msg) for sub, msg in check(result)] if check else []
     problems.extend(bad)
     return _INVALID if bad else result
 
 
 # --------------------------------------------------------------------------- meaning
-# Rules beyond one field's type. Each checker sees one converted section and yields
-# (path relative to it, message); cross-section rules read the raw TOML so that they
-# still run when some other part of the file failed to convert.
+# Rules beyond a value's type. Field rules see one converted value (so they run even
+# when a sibling field is broken); struct rules relate the fields of one section;
+# both yield (path relative to what they see, message). Rules across sections read
+# the raw TOML, so that they also run when another part of the file failed.
 
 Problems = Iterator[tuple[str, str]]
 
 
+def _not_empty(value: str) -> Problems:
+    if not value.strip():
+        yield "", "must not be empty"
+
+
+def _device(value: str) -> Problems:
+    if not DEVICE.match(value):
+        yield "", f"must be cpu, cuda or cuda:N, got {value!r}"
+
+
+def _resolution(value: int) -> Problems:
+    try:
+        check_resolution(value, key="resolution")
+    except ResolutionError as exc:
+        yield "", str(exc).removeprefix("resolution: ")
+
+
+def _classes(classes: list[str]) -> Problems:
+    if not classes:
+        yield "", "give at least one class"
+    seen: set[str] = set()
+    for i, label in enumerate(classes):
+        if not label.strip():
+            yield f"[{i}]", "must not be empty"
+        elif label in seen:
+            yield f"[{i}]", f"duplicate class {label!r}"
+        seen.add(label)
+
+
+def _mask_size(value: tuple[int, int] | str) -> Problems:
+    if not isinstance(value, str) and min(value) < 1:
+        yield "", f"width and height must be >= 1, got {list(value)}"
+
+
+def _camera_url(url: str) -> Problems:
+    if not url.strip():
+        yield "", "must not be empty"
+        return
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    # A one-letter "scheme" is a Windows drive letter (C:/videos/a.mp4).
+    if len(scheme) > 1 and scheme != "file" and scheme not in NETWORK_SCHEMES:
+        allowed = ", ".join(sorted(NETWORK_SCHEMES))
+        yield "", f"unsupported scheme {scheme!r}: use a file path or one of {allowed}"
+    elif scheme in NETWORK_SCHEMES and not parts.hostname:
+        yield "", f"{url!r} has no host"
+
+
+def _mqtt_prefix(prefix: str) -> Problems:
+    if not prefix or any(c in prefix for c in "+#"):
+        yield "", "must be a non-empty MQTT topic without wildcards (+, #)"
+
+
+_FIELD_CHECKS: dict[tuple[type[Any], str], Callable[[Any], Problems]] = {
+    (EnginesConfig, "dir"): _not_empty,
+    (EnginesConfig, "device"): _device,
+    (ExportConfig, "resolution"): _resolution,
+    (PromptsConfig, "classes"): _classes,
+    (PromptsConfig, "mask_size"): _mask_size,
+    (CameraConfig, "url"): _camera_url,
+    (MqttSinkConfig, "host"): _not_empty,
+    (MqttSinkConfig, "prefix"): _mqtt_prefix,
+    (JsonlSinkConfig, "path"): _not_empty,
+    (VideoSinkConfig, "dir"): _not_empty,
+}
+
+
 def _check_engines(engines: EnginesConfig) -> Problems:
-    if not engines.dir:
-        yield "dir", "must not be empty"
-    if not DEVICE.match(engines.device):
-        yield "device", f"must be cpu, cuda or cuda:N, got {engines.device!r}"
-    elif engines.backend == "tensorrt" and engines.device == "cpu":
+    if engines.backend == "tensorrt" and engines.device == "cpu":
         yield "device", "the tensorrt backend needs a cuda device"
 
 
 def _check_export(export: ExportConfig) -> Problems:
     if (export.random is None) == (export.checkpoint is None):
         yield "", 'give exactly one of random = "tiny" | "full" or checkpoint = "path"'
-    try:
-        check_resolution(export.resolution, key="resolution")
-    except ResolutionError as exc:
-        yield "resolution", str(exc).removeprefix("resolution: ")
-
-
-def _check_prompts(prompts: PromptsConfig) -> Problems:
-    if not prompts.classes:
-        yield "classes", "give at least one class"
-    seen: set[str] = set()
-    for i, label in enumerate(prompts.classes):
-        if not label.strip():
-            yield f"classes[{i}]", "must not be empty"
-        elif label in seen:
-            yield f"classes[{i}]", f"duplicate class {label!r}"
-        seen.add(label)
-    for label in prompts.thresholds:
-        if label not in seen:
-            yield f"thresholds.{label}", f"{label!r} is not one of prompts.classes"
-    if prompts.mask_size != "original" and min(prompts.mask_size) < 1:
-        yield "mask_size", f"width and height must be >= 1, got {list(prompts.mask_size)}"
 
 
 def _check_camera(cam: CameraConfig) -> Problems:
     if cam.loop and cam.effective_mode == "live":
         yield "loop", 'only file cameras can loop (set mode = "file" or drop loop)'
-    if not cam.url.strip():
-        yield "url", "must not be empty"
-        return
-    parts = urlsplit(cam.url)
-    scheme = parts.scheme.lower()
-    # A one-letter "scheme" is a Windows drive (C:\\videos\\a.mp4).
-    if len(scheme) > 1 and scheme != "file" and scheme not in NETWORK_SCHEMES:
-        allowed = ", ".join(sorted(NETWORK_SCHEMES))
-        yield "url", f"unsupported scheme {scheme!r}: use a file path or one of {allowed}"
-    elif scheme in NETWORK_SCHEMES and not parts.hostname:
-        yield "url", f"{cam.url!r} has no host"
-
-
-def _check_mqtt(sink: MqttSinkConfig) -> Problems:
-    if not sink.host:
-        yield "host", "must not be empty"
-    if not sink.prefix or any(c in sink.prefix for c in "+#"):
-        yield "prefix", "must be a non-empty MQTT topic without wildcards (+, #)"
 
 
 def _check_lifecycle(life: LifecycleConfig) -> Problems:
@@ -472,15 +509,22 @@ def _check_lifecycle(life: LifecycleConfig) -> Problems:
 _CHECKS: dict[type[Any], Callable[[Any], Problems]] = {
     EnginesConfig: _check_engines,
     ExportConfig: _check_export,
-    PromptsConfig: _check_prompts,
     CameraConfig: _check_camera,
-    MqttSinkConfig: _check_mqtt,
     LifecycleConfig: _check_lifecycle,
 }
 
 
 def _check_raw(raw: dict[str, Any]) -> Problems:
-    """Rules across sections: unique camera and sink names, sinks naming real cameras."""
+    """Rules across keys: unique camera and sink names, sinks naming cameras, thresholds naming classes."""
+    prompts = raw.get("prompts")
+    if isinstance(prompts, dict) and isinstance(prompts.get("thresholds"), dict):
+        classes = prompts.get("classes")
+        known = (
+            set(classes) if isinstance(classes, list) and all(isinstance(c, str) for c in classes) else None
+        )
+        for label in prompts["thresholds"]:
+            if known is not None and label not in known:
+                yield f"prompts.thresholds.{label}", f"{label!r} is not one of prompts.classes"
     cameras = raw.get("cameras")
     cameras = cameras if isinstance(cameras, list) else []
     if "cameras" in raw and not cameras:

@@ -296,5 +296,6 @@ class CameraSource:
             pixels=decoded.pixels,
             image=decoded.image,
         )
-        self.seq += 1
         await self._inbox.put(frame)
+        # Counted once accepted: a frame cancelled while waiting for room was never read.
+        self.seq += 1

@@ -33,6 +33,9 @@ async def close_executor(
     if not finished:
         log.warning("thread_still_busy", timeout_s=timeout_s)
         return
+    # The thread is idle now and only has to see the shutdown: joining it takes microseconds,
+    # and afterwards no thread of ours outlives its actor.
+    pool.shutdown(wait=True)
     exc = done.exception()
     if exc is not None:
         log.warning("thread_close_failed", error=repr(exc))

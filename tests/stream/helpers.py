@@ -111,6 +111,7 @@ class MemorySink:
         self.started = False
         self.closed = False
         self.states: list[tuple[str, str, str | None]] = []
+        self._arrived = asyncio.Event()
 
     async def start(self) -> None:
         self.started = True
@@ -122,6 +123,13 @@ class MemorySink:
         if self.fail_every and self.calls % self.fail_every == 0:
             raise RuntimeError(f"sink {self.name} fails on call {self.calls}")
         self.results[result.camera].append(result)
+        self._arrived.set()
+
+    async def wait_for(self, camera: str, count: int = 1) -> None:
+        """Until ``camera`` has ``count`` results (wrap it in a timeout)."""
+        while len(self.results[camera]) < count:
+            self._arrived.clear()
+            await self._arrived.wait()
 
     async def publish_status(self, camera: str, state: str, detail: str | None = None) -> None:
         self.states.append((camera, state, detail))

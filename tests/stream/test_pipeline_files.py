@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sam3stream.runtime.fake import FakeBackend
 from sam3stream.stream.pipeline import Pipeline
-from tests.stream.helpers import MemorySink, camera_toml, make_config, stub_postprocess
+from tests.stream.helpers import MemorySink, camera_toml, make_config
 from tests.stream.videos import gray_level
 
 
@@ -21,7 +21,8 @@ async def test_eight_file_cameras_every_frame_once_in_order(
     config = make_config(tmp_path, cams, max_batch=8)
     sink = MemorySink()
     backend = FakeBackend(batch=8)
-    async with Pipeline(config, backend=backend, sinks=[sink], postprocess=stub_postprocess) as p:
+    # The real postprocess: boxes in pixels, COCO RLE masks at the frame's own size.
+    async with Pipeline(config, backend=backend, sinks=[sink]) as p:
         seen: dict[str, list[int]] = {}
         async for result in p.results():
             seen.setdefault(result.camera, []).append(result.seq)
@@ -36,6 +37,8 @@ async def test_eight_file_cameras_every_frame_once_in_order(
     first = sink.results["cam0"][3]
     assert abs(first.detections[0].score - gray_level(3) / 255) < 0.03
     assert first.width == 64 and first.height == 48
+    mask = first.detections[0].mask
+    assert mask is not None and tuple(mask.size) == (48, 64)
     assert first.timing.batch_size >= 1 and first.timing.end_to_end > 0
     assert not [t for t in threading.enumerate() if t.name.startswith(("decode-", "sam3-"))]
     assert asyncio.current_task() is not None

@@ -1,0 +1,55 @@
+"""The fake backend keeps the Backend contract; the loader picks backends lazily."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sam3stream.errors import BackendUnavailableError
+from sam3stream.runtime.fake import FakeBackend, FakeEngineError
+from sam3stream.runtime.loader import open_backend
+from sam3stream.runtime.manifest import write_manifest
+from sam3stream.runtime.types import Backend
+
+
+def test_fake_backend_follows_the_protocol_and_is_deterministic() -> None:
+    backend = FakeBackend(resolution=448, queries=3)
+    assert isinstance(backend, Backend)
+    text = backend.encode_text(["person", "hand"])
+    assert text.features.shape[:2] == (2, 32) and text.mask.shape == (2, 32)
+    frames = np.stack([np.full((448, 448, 3), v, np.uint8) for v in (51, 204)])
+    out = backend.infer(frames, text, min_score=0.5)
+    assert out.scores.shape == (2, 2, 3) and out.boxes.shape == (2, 2, 3, 4)
+    assert out.presence.shape == (2, 2) and out.query_index.shape == (2, 2, 3)
+    assert out.scores[1, 0, 0] == pytest.approx(0.8) and out.scores[0, 0, 0] == pytest.approx(0.2)
+    # Only rows at or above min_score carry masks, at the manifest's mask size.
+    assert out.mask_index.tolist() == [[1, 0, 0], [1, 1, 0]]
+    assert out.masks.shape == (2, backend.manifest.mask_size, backend.manifest.mask_size)
+    again = backend.infer(frames, text, min_score=0.5)
+    assert np.array_equal(again.scores, out.scores)
+    assert set(backend.last_timings) == {"vision", "decoder"}
+
+
+def test_fake_backend_fails_when_told() -> None:
+    backend = FakeBackend(fail_after=1)
+    text = backend.encode_text(["a"])
+    frames = np.zeros((1, 448, 448, 3), np.uint8)
+    backend.infer(frames, text, 0.3)
+    with pytest.raises(FakeEngineError):
+        backend.infer(frames, text, 0.3)
+
+
+def test_loader_opens_the_fake_with_a_manifest_shape(tmp_path: Path) -> None:
+    write_manifest(tmp_path, FakeBackend(resolution=560, batch=4, queries=7).manifest)
+    backend = open_backend("fake", tmp_path)
+    assert (backend.manifest.resolution, backend.manifest.batch, backend.manifest.queries) == (560, 4, 7)
+    assert open_backend("fake", tmp_path / "absent").manifest.resolution == 448
+
+
+def test_loader_errors_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'cuda'"):
+        open_backend("cuda", tmp_path)
+    with pytest.raises(BackendUnavailableError, match="tensorrt"):
+        open_backend("tensorrt", tmp_path, device="cuda")

@@ -1,0 +1,131 @@
+"""``python -m sam3stream run`` as a process: SIGTERM drains and exits 0; errors exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.stream.helpers import camera_toml
+
+ROOT = Path(__file__).resolve().parents[2]
+DRAIN_S = 5
+
+
+def start(config: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sam3stream", "run", str(config)],
+        cwd=config.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def write_config(tmp_path: Path, cameras: str, backend: str = "fake") -> Path:
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f"""
+[engines]
+dir = "engines"
+backend = "{backend}"
+
+[prompts]
+classes = ["person", "hand"]
+conf = 0.05
+
+[batching]
+max_batch = 4
+max_wait_ms = 10
+
+[[sinks]]
+type = "jsonl"
+path = "out"
+
+[logging]
+format = "json"
+
+[lifecycle]
+drain_timeout_s = {DRAIN_S}
+
+{cameras}
+"""
+    )
+    return config
+
+
+def read_jsonl(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def events(stderr: str) -> list[dict[str, object]]:
+    out = []
+    for line in stderr.splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+def test_sigterm_drains_without_losing_or_repeating_results(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    cams = "".join(camera_toml(f"cam{i}", video(f"c{i}.mp4", frames=10), loop=True, fps=30) for i in range(3))
+    proc = start(write_config(tmp_path, cams))
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(read_jsonl(tmp_path / "out" / "cam0.jsonl")) < 20:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=DRAIN_S + 10)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert took < DRAIN_S + 5
+    stopped = [e for e in events(stderr) if e.get("event") == "pipeline_stopped"]
+    assert stopped and stopped[0]["drained"] is True and stopped[0]["in_flight"] == 0
+    for i in range(3):
+        seqs = [r["seq"] for r in read_jsonl(tmp_path / "out" / f"cam{i}.jsonl")]
+        assert len(seqs) >= 10
+        assert seqs == list(range(len(seqs)))  # none lost, none twice, in order
+
+
+def test_files_that_end_finish_the_run_with_exit_0(tmp_path: Path, video: Callable[..., Path]) -> None:
+    cams = camera_toml("a", video("a.mp4", frames=8)) + camera_toml("b", video("b.mp4", frames=5))
+    proc = start(write_config(tmp_path, cams))
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert [r["seq"] for r in read_jsonl(tmp_path / "out" / "a.jsonl")] == list(range(8))
+    assert [r["seq"] for r in read_jsonl(tmp_path / "out" / "b.jsonl")] == list(range(5))
+
+
+def test_a_fatal_error_is_one_line_and_exit_1(tmp_path: Path, video: Callable[..., Path]) -> None:
+    # No engine directory and no [engines.export]: nothing to run.
+    proc = start(write_config(tmp_path, camera_toml("a", video("a.mp4")), backend="onnxruntime"))
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: engine directory") and "does not exist" in last
+
+
+def test_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        '[engines]\ndir = "e"\n[prompts]\nclasses = ["a"]\n[[cameras]]\nname = "x"\nurl = "a.mp4"\nfoo = 1\n'
+    )
+    proc = start(config)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "cameras[0].foo: unknown key" in stderr and "Traceback" not in stderr

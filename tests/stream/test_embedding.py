@@ -1,0 +1,80 @@
+"""The embedding API inside the caller's own event loop: results, drain, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from sam3stream.runtime.fake import FakeBackend
+from sam3stream.stream.frames import FrameResult
+from sam3stream.stream.pipeline import Pipeline
+from tests.stream.helpers import MemorySink, camera_toml, make_config, stub_postprocess
+
+
+def worker_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("decode-", "sam3-"))]
+
+
+def looping_cameras(video: Callable[..., Path], n: int = 3) -> str:
+    return "".join(camera_toml(f"cam{i}", video(f"c{i}.mp4", frames=10), loop=True, fps=40) for i in range(n))
+
+
+async def test_stop_drains_every_frame_read_exactly_once(tmp_path: Path, video: Callable[..., Path]) -> None:
+    config = make_config(tmp_path, looping_cameras(video))
+    sink = MemorySink()
+    backend = FakeBackend(delay_s=0.01)
+    async with Pipeline(config, backend=backend, sinks=[sink], postprocess=stub_postprocess) as p:
+        await asyncio.sleep(1.0)
+        await p.stop()
+    assert p.drained is True
+    for name, source in p.sources.items():
+        # Looping keeps counting: seq runs past the file's 10 frames with no gap or repeat.
+        assert source.seq > 10
+        assert sink.seqs(name) == list(range(source.seq))
+    assert backend.closed is False  # an injected backend stays the caller's to close
+    assert not worker_threads()
+
+
+async def test_results_iterator_and_cancelling_the_caller_leave_nothing_behind(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    config = make_config(tmp_path, looping_cameras(video))
+    before = asyncio.all_tasks()
+    got: list[FrameResult] = []
+    enough = asyncio.Event()
+
+    async def app() -> None:
+        async with Pipeline(config, backend=FakeBackend(), postprocess=stub_postprocess) as p:
+            async for result in p.results():
+                got.append(result)
+                if len(got) >= 20:
+                    enough.set()
+
+    task = asyncio.create_task(app())
+    await asyncio.wait_for(enough.wait(), 10)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=10)
+    assert task in done and task.cancelled()
+    assert asyncio.all_tasks() == before
+    assert not worker_threads()
+    per_camera: dict[str, list[int]] = {}
+    for r in got:
+        per_camera.setdefault(r.camera, []).append(r.seq)
+    assert all(seqs == sorted(seqs) for seqs in per_camera.values())
+
+
+async def test_unread_results_never_stall_the_pipeline(tmp_path: Path, video: Callable[..., Path]) -> None:
+    cams = "".join(camera_toml(f"cam{i}", video(f"c{i}.mp4", frames=30)) for i in range(2))
+    config = make_config(tmp_path, cams)
+    sink = MemorySink()
+    pipeline = Pipeline(
+        config, backend=FakeBackend(), sinks=[sink], postprocess=stub_postprocess, results_queue=5
+    )
+    async with pipeline as p:
+        await asyncio.wait_for(p.wait(), 20)  # nobody reads p.results()
+    assert sink.seqs("cam0") == list(range(30)) and sink.seqs("cam1") == list(range(30))
+    assert p.results_dropped == 60 - 5
+    kept = [r async for r in p.results()]  # what is left can still be read after the end
+    assert len(kept) == 5

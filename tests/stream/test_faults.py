@@ -1,0 +1,101 @@
+"""Broken inputs, failing sinks and a dying engine: each contained to where it belongs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import av
+import pytest
+
+from sam3stream.errors import EngineDeadError
+from sam3stream.runtime.fake import FakeBackend
+from sam3stream.stream.pipeline import Pipeline
+from tests.stream.helpers import MemorySink, camera_toml, make_config, stub_postprocess
+
+
+def decodable_frames(path: Path) -> int:
+    """How many frames plain PyAV gets out of a file, skipping packets it cannot decode."""
+    n = 0
+    with av.open(str(path)) as container:
+        for packet in container.demux(video=0):
+            try:
+                n += len(packet.decode())
+            except av.error.InvalidDataError:
+                continue
+    return n
+
+
+def worker_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("decode-", "sam3-"))]
+
+
+async def test_broken_files_end_their_camera_only(tmp_path: Path, video: Callable[..., Path]) -> None:
+    good = video("good.mp4", frames=20)
+    short = video("short.mp4", frames=3)  # ends while the others still run (they are paced)
+    whole = video("whole.mp4", frames=30)
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"this is not a video" * 500)
+    missing = tmp_path / "missing.mp4"
+    cams = (
+        camera_toml("good", good, fps=50)
+        + camera_toml("short", short)
+        + camera_toml("truncated", truncated)
+        + camera_toml("corrupt", corrupt)
+        + camera_toml("missing", missing)
+    )
+    sink = MemorySink()
+    config = make_config(tmp_path, cams)
+    async with Pipeline(config, backend=FakeBackend(), sinks=[sink], postprocess=stub_postprocess) as p:
+        await p.wait()
+
+    assert sink.seqs("good") == list(range(20))
+    assert sink.seqs("short") == list(range(3))
+    expected = decodable_frames(truncated)
+    assert 0 < expected < 30
+    assert sink.seqs("truncated") == list(range(expected))
+    assert sink.seqs("corrupt") == [] and sink.seqs("missing") == []
+    assert p.camera_states() == dict.fromkeys(["good", "short", "truncated", "corrupt", "missing"], "ended")
+    errors = p.camera_errors()
+    assert set(errors) == {"corrupt", "missing"}
+    assert "cannot open" in errors["missing"] and "cannot open" in errors["corrupt"]
+    assert ("missing", "ended", errors["missing"]) in sink.states  # status goes out to sinks too
+    assert not worker_threads()
+
+
+async def test_a_failing_sink_does_not_stop_the_others(tmp_path: Path, video: Callable[..., Path]) -> None:
+    cams = camera_toml("a", video("a.mp4", frames=15)) + camera_toml("b", video("b.mp4", frames=12))
+    bad = MemorySink("bad", fail_every=2)
+    good = MemorySink("good")
+    config = make_config(tmp_path, cams)
+    async with Pipeline(config, backend=FakeBackend(), sinks=[bad, good], postprocess=stub_postprocess) as p:
+        await p.wait()
+    assert good.seqs("a") == list(range(15)) and good.seqs("b") == list(range(12))
+    assert bad.calls == 27
+    assert p.metrics.snapshot()["sinks"]["bad"]["errors"] == 27 // 2
+    assert bad.closed and good.closed
+
+
+async def test_engine_death_stops_everything_loudly(tmp_path: Path, video: Callable[..., Path]) -> None:
+    cams = camera_toml("a", video("a.mp4", frames=30), loop=True) + camera_toml(
+        "b", video("b.mp4", frames=30), loop=True
+    )
+    config = make_config(tmp_path, cams, max_batch=2)
+    backend = FakeBackend(fail_after=3)
+    sink = MemorySink()
+    before = asyncio.all_tasks()
+    with pytest.raises(EngineDeadError, match="inference failed"):
+        async with Pipeline(config, backend=backend, sinks=[sink], postprocess=stub_postprocess) as p:
+            async for _ in p.results():
+                pass
+    assert asyncio.all_tasks() == before
+    assert sink.closed
+    assert sum(len(v) for v in sink.results.values()) <= 3 * 2  # at most the batches before the failure
+    assert not worker_threads()
+    # wait() keeps reporting the failure: nothing looks alive afterwards.
+    with pytest.raises(EngineDeadError):
+        await p.wait()

@@ -1,0 +1,102 @@
+"""Live cameras: latest-wins under overload, and reconnecting to a camera that comes up late."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http.server
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sam3stream.runtime.fake import FakeBackend
+from sam3stream.stream.pipeline import Pipeline
+from tests.stream.helpers import MemorySink, camera_toml, make_config, stub_postprocess
+
+
+async def test_live_source_faster_than_inference_drops_oldest_and_stays_bounded(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    cams = "".join(camera_toml(f"live{i}", video(f"l{i}.mp4", frames=120), mode="live") for i in range(2))
+    config = make_config(tmp_path, cams, max_batch=2)
+    sink = MemorySink()
+    backend = FakeBackend(delay_s=0.05)  # "GPU" time per batch: far slower than decoding
+    async with Pipeline(config, backend=backend, sinks=[sink], postprocess=stub_postprocess) as p:
+        high_batches = 0
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            high_batches = max(high_batches, p.batches.qsize())
+            await asyncio.sleep(0.01)
+        await p.stop()
+
+    snap = p.metrics.snapshot()["cameras"]
+    for name in ("live0", "live1"):
+        assert snap[name]["frames_dropped"] > 0
+        assert p.inboxes[name].high_water == 1  # latest wins: one waiting frame at most
+        seqs = sink.seqs(name)
+        assert seqs and seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        assert snap[name]["frames_decoded"] > len(seqs)
+    assert high_batches <= config.batching.batch_queue
+    # Frames are never older than a few batches: the queue cannot build up behind a slow engine.
+    worst = max(r.timing.end_to_end for rs in sink.results.values() for r in rs)
+    assert worst < 2000
+    assert p.drained is True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def late_http_server(tmp_path: Path) -> Iterator[tuple[int, Callable[[], None]]]:
+    """A port nobody listens on yet, and a function that starts serving tmp_path on it."""
+    port = _free_port()
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start() -> None:
+        handler = functools.partial(_QuietHandler, directory=str(tmp_path))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="test-http", daemon=True).start()
+        servers.append(server)
+
+    yield port, start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_camera_down_at_start_is_retried_until_it_comes_up(
+    tmp_path: Path, video: Callable[..., Path], late_http_server: tuple[int, Callable[[], None]]
+) -> None:
+    port, start_server = late_http_server
+    video("remote.mp4", frames=20)
+    cams = camera_toml("remote", f"http://127.0.0.1:{port}/remote.mp4") + camera_toml(
+        "local", video("local.mp4", frames=200), fps=50
+    )
+    config = make_config(tmp_path, cams)
+    sink = MemorySink()
+    async with Pipeline(config, backend=FakeBackend(), sinks=[sink], postprocess=stub_postprocess) as p:
+        await asyncio.sleep(0.8)
+        assert p.camera_states()["remote"] == "reconnecting"
+        assert sink.seqs("remote") == []
+        assert sink.seqs("local")  # the other camera is not held up
+        start_server()
+        await asyncio.wait_for(sink.wait_for("remote"), 10)
+        await p.stop()
+    assert sink.seqs("remote")
+    assert p.sources["remote"].reconnects >= 2
+    states = [s for cam, s, _ in sink.states if cam == "remote"]
+    assert "reconnecting" in states and "running" in states
+    assert "cannot open" in next(d for cam, s, d in sink.states if cam == "remote" and d)

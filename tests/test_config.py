@@ -1,0 +1,197 @@
+"""Config parsing: every problem at once, each with its key path; the example configs parse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sam3stream.cli import main
+from sam3stream.config import (
+    JsonlSinkConfig,
+    MqttSinkConfig,
+    VideoSinkConfig,
+    load_config,
+    parse_config,
+    sink_name,
+)
+from sam3stream.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MINIMAL = """
+[engines]
+dir = "engines/x"
+
+[prompts]
+classes = ["person", "hand"]
+
+[[cameras]]
+name = "cam1"
+url = "videos/a.mp4"
+"""
+
+
+def problems(text: str) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source="t.toml", base_dir=Path("/base"))
+    return dict(info.value.problems)
+
+
+def test_minimal_config_gets_defaults_and_absolute_paths() -> None:
+    config = parse_config(MINIMAL, source="t.toml", base_dir=Path("/base"))
+    assert config.engines.dir == "/base/engines/x"
+    assert config.engines.backend == "onnxruntime" and config.engines.device == "cpu"
+    assert config.cameras[0].url == "/base/videos/a.mp4"
+    assert config.cameras[0].effective_mode == "file"
+    assert config.batching.max_batch == 8 and config.batching.max_wait_ms == 20
+    assert config.prompts.threshold_list == [0.3, 0.3] and config.prompts.mask_wh is None
+    assert config.lifecycle.drain_timeout_s == 10
+
+
+def test_unknown_key_is_reported_with_its_path() -> None:
+    found = problems(MINIMAL + "foo = 1\n[batching]\nmax_wait = 3\n")
+    assert found["cameras[0].foo"] == "unknown key"
+    assert found["batching.max_wait"] == "unknown key"
+
+
+def test_wrong_type_is_reported_with_its_path() -> None:
+    found = problems(MINIMAL + 'fps = "fast"\n')
+    assert "cameras[0].fps" in found and "str" in found["cameras[0].fps"]
+
+
+def test_resolution_not_a_multiple_of_14() -> None:
+    found = problems(
+        MINIMAL.replace(
+            'dir = "engines/x"', 'dir = "e"\n[engines.export]\nrandom = "tiny"\nresolution = 1000'
+        )
+    )
+    message = found["engines.export.resolution"]
+    assert "multiple of 14" in message and "994 or 1008" in message
+
+
+def test_duplicate_camera_names() -> None:
+    found = problems(MINIMAL + '[[cameras]]\nname = "cam1"\nurl = "rtsp://10.0.0.1/s"\n')
+    assert "duplicate camera name 'cam1'" in found["cameras[1].name"]
+
+
+def test_max_batch_below_one() -> None:
+    found = problems(MINIMAL + "[batching]\nmax_batch = 0\n")
+    assert ">= 1" in found["batching.max_batch"]
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    text = """
+[engines]
+dir = "e"
+backend = "cuda"
+colour = "red"
+
+[engines.export]
+random = "tiny"
+resolution = 500
+
+[prompts]
+classes = ["person", "person", ""]
+thresholds = { dog = 0.5 }
+
+[[cameras]]
+name = "a b"
+url = "ftp://host/x"
+
+[[cameras]]
+name = "ok"
+url = "rtsp://10.0.0.2/s"
+loop = true
+
+[batching]
+max_batch = 0
+
+[[sinks]]
+type = "mqtt"
+host = "broker"
+qos = 3
+
+[[sinks]]
+type = "kafka"
+"""
+    found = problems(text)
+    assert set(found) == {
+        "engines.backend",
+        "engines.colour",
+        "engines.export.resolution",
+        "prompts.classes[1]",
+        "prompts.classes[2]",
+        "prompts.thresholds.dog",
+        "cameras[0].name",
+        "cameras[0].url",
+        "cameras[1].loop",
+        "batching.max_batch",
+        "sinks[0].qos",
+        "sinks[1].type",
+    }
+    assert found["sinks[0].qos"] == "must be one of 0, 1, 2, got 3"
+    assert "'jsonl', 'mqtt', 'video'" in found["sinks[1].type"]
+
+
+def test_missing_required_keys() -> None:
+    found = problems('[engines]\nbackend = "fake"\n')
+    assert found == {
+        "engines.dir": "required key is missing",
+        "prompts": "required key is missing",
+        "cameras": "required key is missing",
+    }
+
+
+def test_toml_syntax_error_names_the_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(MINIMAL + "[[cameras]\n", source="t.toml")
+    assert "line 11" in str(info.value) and str(info.value).startswith("t.toml: TOML syntax error")
+
+
+def test_sinks_are_a_tagged_union_with_defaults() -> None:
+    config = parse_config(
+        MINIMAL
+        + '[[sinks]]\ntype = "jsonl"\npath = "out"\n'
+        + '[[sinks]]\ntype = "mqtt"\nhost = "b"\n'
+        + '[[sinks]]\ntype = "video"\ndir = "v"\ncameras = ["cam1"]\n',
+        base_dir=Path("/base"),
+    )
+    jsonl, mqtt, vid = config.sinks
+    assert isinstance(jsonl, JsonlSinkConfig) and jsonl.path == "/base/out" and jsonl.on_full == "block"
+    assert isinstance(mqtt, MqttSinkConfig) and mqtt.on_full == "drop_oldest" and mqtt.port == 1883
+    assert isinstance(vid, VideoSinkConfig) and vid.dir == "/base/v" and vid.codec == "libx264"
+    assert [sink_name(i, s) for i, s in enumerate(config.sinks)] == ["jsonl-0", "mqtt-1", "video-2"]
+
+
+def test_sink_cameras_must_exist() -> None:
+    found = problems(MINIMAL + '[[sinks]]\ntype = "video"\ndir = "v"\ncameras = ["nope"]\n')
+    assert found == {"sinks[0].cameras[0]": "no camera is named 'nope'"}
+
+
+def test_network_urls_are_live_and_kept_as_they_are() -> None:
+    config = parse_config(MINIMAL.replace("videos/a.mp4", "rtsp://10.0.0.1:554/s"))
+    assert config.cameras[0].url == "rtsp://10.0.0.1:554/s" and config.cameras[0].effective_mode == "live"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_example_configs_parse(path: Path) -> None:
+    config = load_config(path)
+    assert len(config.cameras) == 8 and config.sinks
+
+
+def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(MINIMAL)
+    assert main(["validate", str(good)]) == 0
+    assert capsys.readouterr().out.startswith("ok: 1 cameras, 0 sinks")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(MINIMAL + "foo = 1\n[batching]\nmax_batch = 0\n")
+    assert main(["validate", str(bad)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["cameras[0].foo: unknown key", "batching.max_batch: expected `int` >= 1, got 0"]
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path / "nope.toml")
