@@ -1,12 +1,14 @@
 """A real Mosquitto broker for tests: 127.0.0.1, a free port, anonymous, no persistence.
 
 Use the ``mosquitto`` fixture (import it into a conftest); it skips the test when
-no ``mosquitto`` binary is installed. The broker can be stopped and started
+no ``mosquitto`` binary is installed, or fails it when ``MQTT_REQUIRED`` is set
+(CI, where a silently skipped broker test would hide a broken setup). The broker can be stopped and started
 again on the same port to simulate outages.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -91,6 +93,8 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     """A started broker, stopped after the test."""
     binary = find_mosquitto()
     if binary is None:
+        if os.environ.get("MQTT_REQUIRED"):
+            pytest.fail("MQTT_REQUIRED is set but no mosquitto binary was found")
         pytest.skip("mosquitto is not installed")
     broker = Mosquitto(binary, tmp_path)
     broker.start()
