@@ -35,7 +35,7 @@ __all__ = ["JsonlSink", "camera_files"]
 
 log = structlog.get_logger(__name__)
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # no dots: they separate the file index
 # Past this many unwritten lines, publish() waits for the writer (backpressure).
 _MAX_PENDING = 4096
 
@@ -46,9 +46,15 @@ def safe_name(camera: str) -> str:
 
 
 def _index_of(path: Path, stem: str) -> int | None:
-    if path.name == f"{stem}.jsonl":
+    """0 for ``<stem>.jsonl``, N for ``<stem>.N.jsonl``, None for anything else
+    (``cam-1.jsonl`` belongs to camera ``cam-1``, not to ``cam``)."""
+    name = path.name
+    if name == f"{stem}.jsonl":
         return 0
-    middle = path.name[len(stem) + 1 : -len(".jsonl")]
+    prefix, suffix = f"{stem}.", ".jsonl"
+    if not (name.startswith(prefix) and name.endswith(suffix)):
+        return None
+    middle = name[len(prefix) : -len(suffix)]
     return int(middle) if middle.isdigit() else None
 
 

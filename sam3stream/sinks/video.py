@@ -43,7 +43,7 @@ __all__ = ["VideoSink"]
 
 log = structlog.get_logger(__name__)
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # no dots: they separate the file index
 _MS = Fraction(1, 1000)
 _DEFAULT_FPS = 10.0
 

@@ -69,6 +69,18 @@ async def test_restart_appends_to_newest_file(tmp_path: Path) -> None:
     assert [r.seq for r in read_all(tmp_path, "cam1")] == list(range(13))
 
 
+async def test_similar_camera_names_keep_their_own_files(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path, rotate_mb=0.000001)  # every line starts a new file
+    await sink.start()
+    for i in range(3):
+        for cam in ("cam", "cam-1", "cam.1"):
+            await sink.publish(make_result(i, camera=cam))
+    await sink.aclose()
+    for cam in ("cam", "cam-1", "cam.1"):
+        got = read_all(tmp_path, cam)
+        assert [(r.camera, r.seq) for r in got] == [(cam, 0), (cam, 1), (cam, 2)]
+
+
 async def test_write_failure_is_counted_and_reported(tmp_path: Path) -> None:
     metrics = Metrics()
     target = tmp_path / "out"
