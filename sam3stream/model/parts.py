@@ -83,28 +83,56 @@ class GeometryEncoder(nn.Module):
     """Box exemplars (normalized cxcywh, label 1/0, or -10 for padding) -> prompt tokens.
 
     Runs per frame, not per class: with only padding boxes its output (the CLS token after
-    cross-attending to the image) does not depend on the text.
+    cross-attending to the image) does not depend on the text. This is
+    Sam3GeometryEncoder.forward on its own submodules, with two changes that keep the batch
+    axis dynamic in exported graphs: RoIAlign takes the boxes as one [B, N, 4] tensor (not a
+    per-image list, whose length the exporter would freeze) and runs in plain torch.
     """
 
     def __init__(self, model: Sam3Model) -> None:
         super().__init__()
-        self.geometry_encoder = model.geometry_encoder
+        self.geo = model.geometry_encoder
         self.position_encoding = model.vision_encoder.neck.position_encoding
 
     def forward(
         self, fpn2: torch.Tensor, boxes: torch.Tensor, box_labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        pos2 = self.position_encoding(fpn2.shape, fpn2.device, fpn2.dtype)
+        from transformers.masking_utils import create_bidirectional_mask
+        from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy, concat_padded_sequences
+
+        from sam3stream.model.roi_align import roi_align
+
+        geo = self.geo
+        batch, num_boxes = boxes.shape[0], boxes.shape[1]
+        boxes = boxes.to(fpn2.dtype)
         box_mask = box_labels != PAD_BOX_LABEL
         labels = torch.where(box_mask, box_labels, torch.zeros_like(box_labels))
-        out = self.geometry_encoder(
-            box_embeddings=boxes.to(fpn2.dtype),
-            box_mask=box_mask,
-            box_labels=labels,
-            img_feats=(fpn2,),
-            img_pos_embeds=(pos2,),
-        )
-        return out.last_hidden_state, out.attention_mask
+        pos2 = self.position_encoding(fpn2.shape, fpn2.device, fpn2.dtype)
+        vision_flat = fpn2.flatten(2).transpose(1, 2)
+        pos_flat = pos2.flatten(2).transpose(1, 2)
+        normed = geo.vision_layer_norm(fpn2.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+        # Sam3GeometryEncoder._encode_boxes
+        height, width = normed.shape[-2:]
+        embed = geo.boxes_direct_project(boxes)
+        scale = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
+        pooled = roi_align(normed, box_cxcywh_to_xyxy(boxes) * scale, geo.roi_size)
+        embed = embed + geo.boxes_pool_project(pooled).view(batch, num_boxes, geo.hidden_size)
+        cx, cy, w, h = boxes.unbind(-1)
+        pos = geo._encode_box_coordinates(cx.flatten(), cy.flatten(), w.flatten(), h.flatten())
+        embed = embed + geo.boxes_pos_enc_project(pos.view(batch, num_boxes, pos.shape[-1]))
+        embed = geo.label_embed(labels.long()) + embed
+
+        cls = geo.cls_embed.weight.view(1, 1, geo.hidden_size).expand(batch, -1, -1)
+        cls_mask = torch.ones(batch, 1, dtype=box_mask.dtype, device=box_mask.device)
+        prompt, prompt_mask = concat_padded_sequences(embed, box_mask, cls, cls_mask)
+        prompt = geo.prompt_layer_norm(geo.final_proj(prompt))
+        attn_mask = create_bidirectional_mask(config=geo.config, inputs_embeds=prompt, attention_mask=prompt_mask)
+        for layer in geo.layers:
+            prompt = layer(
+                prompt_feats=prompt, vision_feats=vision_flat, vision_pos_encoding=pos_flat, prompt_mask=attn_mask
+            )
+        return geo.output_layer_norm(prompt), prompt_mask
 
 
 class Decoder(nn.Module):

@@ -91,12 +91,16 @@ def _axis_weights(
     if not aligned:
         # torchvision: "Force malformed ROIs to be 1x1".
         roi = torch.clamp(roi, min=1.0)
-    bin_size = roi / pooled
+    # Divide by a tensor, not a Python number: on CUDA, division by a scalar is done as
+    # multiplication by its reciprocal, which is off by an ulp and would flip ceil() for rois
+    # that are exact multiples of the pooled size.
+    pooled_t = torch.full_like(roi, float(pooled))
+    bin_size = roi / pooled_t
     if sampling_ratio > 0:
         grid = torch.full_like(roi, float(sampling_ratio))
         candidates = sampling_ratio
     else:
-        grid = torch.ceil(roi / pooled)
+        grid = torch.ceil(roi / pooled_t)
         candidates = 2 * size + 5
 
     ph = torch.arange(pooled, dtype=dtype, device=start.device)
@@ -210,7 +214,9 @@ def _roi_align(
     pooled_h, pooled_w = _pair(output_size)
     if pooled_h <= 0 or pooled_w <= 0:
         raise ValueError(f"output_size must be positive, got {output_size!r}")
-    n, channels, height, width = (int(s) for s in input.shape)
+    # The batch stays symbolic (int() would freeze it in exported graphs); the map size is static.
+    n = input.shape[0]
+    channels, height, width = (int(s) for s in input.shape[1:])
     compute = input.dtype if input.dtype in (torch.float32, torch.float64) else torch.float32
     feats = input.to(compute)
 
