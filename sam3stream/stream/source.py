@@ -284,6 +284,8 @@ class CameraSource:
                 wait = self._next_due - now
                 if wait > 0:
                     await asyncio.sleep(wait)
+                    # A paced file frame is "captured" when it is released, not when decoded early.
+                    decoded.capture_time = time.time()
                 self._next_due = max(self._next_due, now) + self._period
         frame = Frame(
             camera=self.name,

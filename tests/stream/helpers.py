@@ -40,7 +40,8 @@ def make_config(
     max_batch: int = 4,
     max_wait_ms: float = 10,
     extra: str = "",
-    lifecycle: str = "",
+    stall_timeout_s: float = 5,
+    drain_timeout_s: float = 10,
 ) -> Config:
     """A fake-backend config with the given ``[[cameras]]`` blocks (TOML text)."""
     text = f"""
@@ -57,11 +58,10 @@ max_batch = {max_batch}
 max_wait_ms = {max_wait_ms}
 
 [lifecycle]
-drain_timeout_s = 10
-stall_timeout_s = 5
+drain_timeout_s = {drain_timeout_s}
+stall_timeout_s = {stall_timeout_s}
 reconnect_base_s = 0.05
 reconnect_cap_s = 0.3
-{lifecycle}
 
 {cameras}
 {extra}
@@ -133,6 +133,13 @@ class MemorySink:
 
     async def publish_status(self, camera: str, state: str, detail: str | None = None) -> None:
         self.states.append((camera, state, detail))
+        self._arrived.set()
+
+    async def wait_for_state(self, camera: str, state: str, count: int = 1) -> None:
+        """Until ``camera`` has reported ``state`` ``count`` times (wrap it in a timeout)."""
+        while sum(1 for c, s, _ in self.states if (c, s) == (camera, state)) < count:
+            self._arrived.clear()
+            await self._arrived.wait()
 
     async def aclose(self) -> None:
         self.closed = True

@@ -78,3 +78,17 @@ async def test_unread_results_never_stall_the_pipeline(tmp_path: Path, video: Ca
     assert p.results_dropped == 60 - 5
     kept = [r async for r in p.results()]  # what is left can still be read after the end
     assert len(kept) == 5
+
+
+async def test_stop_is_bounded_by_the_drain_timeout(tmp_path: Path, video: Callable[..., Path]) -> None:
+    config = make_config(tmp_path, looping_cameras(video), drain_timeout_s=0.5)
+    slow = MemorySink("slow", delay_s=0.2)  # lossless and slow: results pile up in its queue
+    async with Pipeline(config, backend=FakeBackend(), sinks=[slow], postprocess=stub_postprocess) as p:
+        await asyncio.sleep(1.0)
+        started = asyncio.get_running_loop().time()
+        await p.stop()
+        took = asyncio.get_running_loop().time() - started
+    assert p.drained is False
+    assert took < 0.5 + 3  # the drain bound, plus the sink's own bounded close
+    assert slow.closed
+    assert not worker_threads()

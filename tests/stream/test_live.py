@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import http.server
+import itertools
 import socket
 import threading
 import time
@@ -100,3 +101,18 @@ async def test_camera_down_at_start_is_retried_until_it_comes_up(
     states = [s for cam, s, _ in sink.states if cam == "remote"]
     assert "reconnecting" in states and "running" in states
     assert "cannot open" in next(d for cam, s, d in sink.states if cam == "remote" and d)
+
+
+async def test_live_fps_samples_on_the_stream_clock(tmp_path: Path, video: Callable[..., Path]) -> None:
+    cams = camera_toml("sampled", video("s.mp4", frames=50, fps=25), mode="live", fps=5)
+    config = make_config(tmp_path, cams)
+    sink = MemorySink()
+    async with Pipeline(config, backend=FakeBackend(), sinks=[sink], postprocess=stub_postprocess) as p:
+        await asyncio.wait_for(sink.wait_for("sampled", 8), 10)
+        await p.stop()
+    times = [r.stream_time for r in sink.results["sampled"]]
+    assert all(t is not None for t in times)
+    gaps = [b - a for a, b in itertools.pairwise(times) if a is not None and b is not None and b > a]
+    # One frame in five of a 25 fps stream: 0.2 s apart (more where latest-wins dropped one).
+    assert gaps and all(g > 0.2 - 1e-3 for g in gaps)
+    assert p.metrics.snapshot()["cameras"]["sampled"]["frames_decoded"] >= 5 * len(gaps)

@@ -7,7 +7,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
+
 from sam3stream.runtime.fake import FakeBackend
+from sam3stream.stream.frames import FrameResult
 from sam3stream.stream.pipeline import Pipeline
 from tests.stream.helpers import MemorySink, camera_toml, make_config
 from tests.stream.videos import gray_level
@@ -42,3 +46,27 @@ async def test_eight_file_cameras_every_frame_once_in_order(
     assert first.timing.batch_size >= 1 and first.timing.end_to_end > 0
     assert not [t for t in threading.enumerate() if t.name.startswith(("decode-", "sam3-"))]
     assert asyncio.current_task() is not None
+
+
+class ImageSink(MemorySink):
+    wants_images = True
+
+    def __init__(self) -> None:
+        super().__init__("images")
+        self.shapes: list[tuple[str, tuple[int, ...] | None]] = []
+
+    async def publish(self, result: FrameResult, image: npt.NDArray[np.uint8] | None = None) -> None:
+        self.shapes.append((result.camera, None if image is None else image.shape))
+        await super().publish(result, image)
+
+
+async def test_full_size_images_reach_only_sinks_that_draw(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    cams = camera_toml("a", video("a.mp4", frames=5, width=160, height=120))
+    drawing, plain = ImageSink(), MemorySink("plain")
+    config = make_config(tmp_path, cams)
+    async with Pipeline(config, backend=FakeBackend(), sinks=[drawing, plain]) as p:
+        await p.wait()
+    assert drawing.shapes == [("a", (120, 160, 3))] * 5
+    assert plain.seqs("a") == list(range(5))
