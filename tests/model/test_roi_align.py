@@ -286,6 +286,43 @@ def test_onnx_export_matches(tmp_path: Path, dynamo: bool, aligned: bool) -> Non
     assert expected.shape == (14, 8, 7, 7)
 
 
+class _PoolBatched(torch.nn.Module):
+    def forward(self, feats: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return roi_align(feats, boxes, 7)
+
+
+def test_onnx_export_dynamic_batch(tmp_path: Path) -> None:
+    """The [N, K, 4] form with a symbolic batch (how the geometry graph is exported)."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(13)
+    height, width = 12, 10
+
+    def example(n: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        feats = rng.standard_normal((n, 8, height, width)).astype(np.float32)
+        return feats, np.stack([_random_boxes(rng, 5, height, width) for _ in range(n)])
+
+    feats, boxes = example(2)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    path = tmp_path / "roi_align_dynamic.onnx"
+    torch.onnx.export(
+        _PoolBatched(),
+        (torch.from_numpy(feats), torch.from_numpy(boxes)),
+        str(path),
+        input_names=["features", "boxes"],
+        dynamic_shapes={"feats": {0: batch}, "boxes": {0: batch}},
+        opset_version=18,
+        dynamo=True,
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 3):
+        feats, boxes = example(n)
+        (got,) = session.run(None, {"features": feats, "boxes": boxes})
+        want = roi_align(torch.from_numpy(feats), torch.from_numpy(boxes), 7).numpy()
+        assert got.shape == (n * 5, 8, 7, 7)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
