@@ -122,13 +122,14 @@ class PromptTokenizer:
         ids = np.full((len(prompts), n), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(prompts), n), dtype=np.int64)
         truncated: list[TruncatedPrompt] = []
-        for i, (full, cut) in enumerate(
-            zip(self._full.encode_batch(prompts), self._cut.encode_batch(prompts), strict=True)
-        ):
-            row = cut.ids
+        for i, prompt in enumerate(prompts):
+            # One at a time: encode_batch would start the library's thread pool for a handful of
+            # prompts, and a pool in use makes later fork()s print warnings and lose parallelism.
+            full = self._full.encode(prompt)
+            row = self._cut.encode(prompt).ids
             if len(full.ids) > n:
-                truncated.append(TruncatedPrompt(index=i, prompt=prompts[i], tokens=len(full.ids)))
-                log.warning("prompt truncated", prompt=prompts[i], tokens=len(full.ids), limit=n)
+                truncated.append(TruncatedPrompt(index=i, prompt=prompt, tokens=len(full.ids)))
+                log.warning("prompt truncated", prompt=prompt, tokens=len(full.ids), limit=n)
             if self.padding_side == "right":
                 ids[i, : len(row)] = row
                 mask[i, : len(row)] = 1

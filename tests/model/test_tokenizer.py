@@ -216,3 +216,18 @@ def test_smaller_vocab(tmp_path: Path) -> None:
     assert len(runtime.last_truncated) > len(PROMPTS_LONG)
     with pytest.raises(ValueError):
         write_tiny_tokenizer(tmp_path / "x", vocab_size=100)
+
+
+def test_left_padding_from_config(tok_dir: Path, tmp_path: Path) -> None:
+    for name in TINY_TOKENIZER_FILES:
+        (tmp_path / name).write_bytes((tok_dir / name).read_bytes())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["padding_side"] = "left"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    ids, mask = PromptTokenizer(tmp_path).encode(PROMPTS_FIT)
+    want = transformers.AutoTokenizer.from_pretrained(str(tmp_path))(
+        PROMPTS_FIT, padding="max_length", max_length=32
+    )
+    np.testing.assert_array_equal(ids, np.asarray(want["input_ids"]))
+    np.testing.assert_array_equal(mask, np.asarray(want["attention_mask"]))
+    assert mask[0, -1] == 1 and mask[0, 0] == 0
