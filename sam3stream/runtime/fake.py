@@ -27,7 +27,7 @@ from sam3stream.runtime.manifest import (
 )
 from sam3stream.runtime.types import RawOutputs, TextFeatures
 
-__all__ = ["FakeBackend", "FakeEngineError", "fake_manifest"]
+__all__ = ["FakeBackend", "FakeEngineError", "FakeSettings", "fake_manifest"]
 
 TEXT_CONTEXT = 32
 HIDDEN = 16  # small: nothing reads the features but the fake itself
@@ -58,6 +58,14 @@ def fake_manifest(resolution: int = 448, batch: int = 8, queries: int = 4) -> En
     )
 
 
+class FakeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    resolution: int = 448
+    batch: int = 8
+    queries: int = 4
+    delay_s: float = 0.0
+    fail_after: int | None = None
+
+
 class FakeBackend:
     """Implements :class:`sam3stream.runtime.types.Backend` with arithmetic instead of a model."""
 
@@ -82,13 +90,29 @@ class FakeBackend:
 
     @classmethod
     def from_dir(cls, engine_dir: Path) -> FakeBackend:
-        """Take the shapes from ``engine_dir/manifest.json`` when there is one, else the defaults."""
-        path = Path(engine_dir) / MANIFEST_NAME
-        if path.is_file():
+        """Shapes from ``engine_dir/manifest.json``, behaviour from ``engine_dir/fake.json``.
+
+        Either file may be missing (then the defaults hold). ``fake.json`` holds any of
+        ``resolution``, ``batch``, ``queries``, ``delay_s`` and ``fail_after``, so that a
+        config run from the command line can simulate a slow or dying engine.
+        """
+        settings = FakeSettings()
+        manifest_path = Path(engine_dir) / MANIFEST_NAME
+        if manifest_path.is_file():
             # Only the shapes matter here: the graph files need not exist.
-            m = msgspec.json.decode(path.read_bytes(), type=EngineManifest)
-            return cls(resolution=m.resolution, batch=m.batch, queries=m.queries)
-        return cls()
+            m = msgspec.json.decode(manifest_path.read_bytes(), type=EngineManifest)
+            settings = FakeSettings(resolution=m.resolution, batch=m.batch, queries=m.queries)
+        fake_path = Path(engine_dir) / "fake.json"
+        if fake_path.is_file():
+            overrides = msgspec.json.decode(fake_path.read_bytes(), type=dict[str, object])
+            settings = msgspec.convert({**msgspec.structs.asdict(settings), **overrides}, FakeSettings)
+        return cls(
+            resolution=settings.resolution,
+            batch=settings.batch,
+            queries=settings.queries,
+            delay_s=settings.delay_s,
+            fail_after=settings.fail_after,
+        )
 
     @property
     def manifest(self) -> EngineManifest:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 
 from sam3stream.errors import BackendUnavailableError
@@ -28,8 +29,12 @@ _CLASSES = {
 }
 
 
-def open_backend(kind: str, engine_dir: Path, device: str = "cpu") -> Backend:
-    """Load the engines in ``engine_dir`` with the ``kind`` runtime on ``device``."""
+def open_backend(kind: str, engine_dir: Path, device: str = "cpu", precision: str | None = None) -> Backend:
+    """Load the engines in ``engine_dir`` with the ``kind`` runtime on ``device``.
+
+    ``precision`` (bf16, fp16, fp32) is passed to backends whose constructor takes it
+    (torch); the others run at the precision their engines were made with.
+    """
     engine_dir = Path(engine_dir)
     if kind == "fake":
         from sam3stream.runtime.fake import FakeBackend
@@ -47,5 +52,8 @@ def open_backend(kind: str, engine_dir: Path, device: str = "cpu") -> Backend:
             f"the {kind} backend needs the Python module {exc.name or exc!s}: {_INSTALL[kind]}"
         ) from exc
     cls = getattr(module, class_name)
-    backend: Backend = cls(engine_dir, device=device) if takes_device else cls(engine_dir)
+    kwargs: dict[str, str] = {"device": device} if takes_device else {}
+    if precision is not None and "precision" in inspect.signature(cls).parameters:
+        kwargs["precision"] = precision
+    backend: Backend = cls(engine_dir, **kwargs)
     return backend

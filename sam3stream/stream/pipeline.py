@@ -17,6 +17,7 @@ run inside any application's loop. The CLI adds those (commands/run.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import random
 from collections.abc import AsyncIterator, Sequence
@@ -207,9 +208,10 @@ class Pipeline:
         log.info("engine_loading", backend=engines.backend, dir=str(engine_dir), device=engines.device)
         loop = asyncio.get_running_loop()
         # Loaded on the thread that will run it: device contexts and streams stay on one thread.
-        backend = await loop.run_in_executor(
-            infer_pool, open_backend, engines.backend, engine_dir, engines.device
+        load = functools.partial(
+            open_backend, engines.backend, engine_dir, engines.device, precision=engines.precision
         )
+        backend = await loop.run_in_executor(infer_pool, load)
         return backend
 
     async def _engine_dir(self) -> Path:

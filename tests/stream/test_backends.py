@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +55,26 @@ def test_loader_errors_are_user_errors(tmp_path: Path) -> None:
         open_backend("cuda", tmp_path)
     with pytest.raises(BackendUnavailableError, match="tensorrt"):
         open_backend("tensorrt", tmp_path, device="cuda")
+
+
+def test_fake_json_sets_delay_and_failure(tmp_path: Path) -> None:
+    (tmp_path / "fake.json").write_text('{"delay_s": 0.01, "fail_after": 2, "batch": 16}')
+    backend = open_backend("fake", tmp_path)
+    assert isinstance(backend, FakeBackend)
+    assert (backend.delay_s, backend.fail_after, backend.manifest.batch) == (0.01, 2, 16)
+
+
+def test_loader_passes_device_and_precision_to_backends_that_take_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[dict[str, object]] = []
+
+    class TorchBackend:
+        def __init__(self, engine_dir: Path, device: str = "cpu", precision: str = "bf16") -> None:
+            made.append({"dir": engine_dir, "device": device, "precision": precision})
+
+    module = types.ModuleType("sam3stream.runtime.torch_backend")
+    module.TorchBackend = TorchBackend  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sam3stream.runtime.torch_backend", module)
+    open_backend("torch", tmp_path, device="cuda:1", precision="fp16")
+    assert made == [{"dir": tmp_path, "device": "cuda:1", "precision": "fp16"}]

@@ -29,7 +29,13 @@ def start(config: Path) -> subprocess.Popen[str]:
     )
 
 
-def write_config(tmp_path: Path, cameras: str, backend: str = "fake") -> Path:
+def write_config(
+    tmp_path: Path, cameras: str, backend: str = "fake", fake: str | None = None, max_batch: int = 4
+) -> Path:
+    """A config running ``cameras`` into a JSONL sink; ``fake`` is the fake engine's fake.json."""
+    if fake is not None:
+        (tmp_path / "engines").mkdir(exist_ok=True)
+        (tmp_path / "engines" / "fake.json").write_text(fake)
     config = tmp_path / "run.toml"
     config.write_text(
         f"""
@@ -42,7 +48,7 @@ classes = ["person", "hand"]
 conf = 0.05
 
 [batching]
-max_batch = 4
+max_batch = {max_batch}
 max_wait_ms = 10
 
 [[sinks]]
@@ -129,3 +135,51 @@ def test_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 2
     assert "cameras[0].foo: unknown key" in stderr and "Traceback" not in stderr
+
+
+def wait_for_lines(path: Path, n: int, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while len(read_jsonl(path)) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"fewer than {n} results in {path}"
+        time.sleep(0.05)
+
+
+def test_a_second_signal_exits_1_without_waiting_for_the_drain(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    cams = "".join(camera_toml(f"cam{i}", video(f"c{i}.mp4", frames=10), loop=True) for i in range(3))
+    # 0.3 s per frame and a dozen frames queued: a full drain would take seconds.
+    proc = start(write_config(tmp_path, cams, fake='{"delay_s": 0.3}', max_batch=1))
+    try:
+        wait_for_lines(tmp_path / "out" / "cam0.jsonl", 1, proc)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1
+    assert took < 3
+    assert "without draining" in stderr.strip().splitlines()[-1]
+
+
+def test_engine_death_exits_1_with_one_line(tmp_path: Path, video: Callable[..., Path]) -> None:
+    cams = camera_toml("a", video("a.mp4", frames=30), loop=True)
+    proc = start(write_config(tmp_path, cams, fake='{"fail_after": 3}'))
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: inference failed, stopping: FakeEngineError")
+
+
+def test_every_camera_failing_exits_1(tmp_path: Path) -> None:
+    proc = start(write_config(tmp_path, camera_toml("gone", tmp_path / "missing.mp4")))
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert stderr.strip().splitlines()[-1].startswith("error: camera gone: cannot open")
