@@ -111,6 +111,9 @@ class Pipeline:
         started = asyncio.ensure_future(self._started.wait())
         try:
             await asyncio.wait({started, self._main}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            await self.abort()  # the caller gave up while the engine loaded: leave nothing running
+            raise
         finally:
             started.cancel()
         if self._main.done():

@@ -92,3 +92,33 @@ async def test_stop_is_bounded_by_the_drain_timeout(tmp_path: Path, video: Calla
     assert took < 0.5 + 3  # the drain bound, plus the sink's own bounded close
     assert slow.closed
     assert not worker_threads()
+
+
+async def test_cancelled_while_starting_leaves_nothing_behind(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    config = make_config(tmp_path, looping_cameras(video, 1))
+    before = asyncio.all_tasks()
+    starting = asyncio.Event()
+
+    class SlowToStart(MemorySink):
+        async def start(self) -> None:
+            starting.set()
+            await asyncio.sleep(30)
+
+    entered = False
+
+    async def app() -> None:
+        nonlocal entered
+        async with Pipeline(
+            config, backend=FakeBackend(), sinks=[SlowToStart()], postprocess=stub_postprocess
+        ):
+            entered = True
+
+    task = asyncio.create_task(app())
+    await asyncio.wait_for(starting.wait(), 10)
+    task.cancel()
+    await asyncio.wait({task}, timeout=10)
+    assert task.cancelled() and not entered
+    assert asyncio.all_tasks() == before
+    assert not worker_threads()
