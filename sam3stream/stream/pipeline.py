@@ -398,11 +398,12 @@ class Pipeline:
         log.info("pipeline_draining", reason=reason, timeout_s=self.config.lifecycle.drain_timeout_s)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.lifecycle.drain_timeout_s
+        # A cancelled source puts nothing more in (its pending put is what gets cancelled),
+        # so the drain need not wait for its decode thread to wind down.
         for task in sources:
             task.cancel()
         try:
             async with asyncio.timeout_at(deadline):
-                await asyncio.wait(sources)
                 await self.in_flight.wait_idle()
                 await fanout.join()
             self.drained = True
