@@ -32,8 +32,9 @@ _CLASSES = {
 def open_backend(kind: str, engine_dir: Path, device: str = "cpu", precision: str | None = None) -> Backend:
     """Load the engines in ``engine_dir`` with the ``kind`` runtime on ``device``.
 
-    ``precision`` (bf16, fp16, fp32) is passed to backends whose constructor takes it
-    (torch); the others run at the precision their engines were made with.
+    ``precision`` (bf16, fp16, fp32) goes to backends that take it (torch: as
+    ``TorchOptions(precision=...)``); the others run at the precision their engines
+    were made with.
     """
     engine_dir = Path(engine_dir)
     if kind == "fake":
@@ -53,7 +54,11 @@ def open_backend(kind: str, engine_dir: Path, device: str = "cpu", precision: st
         ) from exc
     cls = getattr(module, class_name)
     kwargs: dict[str, str] = {"device": device} if takes_device else {}
-    if precision is not None and "precision" in inspect.signature(cls).parameters:
-        kwargs["precision"] = precision
-    backend: Backend = cls(engine_dir, **kwargs)
+    params = inspect.signature(cls).parameters
+    extra: dict[str, object] = {}
+    if precision is not None and "precision" in params:
+        extra["precision"] = precision
+    elif precision is not None and "options" in params and hasattr(module, "TorchOptions"):
+        extra["options"] = module.TorchOptions(precision=precision)
+    backend: Backend = cls(engine_dir, **kwargs, **extra)
     return backend

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 from pathlib import Path
@@ -78,3 +79,27 @@ def test_loader_passes_device_and_precision_to_backends_that_take_them(
     monkeypatch.setitem(sys.modules, "sam3stream.runtime.torch_backend", module)
     open_backend("torch", tmp_path, device="cuda:1", precision="fp16")
     assert made == [{"dir": tmp_path, "device": "cuda:1", "precision": "fp16"}]
+
+
+def test_loader_passes_precision_inside_torch_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[object] = []
+
+    @dataclasses.dataclass
+    class TorchOptions:
+        precision: str = "bf16"
+        compile: bool = True
+
+    class TorchBackend:
+        def __init__(
+            self, engine_dir: Path, device: str = "cuda", options: TorchOptions | None = None
+        ) -> None:
+            made.append(options)
+
+    module = types.ModuleType("sam3stream.runtime.torch_backend")
+    module.TorchBackend = TorchBackend  # type: ignore[attr-defined]
+    module.TorchOptions = TorchOptions  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sam3stream.runtime.torch_backend", module)
+    open_backend("torch", tmp_path, device="cuda", precision="fp16")
+    assert made == [TorchOptions(precision="fp16")]
