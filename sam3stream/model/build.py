@@ -83,14 +83,19 @@ def config_for_size(size: str, resolution: int) -> Sam3Config:
     return set_resolution(config, resolution)
 
 
-def random_model(size: str, resolution: int, seed: int = 0) -> Sam3Model:
-    """A randomly initialised SAM 3 of a named size; the same seed gives the same weights."""
+def random_model(size: str, resolution: int, seed: int = 0, device: str = "cpu") -> Sam3Model:
+    """A randomly initialised SAM 3 of a named size; the same seed gives the same weights.
+
+    ``device`` only says where the initialisation runs (a full model initialises in seconds
+    on a GPU and in tens of seconds on a CPU); the weights then differ from a CPU init.
+    """
     import torch
     from transformers import Sam3Model
 
     config = config_for_size(size, resolution)
     config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
+    devices = [torch.device(device)] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed)
         model = Sam3Model(config)
     return model.eval()

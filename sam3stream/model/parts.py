@@ -195,7 +195,9 @@ class Decoder(nn.Module):
             text_features=enc.text_features,
             vision_pos_encoding=enc.pos_embeds_flattened,
             text_mask=prompt_mask,
-            spatial_shapes=enc.spatial_shapes,
+            # A host tensor: the decoder reads these sizes as Python numbers, which from a device
+            # tensor would be a device sync (and so impossible inside a CUDA graph capture).
+            spatial_shapes=torch.tensor([[height, width]]),
         )
         # Only the last decoder layer's predictions are used, as in Sam3Model.forward.
         hidden = dec.intermediate_hidden_states[-1]  # [rows, Q, D]

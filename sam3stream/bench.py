@@ -1,0 +1,188 @@
+"""`sam3stream bench`: per resolution and camera count, the GPU worker's throughput, latency and memory,
+next to transformers' eager ``Sam3Model`` on the same weights, measured in the same run.
+
+Each resolution runs in a child process (so memory figures are that configuration's alone and
+an out-of-memory failure costs one row, not the run); the peer runs in another child.
+Results: JSON (every sample statistic), a markdown table and a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BenchArgs", "format_table", "run_bench", "summarize_ms"]
+
+
+@dataclass
+class BenchArgs:
+    resolutions: list[int]
+    cameras: list[int]
+    classes: int = 4
+    queries: int = 50
+    backend: str = "torch"
+    engines: str | None = None  # an engine directory (one resolution) instead of --random
+    random: str | None = "full"
+    seed: int = 0
+    precision: str = "bf16"
+    iters: int = 20
+    warmup: int = 3
+    peer: bool = True
+    peer_iters: int = 5
+    compile_mode: str | None = None
+    vision_chunk: int | None = None
+    decoder_frames: int = 1
+    device: str = "cuda"
+    out: str = "docs/bench/results"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def summarize_ms(samples: list[float]) -> dict[str, float]:
+    a = np.asarray(samples, dtype=np.float64)
+    return {
+        "avg": float(a.mean()),
+        "p50": float(np.percentile(a, 50)),
+        "p95": float(np.percentile(a, 95)),
+        "min": float(a.min()),
+        "n": float(a.size),
+    }
+
+
+def _child(kind: str, args: BenchArgs, resolution: int) -> list[dict[str, Any]]:
+    """Run one resolution in a child process; rows come back as JSON lines on stdout."""
+    payload = json.dumps({"kind": kind, "args": asdict(args), "resolution": resolution})
+    cmd = [sys.executable, "-m", "sam3stream.bench_child", payload]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, check=False)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 and not rows:
+        rows = [{"kind": kind, "resolution": resolution, "error": f"child exited with {proc.returncode}"}]
+    return rows
+
+
+def run_bench(args: BenchArgs, progress: Any = print) -> dict[str, Any]:
+    started = time.time()
+    ours: list[dict[str, Any]] = []
+    peers: list[dict[str, Any]] = []
+    total = len(args.resolutions) * (2 if args.peer else 1)
+    step = 0
+    for resolution in args.resolutions:
+        step += 1
+        progress(f"[{step}/{total}] {args.backend} at {resolution}: cameras {args.cameras}")
+        rows = _child("ours", args, resolution)
+        ours.extend(rows)
+        for row in rows:
+            progress("    " + _row_line(row))
+        if args.peer:
+            step += 1
+            progress(f"[{step}/{total}] transformers eager peer at {resolution}")
+            rows = _child("peer", args, resolution)
+            peers.extend(rows)
+            for row in rows:
+                progress("    " + _row_line(row))
+    for row in ours:
+        peer = next(
+            (p for p in peers if p.get("resolution") == row.get("resolution") and p.get("cameras") == row.get("cameras")),
+            None,
+        )
+        if peer and "total_fps" in peer and "total_fps" in row:
+            row["peer_total_fps"] = peer["total_fps"]
+            row["speedup_vs_peer"] = row["total_fps"] / peer["total_fps"]
+    result = {
+        "args": asdict(args),
+        "command": " ".join(["sam3stream", "bench", *sys.argv[2:]]) if len(sys.argv) > 1 else "",
+        "elapsed_s": time.time() - started,
+        "ours": ours,
+        "peer": peers,
+    }
+    return result
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"r={row.get('resolution')} cams={row.get('cameras', '?')}: ERROR {row['error']}"
+    return (
+        f"r={row['resolution']} cams={row['cameras']}: {row['batch_ms']['p50']:.1f} ms/batch p50, "
+        f"{row['total_fps']:.1f} frames/s, peak {row.get('nvml_peak_mib') or row['alloc_peak_mib']:.0f} MiB"
+    )
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    return "-" if value is None else f"{value * scale:{spec}}{suffix}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    cols = [
+        "res", "cams", "ms/batch avg", "p50", "p95", "ms/frame", "FPS/cam", "total FPS", "peer FPS",
+        "x peer", "GPU MiB (nvml)", "alloc peak MiB", "buffers MiB", "MFU", "frames",
+    ]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    for r in result["ours"]:
+        if "error" in r:
+            lines.append(f"| {r.get('resolution')} | {r.get('cameras', '')} | error: {r['error']} |")
+            continue
+        bm = r["batch_ms"]
+        cells = [
+            str(r["resolution"]), str(r["cameras"]), f"{bm['avg']:.1f}", f"{bm['p50']:.1f}", f"{bm['p95']:.1f}",
+            f"{r['frame_ms']:.2f}", f"{r['fps_per_camera']:.1f}", f"{r['total_fps']:.1f}",
+            _fmt(r.get("peer_total_fps"), ".1f"), _fmt(r.get("speedup_vs_peer"), ".2f"),
+            _fmt(r.get("nvml_peak_mib"), ".0f"), f"{r['alloc_peak_mib']:.0f}", f"{r['buffer_mib']:.0f}",
+            _fmt(r.get("mfu"), ".0f", 100, "%"), str(r["frames"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    peak = next((r.get("matmul_tflops") for r in result["ours"] if r.get("matmul_tflops")), None)
+    foot = f"\nDense bf16 matmul peak measured in the same run: {peak:.0f} TFLOP/s.\n" if peak else "\n"
+    return "\n".join(lines) + "\n" + foot
+
+
+def plot(result: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (ax_fps, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
+    for cams in sorted({r["cameras"] for r in result["ours"] if "cameras" in r}):
+        rows = sorted((r for r in result["ours"] if r.get("cameras") == cams and "total_fps" in r),
+                      key=lambda r: r["resolution"])
+        if not rows:
+            continue
+        res = [r["resolution"] for r in rows]
+        ax_fps.plot(res, [r["total_fps"] for r in rows], "o-", label=f"sam3stream, {cams} cam")
+        peers = [r.get("peer_total_fps") for r in rows]
+        if all(peers):
+            ax_fps.plot(res, peers, "x--", label=f"transformers eager, {cams} cam")
+        mem = [r.get("nvml_peak_mib") or r["alloc_peak_mib"] for r in rows]
+        ax_mem.plot(res, mem, "o-", label=f"{cams} cam")
+    ax_fps.set(xlabel="input resolution", ylabel="frames/s (all cameras)", title="Throughput")
+    ax_mem.set(xlabel="input resolution", ylabel="MiB", title="Peak process GPU memory")
+    ax_mem.axhline(8 * 1024, color="grey", linestyle=":", label="8 GB card")
+    for ax in (ax_fps, ax_mem):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out.with_suffix(".json"), out.with_suffix(".md")]
+    paths[0].write_text(json.dumps(result, indent=2) + "\n")
+    cmd = result.get("command", "")
+    paths[1].write_text(f"Command: `{cmd}`\n\n" + format_table(result))
+    png = plot(result, out.with_suffix(".png"))
+    if png:
+        paths.append(png)
+    return paths

@@ -1,0 +1,277 @@
+"""One resolution of `sam3stream bench`, in its own process. Rows go to stdout as JSON lines,
+progress to stderr. Not a public entry point: run by :mod:`sam3stream.bench`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sam3stream.bench import BenchArgs, summarize_ms
+
+PROMPTS = ["person", "hand", "blow gun", "counter", "car", "dog", "cat", "tool", "box", "shelf", "cup", "chair"]
+MIN_SCORE = 0.3
+MIB = 1 << 20
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _emit(row: dict[str, Any]) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def nvml_process_mib() -> float | None:
+    """This process's GPU memory as the driver sees it (CUDA context included)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("SAM3_BENCH_GPU", "0")))
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == os.getpid() and proc.usedGpuMemory:
+                    return float(proc.usedGpuMemory) / MIB
+            # Some virtualised drivers hide process ids: fall back to the device's used memory.
+            return float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / MIB
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no pynvml: the allocator figures still stand
+        return None
+
+
+def matmul_tflops(device: Any) -> float:
+    """Dense bf16 8192^3 matmul rate: the ceiling the FLOP utilisation is measured against."""
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize(device)
+    seconds = start.elapsed_time(end) / 1e3 / 10
+    del a, b
+    return 2 * n**3 / seconds / 1e12
+
+
+def _random_loaded(args: BenchArgs, resolution: int, device: str) -> Any:
+    from sam3stream.model.build import random_model
+    from sam3stream.model.checkpoint import LoadedModel
+    from sam3stream.model.tokenizer_files import write_tiny_tokenizer
+
+    assert args.random is not None
+    tok = Path(tempfile.mkdtemp(prefix="sam3bench-tok-"))
+    write_tiny_tokenizer(tok)
+    model = random_model(args.random, resolution, args.seed, device=device)
+    return LoadedModel(model=model, tokenizer_dir=tok, checkpoint_sha256=f"random-{args.random}-{args.seed}",
+                       source=f"random:{args.random}:seed={args.seed}")
+
+
+def _flops_per_frame(backend: Any, text: Any) -> float | None:
+    """FLOPs of one frame through vision, geometry and the decoder (all classes), counted by torch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        r = backend.manifest.resolution
+        frames = torch.zeros(1, r, r, 3, dtype=torch.uint8, device=backend.device)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fpn0, fpn1, fpn2 = backend._vision(frames)
+            geo, geo_mask = backend._geometry(fpn2, backend._boxes[:1], backend._box_labels[:1])
+            tf = torch.from_numpy(text.features).to(backend.device, backend.dtype)
+            tm = torch.from_numpy(text.mask).to(backend.device)
+            backend._decoder(fpn0, fpn1, fpn2, tf, tm, geo, geo_mask)
+        return float(counter.get_total_flops())
+    except Exception as exc:  # counting is informative only
+        _say(f"    flop counting failed: {exc}")
+        return None
+
+
+def run_ours(args: BenchArgs, resolution: int) -> None:
+    import torch
+
+    from sam3stream.model.roi_align import install_into_transformers
+    from sam3stream.runtime.torch_backend import TorchBackend, TorchOptions
+
+    install_into_transformers()
+    device = args.device
+    batch = max(args.cameras)
+    t0 = time.perf_counter()
+    if args.engines:
+        from sam3stream.runtime.loader import open_backend
+
+        backend: Any = open_backend(args.backend, Path(args.engines), device)
+    else:
+        options = TorchOptions(
+            precision=args.precision,
+            compile_mode=args.compile_mode,
+            vision_chunk=args.vision_chunk,
+            decoder_frames=args.decoder_frames,
+        )
+        loaded = _random_loaded(args, resolution, device)
+        backend = TorchBackend.from_model(
+            loaded, resolution=resolution, batch=batch, queries=args.queries, device=device, options=options
+        )
+        del loaded
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        torch.cuda.empty_cache()
+    _say(f"    backend ready in {time.perf_counter() - t0:.0f} s")
+    peak = matmul_tflops(torch.device(device)) if on_cuda else None
+    text = backend.encode_text(PROMPTS[: args.classes])
+    rng = np.random.default_rng(resolution)
+    flops = _flops_per_frame(backend, text) if hasattr(backend, "_vision") else None
+    for cams in sorted(args.cameras):
+        frames = rng.integers(0, 256, (cams, resolution, resolution, 3), dtype=np.uint8)
+        t1 = time.perf_counter()
+        for _ in range(args.warmup):
+            backend.infer(frames, text, MIN_SCORE)
+        warm_s = time.perf_counter() - t1
+        if on_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        latency = []
+        for _ in range(args.iters):
+            t = time.perf_counter()
+            backend.infer(frames, text, MIN_SCORE)
+            latency.append((time.perf_counter() - t) * 1e3)
+        # Throughput with the next batch submitted before the previous one is collected.
+        intervals = []
+        if hasattr(backend, "submit"):
+            pending = backend.submit(frames, text, MIN_SCORE)
+            last = time.perf_counter()
+            for _ in range(args.iters):
+                nxt = backend.submit(frames, text, MIN_SCORE)
+                pending.result()
+                now = time.perf_counter()
+                intervals.append((now - last) * 1e3)
+                last, pending = now, nxt
+            pending.result()
+        batch_ms = summarize_ms(intervals or latency)
+        row: dict[str, Any] = {
+            "kind": "ours",
+            "backend": args.backend,
+            "resolution": resolution,
+            "cameras": cams,
+            "classes": args.classes,
+            "queries": args.queries,
+            "precision": args.precision,
+            "batch_ms": batch_ms,
+            "latency_ms": summarize_ms(latency),
+            "frame_ms": batch_ms["avg"] / cams,
+            "fps_per_camera": 1e3 / batch_ms["avg"],
+            "total_fps": cams * 1e3 / batch_ms["avg"],
+            "frames": cams * (args.warmup + 2 * args.iters),
+            "warmup_s": warm_s,
+            "buffer_mib": backend.buffer_bytes() / MIB if hasattr(backend, "buffer_bytes") else 0.0,
+            "alloc_peak_mib": torch.cuda.max_memory_allocated() / MIB if on_cuda else 0.0,
+            "reserved_peak_mib": torch.cuda.max_memory_reserved() / MIB if on_cuda else 0.0,
+            "nvml_peak_mib": nvml_process_mib() if on_cuda else None,
+            "matmul_tflops": peak,
+            "gflop_per_frame": flops / 1e9 if flops else None,
+            "timings_ms": getattr(backend, "last_timings", {}),
+        }
+        if flops and peak:
+            row["mfu"] = flops * row["total_fps"] / (peak * 1e12)
+        _emit(row)
+    backend.close()
+
+
+def run_peer(args: BenchArgs, resolution: int) -> None:
+    """transformers' Sam3Model, eager, as a user would run it: vision features once per batch,
+    then one forward per class with those features and the cached text embeddings."""
+    import torch
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from sam3stream.model.roi_align import install_into_transformers
+    from sam3stream.runtime.tokenize import PromptTokenizer
+
+    install_into_transformers()
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    loaded = _random_loaded(args, resolution, args.device)
+    model = loaded.model.to(device=device, dtype=dtype).eval()
+    ids, mask = PromptTokenizer(loaded.tokenizer_dir).encode(PROMPTS[: args.classes])
+    with torch.no_grad():
+        text = model.get_text_features(
+            input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device)
+        ).pooler_output
+    mask_t = torch.from_numpy(mask).to(device)
+    rng = np.random.default_rng(resolution)
+    torch.cuda.empty_cache()
+    for cams in sorted(args.cameras):
+        frames = rng.integers(0, 256, (cams, resolution, resolution, 3), dtype=np.uint8)
+
+        def step() -> None:
+            with torch.no_grad():
+                px = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0
+                vision = model.get_vision_features(pixel_values=px)
+                for c in range(args.classes):
+                    out = model(
+                        vision_embeds=vision,
+                        text_embeds=BaseModelOutputWithPooling(pooler_output=text[c : c + 1].expand(cams, -1, -1)),
+                        attention_mask=mask_t[c : c + 1].expand(cams, -1),
+                    )
+                    scores = out.pred_logits.sigmoid() * out.presence_logits.sigmoid()
+                    (scores > MIN_SCORE).nonzero().cpu()
+            torch.cuda.synchronize()
+
+        try:
+            for _ in range(min(args.warmup, 2)):
+                step()
+            torch.cuda.reset_peak_memory_stats()
+            ms = []
+            for _ in range(args.peer_iters):
+                t = time.perf_counter()
+                step()
+                ms.append((time.perf_counter() - t) * 1e3)
+        except torch.OutOfMemoryError as exc:
+            _emit({"kind": "peer", "resolution": resolution, "cameras": cams, "error": f"out of memory: {exc}"})
+            torch.cuda.empty_cache()
+            continue
+        batch_ms = summarize_ms(ms)
+        _emit(
+            {
+                "kind": "peer",
+                "resolution": resolution,
+                "cameras": cams,
+                "batch_ms": batch_ms,
+                "latency_ms": batch_ms,
+                "frame_ms": batch_ms["avg"] / cams,
+                "fps_per_camera": 1e3 / batch_ms["avg"],
+                "total_fps": cams * 1e3 / batch_ms["avg"],
+                "frames": cams * (min(args.warmup, 2) + args.peer_iters),
+                "alloc_peak_mib": torch.cuda.max_memory_allocated() / MIB,
+                "nvml_peak_mib": nvml_process_mib(),
+                "buffer_mib": 0.0,
+            }
+        )
+
+
+def main() -> int:
+    payload = json.loads(sys.argv[1])
+    args = BenchArgs(**payload["args"])
+    resolution = int(payload["resolution"])
+    if payload["kind"] == "peer":
+        run_peer(args, resolution)
+    else:
+        run_ours(args, resolution)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

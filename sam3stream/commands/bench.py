@@ -1,0 +1,66 @@
+"""`sam3stream bench`: GPU worker throughput, latency and memory per resolution and camera count."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sam3stream.resolution import check_resolution
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("bench", help="benchmark the GPU worker against transformers' eager Sam3Model")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--engines", type=Path, help="an engine directory (its resolution is used)")
+    src.add_argument("--random", choices=["tiny", "full"], default="full", help="random weights of this size")
+    p.add_argument("--resolution", type=int, nargs="+", default=[1008, 840, 672, 560])
+    p.add_argument("--cameras", type=int, nargs="+", default=[1, 8], help="camera counts (= batch sizes)")
+    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--queries", type=int, default=50)
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-peer", action="store_true", help="skip transformers' eager Sam3Model")
+    p.add_argument("--peer-iters", type=int, default=5)
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--vision-chunk", type=int, default=None)
+    p.add_argument("--decoder-frames", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("docs/bench/results"), help="output stem (.json/.md/.png)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sam3stream.bench import BenchArgs, format_table, run_bench, write_outputs
+
+    resolutions = [check_resolution(r, "--resolution") for r in args.resolution]
+    if args.engines is not None:
+        from sam3stream.runtime.manifest import read_manifest
+
+        resolutions = [read_manifest(args.engines).resolution]
+    bench_args = BenchArgs(
+        resolutions=resolutions,
+        cameras=sorted(set(args.cameras)),
+        classes=args.classes,
+        queries=args.queries,
+        backend=args.backend,
+        engines=str(args.engines) if args.engines else None,
+        random=None if args.engines else args.random,
+        precision=args.precision,
+        iters=args.iters,
+        warmup=args.warmup,
+        peer=not args.no_peer and args.engines is None,
+        peer_iters=args.peer_iters,
+        compile_mode=args.compile_mode,
+        vision_chunk=args.vision_chunk,
+        decoder_frames=args.decoder_frames,
+        device=args.device,
+        out=str(args.out),
+    )
+    result = run_bench(bench_args, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    paths = write_outputs(result, args.out)
+    print(format_table(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

@@ -1,0 +1,509 @@
+"""The torch backend: the same four parts as the ONNX graphs, run by PyTorch on CUDA.
+
+What makes it fast and small (docs/design.md has the reasoning):
+
+- bf16 weights (fp16 selectable); RoPE tables stay float32, as transformers computes them.
+- Fixed shapes: the vision encoder (+ geometry encoder) runs in chunks of ``vision_chunk``
+  frames and the decoder one frame (x all classes) at a time, each step compiled once
+  (torch.compile) and captured once per slot in a CUDA graph that reads and writes static
+  buffers. A partial batch replays fewer graphs: nothing recompiles or reallocates.
+- Chunking bounds activation memory: at 1008 the decoder's mask head works on [C, 256, 288, 288]
+  maps; doing all 8 frames x 4 classes at once would need ~10 GB.
+- Frames go up as uint8 from pinned memory on a copy stream; normalisation happens on the GPU
+  inside the vision step. ``submit`` returns before the GPU finishes, so the caller can
+  upload batch n+1 while batch n computes (the GPU worker does this).
+- The text encoder runs on the host in float32 once per prompt set and never occupies the GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from sam3stream.errors import BackendUnavailableError, EngineMismatchError, InputError
+from sam3stream.runtime.manifest import EngineManifest, ModelSpec, read_manifest
+from sam3stream.runtime.tokenize import PromptTokenizer
+from sam3stream.runtime.types import RawOutputs, TextFeatures
+
+if TYPE_CHECKING:
+    import torch
+
+    from sam3stream.model.checkpoint import LoadedModel
+    from sam3stream.model.parts import Parts
+
+__all__ = ["Pending", "TorchBackend", "TorchOptions"]
+
+log = structlog.get_logger(__name__)
+
+PAD_BOX_LABEL = -10
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    compile: bool = True  # torch.compile each step (CUDA only)
+    compile_mode: str | None = None  # e.g. "max-autotune-no-cudagraphs"
+    cuda_graphs: bool = True  # capture each step once per slot (CUDA only)
+    vision_chunk: int | None = None  # frames per vision step; None: chosen from the resolution
+    decoder_frames: int = 1  # frames per decoder step (x all classes)
+
+
+def default_vision_chunk(resolution: int, batch: int) -> int:
+    """Frames per vision step: enough tokens to fill the GPU, few enough to bound activations."""
+    tokens = (resolution // 14) ** 2
+    chunk = max(1, 8192 // tokens)  # 1008 -> 1, 672 -> 3, 560 -> 5, 448 -> 8
+    return min(chunk, batch)
+
+
+def _dtype(precision: str) -> torch.dtype:
+    import torch
+
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if precision not in table:
+        raise InputError(f"precision must be one of {', '.join(table)}, got {precision!r}")
+    return table[precision]
+
+
+class Pending:
+    """A submitted batch: ``result()`` waits for the GPU and returns the outputs."""
+
+    def __init__(self, finish: Callable[[], RawOutputs]) -> None:
+        self._finish = finish
+        self._result: RawOutputs | None = None
+
+    def result(self) -> RawOutputs:
+        if self._result is None:
+            self._result = self._finish()
+        return self._result
+
+
+class TorchBackend:
+    """Backend protocol over :class:`~sam3stream.model.parts.Parts` on a torch device."""
+
+    def __init__(
+        self,
+        engine_dir: Path | None = None,
+        device: str = "cuda",
+        options: TorchOptions | None = None,
+        *,
+        loaded: LoadedModel | None = None,
+        resolution: int | None = None,
+        batch: int | None = None,
+        queries: int | None = None,
+    ) -> None:
+        try:
+            import torch
+        except ImportError as exc:
+            raise BackendUnavailableError('the torch backend needs PyTorch: pip install "sam3stream[gpu]"') from exc
+        self.options = options or TorchOptions()
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                "the torch backend was asked for CUDA but this PyTorch sees no CUDA device "
+                f"(torch {torch.__version__}); use backend = \"onnxruntime\" on the CPU or install a CUDA build"
+            )
+        self._manifest, loaded, tokenizer_dir = _resolve_source(engine_dir, loaded, resolution, batch, queries)
+        self._tokenizer = PromptTokenizer(tokenizer_dir)
+        self._setup(loaded)
+
+    @classmethod
+    def from_model(
+        cls,
+        loaded: LoadedModel,
+        *,
+        resolution: int,
+        batch: int,
+        queries: int,
+        device: str = "cuda",
+        options: TorchOptions | None = None,
+    ) -> TorchBackend:
+        return cls(
+            None, device, options, loaded=loaded, resolution=resolution, batch=batch, queries=queries
+        )
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _setup(self, loaded: LoadedModel) -> None:
+        import torch
+
+        from sam3stream.model.parts import split_model
+        from sam3stream.model.roi_align import install_into_transformers
+
+        install_into_transformers()
+        m = self._manifest
+        opts = self.options
+        on_cuda = self.device.type == "cuda"
+        self.dtype = _dtype(opts.precision)
+        model = loaded.model
+        model.config._attn_implementation = "sdpa"
+        for sub in (
+            model.config.detr_decoder_config,
+            model.config.detr_encoder_config,
+            model.config.geometry_encoder_config,
+            model.config.mask_decoder_config,
+        ):
+            sub._attn_implementation = "sdpa"
+        parts: Parts = split_model(model, m.queries)
+        # The text encoder stays on the host in float32: it runs once per prompt set.
+        self._text = parts.text.float().to("cpu")
+        self._vision, self._geometry, self._decoder = parts.vision, parts.geometry, parts.decoder
+        for module in (self._vision, self._geometry, self._decoder):
+            module.to(self.device)
+            # Parameters only: the RoPE buffers must stay float32 (bf16 cannot hold the positions).
+            for param in module.parameters():
+                param.data = param.data.to(self.dtype)
+        self.vision_chunk = opts.vision_chunk or default_vision_chunk(m.resolution, m.batch)
+        self.decoder_frames = min(opts.decoder_frames, m.batch)
+        slots = -(-m.batch // self.vision_chunk) * self.vision_chunk
+        dec_slots = -(-m.batch // self.decoder_frames) * self.decoder_frames
+        r, g, d = m.resolution, m.grid, m.model.hidden_size
+        dev, dt = self.device, self.dtype
+        # Static buffers, sized once for the largest batch (rounded up to whole steps).
+        # Two frame buffers: batch n+1 uploads into one while batch n's vision step reads the other.
+        self._frame_bufs = [
+            torch.zeros(max(slots, dec_slots), r, r, 3, dtype=torch.uint8, device=dev) for _ in range(2)
+        ]
+        self._turn = 0
+        self._consumed: list[Any] = [None, None]  # event: vision step done with that buffer
+        self._fpn0 = torch.zeros(max(slots, dec_slots), d, 4 * g, 4 * g, dtype=dt, device=dev)
+        self._fpn1 = torch.zeros(max(slots, dec_slots), d, 2 * g, 2 * g, dtype=dt, device=dev)
+        self._fpn2 = torch.zeros(max(slots, dec_slots), d, g, g, dtype=dt, device=dev)
+        self._geo: torch.Tensor | None = None
+        self._geo_mask: torch.Tensor | None = None
+        self._boxes = torch.zeros(self.vision_chunk, 1, 4, dtype=dt, device=dev)
+        self._box_labels = torch.full((self.vision_chunk, 1), PAD_BOX_LABEL, dtype=torch.long, device=dev)
+        self._pinned = [
+            torch.zeros(m.batch, r, r, 3, dtype=torch.uint8, pin_memory=on_cuda) for _ in range(2)
+        ]
+        self._copy_stream = torch.cuda.Stream(dev) if on_cuda else None
+        self._compute_stream = torch.cuda.Stream(dev) if on_cuda else None
+        self._vision_step = self._maybe_compile(self._vision_fn)
+        self._decoder_step = self._maybe_compile(self._decoder_fn)
+        self._vision_graphs: dict[tuple[int, int], Any] = {}
+        self._decoder_graphs: dict[int, Any] = {}
+        self._text_key: tuple[str, ...] | None = None
+        self._text_buf: torch.Tensor | None = None
+        self._text_mask_buf: torch.Tensor | None = None
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._inflight: Pending | None = None
+        self._pool = torch.cuda.graph_pool_handle() if on_cuda and opts.cuda_graphs else None
+        self.last_timings: dict[str, float] = {}
+        log.info(
+            "torch backend ready",
+            device=str(dev),
+            precision=opts.precision,
+            resolution=r,
+            batch=m.batch,
+            queries=m.queries,
+            vision_chunk=self.vision_chunk,
+            decoder_frames=self.decoder_frames,
+            compile=opts.compile and on_cuda,
+            cuda_graphs=opts.cuda_graphs and on_cuda,
+        )
+
+    def _maybe_compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not (self.options.compile and self.device.type == "cuda"):
+            return fn
+        import torch
+
+        return torch.compile(fn, dynamic=False, mode=self.options.compile_mode)
+
+    # -- the steps (pure tensor functions of static buffers) ---------------------------------------
+
+    def _vision_fn(self, frames: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        fpn0, fpn1, fpn2 = self._vision(frames)
+        geo, geo_mask = self._geometry(fpn2, boxes, labels)
+        return fpn0, fpn1, fpn2, geo, geo_mask
+
+    def _decoder_fn(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out: tuple[torch.Tensor, ...] = self._decoder(*inputs)
+        return out
+
+    def _run_vision_slot(self, start: int) -> None:
+        end = start + self.vision_chunk
+        frames = self._frame_bufs[self._turn][start:end]
+        fpn0, fpn1, fpn2, geo, geo_mask = self._vision_step(frames, self._boxes, self._box_labels)
+        if self._geo is None or self._geo_mask is None:
+            raise RuntimeError("geometry buffers are allocated before the first vision step")
+        self._fpn0[start:end].copy_(fpn0)
+        self._fpn1[start:end].copy_(fpn1)
+        self._fpn2[start:end].copy_(fpn2)
+        self._geo[start:end].copy_(geo)
+        self._geo_mask[start:end].copy_(geo_mask)
+
+    def _run_decoder_slot(self, start: int) -> None:
+        end = start + self.decoder_frames
+        assert self._geo is not None and self._geo_mask is not None
+        assert self._text_buf is not None and self._text_mask_buf is not None
+        outputs = self._decoder_step(
+            self._fpn0[start:end],
+            self._fpn1[start:end],
+            self._fpn2[start:end],
+            self._text_buf,
+            self._text_mask_buf,
+            self._geo[start:end],
+            self._geo_mask[start:end],
+        )
+        for name, value in zip(("scores", "boxes", "masks", "presence", "index"), outputs, strict=True):
+            self._outputs[name][start:end].copy_(value)
+
+    # -- CUDA graphs ---------------------------------------------------------------------------
+
+    def _replay(self, graphs: dict[Any, Any], key: Any, start: int, run: Callable[[int], None]) -> None:
+        if self._pool is None:
+            run(start)
+            return
+        graph = graphs.get(key)
+        if graph is None:
+            graph = self._capture(run, start)
+            graphs[key] = graph
+        graph.replay()
+
+    def _capture(self, run: Callable[[int], None], start: int) -> Any:
+        import torch
+
+        stream = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm up: compile, autotune, allocator settles
+                run(start)
+        stream.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=side):
+            run(start)
+        stream.wait_stream(side)
+        return graph
+
+    # -- Backend protocol ------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> EngineManifest:
+        return self._manifest
+
+    def encode_text(self, prompts: list[str]) -> TextFeatures:
+        import torch
+
+        ids, mask = self._tokenizer.encode(prompts)
+        with torch.no_grad():
+            features = self._text(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        return TextFeatures(prompts=tuple(prompts), features=features.astype(np.float32), mask=mask.astype(bool))
+
+    def _bind_text(self, text: TextFeatures) -> None:
+        """Copy the prompt features to their static device buffers; new class count => new graphs."""
+        import torch
+
+        if self._text_key == text.prompts:
+            return
+        self._collect_inflight()  # the batch in flight still reads the old prompt buffers
+        m = self._manifest
+        classes = text.num_classes
+        if self._text_buf is None or self._text_buf.shape[0] != classes:
+            self._decoder_graphs.clear()
+            dev, dt = self.device, self.dtype
+            rows = self._fpn0.shape[0]
+            k, ms = m.queries, m.mask_size
+            self._text_buf = torch.zeros(classes, *text.features.shape[1:], dtype=dt, device=dev)
+            self._text_mask_buf = torch.zeros(classes, text.mask.shape[1], dtype=torch.bool, device=dev)
+            self._outputs = {
+                "scores": torch.zeros(rows, classes, k, dtype=dt, device=dev),
+                "boxes": torch.zeros(rows, classes, k, 4, dtype=dt, device=dev),
+                "masks": torch.zeros(rows, classes, k, ms, ms, dtype=dt, device=dev),
+                "presence": torch.zeros(rows, classes, dtype=dt, device=dev),
+                "index": torch.zeros(rows, classes, k, dtype=torch.long, device=dev),
+            }
+        assert self._text_buf is not None and self._text_mask_buf is not None
+        self._text_buf.copy_(torch.from_numpy(text.features))
+        self._text_mask_buf.copy_(torch.from_numpy(text.mask))
+        self._text_key = text.prompts
+
+    def _ensure_geo_buffers(self) -> None:
+        import torch
+
+        if self._geo is None:
+            with torch.no_grad():
+                geo, geo_mask = self._geometry(
+                    self._fpn2[:1], self._boxes[:1], self._box_labels[:1]
+                )
+            rows = self._fpn0.shape[0]
+            self._geo = torch.zeros(rows, *geo.shape[1:], dtype=geo.dtype, device=self.device)
+            self._geo_mask = torch.zeros(rows, *geo_mask.shape[1:], dtype=geo_mask.dtype, device=self.device)
+
+    def submit(self, frames: npt.NDArray[np.uint8], text: TextFeatures, min_score: float) -> Pending:
+        """Queue a batch on the GPU and return at once; ``result()`` waits for it."""
+        import torch
+
+        from sam3stream.runtime.onnxruntime_backend import check_frames
+
+        check_frames(frames, self._manifest)
+        batch = frames.shape[0]
+        with torch.no_grad():
+            self._ensure_geo_buffers()
+            self._bind_text(text)
+            self._turn ^= 1
+            pinned, device_frames = self._pinned[self._turn], self._frame_bufs[self._turn]
+            consumed = self._consumed[self._turn]
+            if consumed is not None:
+                consumed.synchronize()  # the host buffer is free once its upload was consumed
+            pinned[:batch].numpy()[...] = frames
+            events = self._events()
+            if self._copy_stream is not None and self._compute_stream is not None:
+                with torch.cuda.stream(self._copy_stream):
+                    device_frames[:batch].copy_(pinned[:batch], non_blocking=True)
+                # The upload above overlaps the previous batch's compute. Its outputs live in the
+                # shared output buffers, so collect them before queuing this batch's compute.
+                self._collect_inflight()
+                self._compute_stream.wait_stream(self._copy_stream)
+                with torch.cuda.stream(self._compute_stream):
+                    self._inflight = self._launch(batch, min_score, events)
+                return self._inflight
+            device_frames[:batch].copy_(pinned[:batch])
+            return self._launch(batch, min_score, events)
+
+    def _collect_inflight(self) -> None:
+        if self._inflight is not None:
+            self._inflight.result()
+            self._inflight = None
+
+    def _events(self) -> list[Any]:
+        import torch
+
+        if self.device.type != "cuda":
+            return []
+        return [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+
+    def _launch(self, batch: int, min_score: float, events: list[Any]) -> Pending:
+        import torch
+
+        t0 = time.perf_counter()
+        if events:
+            events[0].record()
+        for start in range(0, batch, self.vision_chunk):
+            self._replay(self._vision_graphs, (self._turn, start), start, self._run_vision_slot)
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+            self._consumed[self._turn] = done
+        if events:
+            events[1].record()
+        for start in range(0, batch, self.decoder_frames):
+            self._replay(self._decoder_graphs, start, start, self._run_decoder_slot)
+        out = {name: value[:batch] for name, value in self._outputs.items()}
+        keep = out["scores"] >= min_score
+        # Gathering the kept masks and copying the small outputs is queued behind the graphs.
+        index = keep.nonzero() if self.device.type != "cuda" else None
+        scores = out["scores"].float()
+        boxes = out["boxes"].float()
+        presence = out["presence"].float()
+        query_index = out["index"]
+        if events:
+            events[2].record()
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+        def finish() -> RawOutputs:
+            if stream is not None:
+                stream.synchronize()
+            with torch.no_grad():
+                kept_index = keep.nonzero() if index is None else index
+                masks = out["masks"][kept_index[:, 0], kept_index[:, 1], kept_index[:, 2]].float()
+                result = RawOutputs(
+                    scores=scores.cpu().numpy(),
+                    boxes=boxes.cpu().numpy(),
+                    presence=presence.cpu().numpy(),
+                    query_index=query_index.cpu().numpy().astype(np.int64),
+                    masks=masks.cpu().numpy(),
+                    mask_index=kept_index.cpu().numpy().astype(np.int64),
+                )
+            if events:
+                self.last_timings = {
+                    "vision": events[0].elapsed_time(events[1]),
+                    "decoder": events[1].elapsed_time(events[2]),
+                }
+            else:
+                self.last_timings = {"total": (time.perf_counter() - t0) * 1e3}
+            return result
+
+        return Pending(finish)
+
+    def infer(self, frames: npt.NDArray[np.uint8], text: TextFeatures, min_score: float) -> RawOutputs:
+        return self.submit(frames, text, min_score).result()
+
+    def buffer_bytes(self) -> int:
+        """Bytes held in static device buffers (inputs, FPN levels, outputs)."""
+        tensors = [*self._frame_bufs, self._fpn0, self._fpn1, self._fpn2, *self._outputs.values()]
+        if self._geo is not None:
+            tensors.append(self._geo)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def close(self) -> None:
+        import torch
+
+        self._collect_inflight()
+        self._vision_graphs.clear()
+        self._decoder_graphs.clear()
+        self._outputs.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+
+def _resolve_source(
+    engine_dir: Path | None,
+    loaded: LoadedModel | None,
+    resolution: int | None,
+    batch: int | None,
+    queries: int | None,
+) -> tuple[EngineManifest, LoadedModel, Path]:
+    """The manifest and model: from an engine directory (its recorded source) or given directly."""
+    from sam3stream.model.export import load_source
+
+    if engine_dir is not None:
+        manifest = read_manifest(engine_dir)
+        source = manifest.model.source
+        if source.startswith("random:"):
+            _, size, seed = source.split(":")
+            loaded = load_source(
+                random=size,
+                checkpoint=None,
+                resolution=manifest.resolution,
+                seed=int(seed.removeprefix("seed=")),
+                cache=Path(engine_dir).parent / ".shared",
+            )
+        else:
+            loaded = load_source(random=None, checkpoint=Path(source), resolution=manifest.resolution, cache=Path())
+        if loaded.checkpoint_sha256 != manifest.model.checkpoint_sha256:
+            raise EngineMismatchError(
+                f"{engine_dir} was exported from weights {manifest.model.checkpoint_sha256[:12]}, "
+                f"but {source} now holds {loaded.checkpoint_sha256[:12]}; export the engines again"
+            )
+        return manifest, loaded, Path(engine_dir) / manifest.tokenizer
+    if loaded is None or resolution is None or batch is None or queries is None:
+        raise ValueError("give an engine directory, or a loaded model with resolution, batch and queries")
+    config = loaded.model.config
+    manifest = EngineManifest(
+        resolution=resolution,
+        batch=batch,
+        queries=queries,
+        precision="torch",
+        model=ModelSpec(
+            source=loaded.source,
+            checkpoint_sha256=loaded.checkpoint_sha256,
+            hidden_size=int(config.detr_encoder_config.hidden_size),
+            text_context=int(config.text_config.max_position_embeddings),
+            num_queries=int(config.detr_decoder_config.num_queries),
+        ),
+        graphs={},
+        tokenizer=".",
+        versions={},
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        engine_kind="torch",
+    )
+    return manifest, loaded, loaded.tokenizer_dir
