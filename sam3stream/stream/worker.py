@@ -6,6 +6,10 @@ leave in batch order:
 
     batches -> [infer thread] stack, backend.infer -> handoff -> [post thread] detections -> publish
 
+A backend with ``submit(frames, text, min_score) -> pending`` (``pending.result()``
+waits) gets batch n+1 queued before batch n is waited for, so the device is
+never idle between batches; ``infer`` is the fallback.
+
 The backend is only ever called from the infer thread (backends are not
 thread-safe). Any exception from the backend means the engine is dead: it is
 raised as EngineDeadError and the pipeline stops, rather than carrying on with
@@ -15,11 +19,13 @@ an engine in an unknown state.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -46,13 +52,27 @@ Postprocess = Callable[
 # publish(result, original image or None)
 Publish = Callable[[FrameResult, npt.NDArray[np.uint8] | None], Awaitable[None]]
 
+_T = TypeVar("_T")
 _THREAD_CLOSE_S = 30.0  # an engine call cannot be interrupted: let the one in flight finish
+
+
+def _identity(raw: RawOutputs) -> RawOutputs:
+    return raw
 
 
 def default_postprocess() -> Postprocess:
     module = importlib.import_module("sam3stream.postprocess")
     fn: Postprocess = module.to_detections
     return fn
+
+
+@dataclass(slots=True)
+class _Submitted:
+    batch: Batch
+    started: float  # monotonic, when the engine thread picked the batch up
+    preprocess_ms: float
+    submitted: float  # perf_counter, when the engine call began
+    finish: Callable[[], RawOutputs]  # waits for the engine and returns its outputs
 
 
 @dataclass(slots=True)
@@ -122,33 +142,55 @@ class GpuWorker:
     async def _infer_loop(
         self, pool: ThreadPoolExecutor, text: TextFeatures, handoff: asyncio.Queue[_Inferred]
     ) -> None:
-        loop = asyncio.get_running_loop()
+        # With a backend that can ``submit`` (queue work on the GPU and return), batch n+1 is
+        # uploaded and queued before waiting for batch n, so the GPU never idles between them.
+        overlap = callable(getattr(self._backend, "submit", None))
+        pending: _Submitted | None = None
         while True:
-            batch = await self._batches.get()
-            try:
-                inferred = await loop.run_in_executor(pool, self._infer, batch, text)
-            except Exception as exc:
-                log.error("engine_failed", error=repr(exc), batch=len(batch.frames))
-                raise EngineDeadError(f"inference failed, stopping: {exc!r}") from exc
-            finally:
-                self._batches.task_done()
-            await handoff.put(inferred)
+            if pending is None:
+                batch: Batch | None = await self._batches.get()
+            else:
+                batch = None if self._batches.empty() else self._batches.get_nowait()
+            submitted = None if batch is None else await self._engine(pool, self._submit, batch, text)
+            if pending is not None:
+                await handoff.put(await self._engine(pool, self._finish, pending))
+            pending = submitted
+            if pending is not None and not overlap:
+                await handoff.put(await self._engine(pool, self._finish, pending))
+                pending = None
 
-    def _infer(self, batch: Batch, text: TextFeatures) -> _Inferred:
+    async def _engine(self, pool: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run an engine call on the engine's thread; any failure means the engine is dead."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except Exception as exc:
+            log.error("engine_failed", error=repr(exc))
+            raise EngineDeadError(f"inference failed, stopping: {exc!r}") from exc
+
+    def _submit(self, batch: Batch, text: TextFeatures) -> _Submitted:
         started = time.monotonic()
         t0 = time.perf_counter()
         pixels = np.stack([f.pixels for f in batch.frames])
         t1 = time.perf_counter()
-        raw = self._backend.infer(pixels, text, self._min_score)
-        t2 = time.perf_counter()
+        submit = getattr(self._backend, "submit", None)
+        if callable(submit):
+            finish: Callable[[], RawOutputs] = submit(pixels, text, self._min_score).result
+        else:
+            raw = self._backend.infer(pixels, text, self._min_score)
+            finish = functools.partial(_identity, raw)
+        return _Submitted(batch, started, (t1 - t0) * 1000, t1, finish)
+
+    def _finish(self, submitted: _Submitted) -> _Inferred:
+        raw = submitted.finish()
+        infer_ms = (time.perf_counter() - submitted.submitted) * 1000
+        batch = submitted.batch
         if raw.batch != len(batch.frames):
             raise RuntimeError(f"backend returned {raw.batch} results for {len(batch.frames)} frames")
-        infer_ms = (t2 - t1) * 1000
         # Backends that time their own stages say so; otherwise it all counts as vision.
         timings = dict(getattr(self._backend, "last_timings", None) or {})
         decoder_ms = float(timings.get("decoder", 0.0))
         vision_ms = float(timings.get("vision", max(infer_ms - decoder_ms, 0.0)))
-        return _Inferred(batch, raw, started, (t1 - t0) * 1000, vision_ms, decoder_ms)
+        return _Inferred(batch, raw, submitted.started, submitted.preprocess_ms, vision_ms, decoder_ms)
 
     async def _post_loop(self, pool: ThreadPoolExecutor, handoff: asyncio.Queue[_Inferred]) -> None:
         loop = asyncio.get_running_loop()

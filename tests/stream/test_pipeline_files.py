@@ -11,9 +11,10 @@ import numpy as np
 import numpy.typing as npt
 
 from sam3stream.runtime.fake import FakeBackend
+from sam3stream.runtime.types import RawOutputs, TextFeatures
 from sam3stream.stream.frames import FrameResult
 from sam3stream.stream.pipeline import Pipeline
-from tests.stream.helpers import MemorySink, camera_toml, make_config
+from tests.stream.helpers import MemorySink, camera_toml, make_config, stub_postprocess
 from tests.stream.videos import gray_level
 
 
@@ -70,3 +71,49 @@ async def test_full_size_images_reach_only_sinks_that_draw(
         await p.wait()
     assert drawing.shapes == [("a", (120, 160, 3))] * 5
     assert plain.seqs("a") == list(range(5))
+
+
+class SubmittingFake(FakeBackend):
+    """Like a GPU backend: ``submit`` queues a batch, ``result()`` waits for it."""
+
+    def __init__(self) -> None:
+        super().__init__(delay_s=0.005)
+        self.submitted: list[int] = []
+        self.waited: list[int] = []
+        self.events: list[tuple[str, int]] = []
+
+    def submit(self, frames: npt.NDArray[np.uint8], text: TextFeatures, min_score: float) -> _Pending:
+        n = len(self.submitted)
+        self.submitted.append(n)
+        self.events.append(("submit", n))
+
+        def finish() -> RawOutputs:
+            # The previous batch is always waited for first: results leave in order.
+            assert self.waited == list(range(n))
+            self.waited.append(n)
+            self.events.append(("wait", n))
+            return self.infer(frames, text, min_score)
+
+        return _Pending(finish)
+
+
+class _Pending:
+    def __init__(self, finish: Callable[[], RawOutputs]) -> None:
+        self.result = finish
+
+
+async def test_backends_that_submit_get_the_next_batch_before_the_last_is_waited_for(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    cams = "".join(camera_toml(f"cam{i}", video(f"c{i}.mp4", frames=15)) for i in range(4))
+    sink = MemorySink()
+    backend = SubmittingFake()
+    config = make_config(tmp_path, cams, max_batch=2)
+    async with Pipeline(config, backend=backend, sinks=[sink], postprocess=stub_postprocess) as p:
+        await p.wait()
+    for i in range(4):
+        assert sink.seqs(f"cam{i}") == list(range(15))
+    assert backend.waited == backend.submitted and len(backend.submitted) >= 30
+    # Under load the next batch was queued before the previous one was waited for.
+    ev = backend.events
+    assert any(ev.index(("submit", n + 1)) < ev.index(("wait", n)) for n in range(len(backend.submitted) - 1))
