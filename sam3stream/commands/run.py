@@ -54,7 +54,7 @@ async def serve(config: Config) -> int:
     from sam3stream.stream.pipeline import Pipeline
 
     loop = asyncio.get_running_loop()
-    pipeline = Pipeline(config)
+    pipeline = Pipeline(config, results_queue=0)  # results go to the configured sinks only
     task = asyncio.current_task()
     assert task is not None
     signals_seen = 0

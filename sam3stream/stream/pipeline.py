@@ -57,7 +57,8 @@ class Pipeline:
     ``backend``: use this one instead of opening ``config.engines`` (tests,
     embedding); the caller keeps ownership and closes it. ``sinks``: extra
     sinks next to the configured ones. ``results_queue``: how many results
-    :meth:`results` keeps for a slow reader before dropping the oldest.
+    :meth:`results` keeps for a slow reader before dropping the oldest (0: no
+    :meth:`results` at all, for programs that only use sinks).
     """
 
     def __init__(
@@ -77,7 +78,7 @@ class Pipeline:
         self._extra_sinks = list(sinks)
         self._postprocess = postprocess
         self._rng = rng or random.Random()
-        self._subscriber = Subscriber(results_queue)
+        self._subscriber = Subscriber(results_queue) if results_queue > 0 else None
         self._stop_requested = asyncio.Event()
         self._started = asyncio.Event()
         self._main: asyncio.Task[None] | None = None
@@ -152,6 +153,8 @@ class Pipeline:
         Reading is optional: unread results beyond ``results_queue`` are dropped, oldest first.
         """
         main = self._require_started()
+        if self._subscriber is None:
+            raise RuntimeError("this pipeline was made with results_queue=0: it keeps no results to read")
         queue = self._subscriber.queue
         while True:
             if not queue.empty():
@@ -171,7 +174,7 @@ class Pipeline:
 
     @property
     def results_dropped(self) -> int:
-        return self._subscriber.dropped
+        return self._subscriber.dropped if self._subscriber is not None else 0
 
     def camera_states(self) -> dict[str, str]:
         return {name: src.state for name, src in self.sources.items()}
