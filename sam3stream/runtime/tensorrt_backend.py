@@ -1,0 +1,786 @@
+"""The TensorRT backend, and building its plans from an ONNX engine directory.
+
+Written against the TensorRT 10 Python API (name-based I/O tensors, ``execute_async_v3``) and
+cuda-python's runtime bindings for memory, streams and events. TensorRT and cuda-python are
+imported when a backend is opened or a build starts, never at module import, so the rest of the
+package (and the pure logic in :mod:`sam3stream.runtime.trt_plan`) works without them.
+
+Run path, per ``infer`` call, all on the backend's own CUDA stream::
+
+    frames (host, pinned staging) --H2D--> vision --fpn0/1/2--> geometry --geo--> decoder
+                                                     \\___________ fpn0/1/2 _______/
+    decoder --D2H--> scores, boxes, presence, query_index; then only the kept masks
+
+Device buffers are allocated once, for the largest batch and class count of the plans'
+profiles; a smaller batch binds the same buffers with smaller shapes. A graph input that has
+the name of an earlier graph's output is bound to that output's buffer, so the FPN maps and the
+geometry features never leave the device.
+
+Masks: the decoder writes ``[B, C, K, M, M]`` densely. After the small outputs are copied back
+and the stream synchronised, the rows whose score reaches ``min_score`` are selected on the host
+and only those masks are copied, one ``cudaMemcpyAsync`` per run of consecutive masks (a
+threshold of 0 copies everything in one go; a typical threshold copies a few hundred kilobytes
+instead of the whole block, 265 MB at 1008 with batch 8, 4 classes and 50 queries).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from sam3stream.errors import (
+    BackendUnavailableError,
+    EngineDeadError,
+    EngineMismatchError,
+    InputError,
+    Sam3StreamError,
+)
+from sam3stream.runtime.manifest import (
+    GRAPH_NAMES,
+    MANIFEST_NAME,
+    EngineManifest,
+    read_manifest,
+    write_manifest,
+)
+from sam3stream.runtime.onnxruntime_backend import PAD_BOX_LABEL, check_frames
+from sam3stream.runtime.tokenize import PromptTokenizer
+from sam3stream.runtime.trt_plan import (
+    BATCH_AXIS,
+    CLASS_AXIS,
+    DEFAULT_MAX_CLASSES,
+    PRECISIONS,
+    BufferSpec,
+    BuildRecord,
+    ProfileShape,
+    buffer_plan,
+    build_manifest,
+    check_bindings,
+    check_build_record,
+    check_plan_profiles,
+    default_build_dir,
+    file_sha256,
+    graph_profiles,
+    mask_runs,
+    numpy_dtype,
+    output_shapes,
+    parse_cuda_device,
+    plan_axes,
+    read_build_record,
+    require_tensorrt_dir,
+    resolve_shape,
+    total_bytes,
+    write_build_record,
+)
+from sam3stream.runtime.types import RawOutputs, TextFeatures
+
+__all__ = ["CudaError", "TensorRTBackend", "TensorRTBuildError", "build_engine_dir"]
+
+log = structlog.get_logger(__name__)
+
+INSTALL_HINT = (
+    "install it on a machine with an NVIDIA GPU and driver: pip install tensorrt cuda-python "
+    "(TensorRT 10.14 or later in the 10.x series: the exported graphs use ONNX's Attention operator)"
+)
+BUILD_ORDER = ("vision", "geometry", "decoder", "text")
+_DECODER_TO_HOST = ("scores", "boxes", "presence", "query_index")
+
+
+class CudaError(RuntimeError):
+    """A CUDA runtime call failed while the backend was running (the worker treats it as fatal)."""
+
+
+class TensorRTBuildError(Sam3StreamError):
+    """TensorRT could not parse a graph or build a plan from it."""
+
+
+# --------------------------------------------------------------------------- imports
+
+
+def _load_tensorrt() -> Any:
+    try:
+        trt = importlib.import_module("tensorrt")
+    except (ImportError, OSError) as exc:
+        raise BackendUnavailableError(
+            f"the tensorrt backend needs TensorRT, which is not installed here ({exc}); {INSTALL_HINT}"
+        ) from exc
+    version = str(getattr(trt, "__version__", "0"))
+    if _major(version) < 10:
+        raise BackendUnavailableError(
+            f"TensorRT {version} is too old: the tensorrt backend uses the TensorRT 10 API; {INSTALL_HINT}"
+        )
+    return trt
+
+
+def _load_cudart() -> Any:
+    """cuda-python's runtime module: ``cuda.bindings.runtime`` (12.6+), else the older ``cuda.cudart``."""
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise BackendUnavailableError(
+        "the tensorrt backend needs cuda-python for device memory and streams: pip install cuda-python"
+    )
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+@functools.cache
+def _trt_logger(trt: Any) -> Any:
+    """One logger per process (TensorRT keeps the first one it is given)."""
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.split(b"\0", 1)[0].decode(errors="replace")
+    return str(value)
+
+
+def _dtype_name(trt_dtype: Any) -> str:
+    return str(getattr(trt_dtype, "name", trt_dtype))
+
+
+# --------------------------------------------------------------------------- CUDA runtime
+
+
+class _Cuda:
+    """The few cuda-python runtime calls the backend makes, with their error tuples checked."""
+
+    def __init__(self, rt: Any) -> None:
+        self.rt = rt
+        self._success = rt.cudaError_t.cudaSuccess
+        self._h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+
+    def describe(self, err: Any) -> str:
+        try:
+            name = _text(self.rt.cudaGetErrorName(err)[1])
+            text = _text(self.rt.cudaGetErrorString(err)[1])
+        except Exception:  # error formatting must never hide the error itself
+            return str(err)
+        return f"{name}: {text}"
+
+    def check(self, what: str, result: Any) -> Any:
+        """cuda-python returns ``(err, value...)``; raise on an error, return the value(s)."""
+        err, values = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+        if err != self._success:
+            raise CudaError(f"{what} failed: {self.describe(err)}")
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else values
+
+    def open_device(self, index: int) -> tuple[str, str]:
+        """Make ``index`` current on this thread; its name and compute capability."""
+        result = self.rt.cudaGetDeviceCount()
+        count = int(result[1]) if result[0] == self._success else 0
+        if count == 0:
+            why = self.describe(result[0]) if result[0] != self._success else "no device found"
+            raise BackendUnavailableError(
+                f"no CUDA device is usable here ({why}); "
+                "the tensorrt backend needs an NVIDIA GPU and its driver"
+            )
+        if index >= count:
+            raise BackendUnavailableError(
+                f"cuda:{index} was asked for but this machine has {count} CUDA device(s): "
+                f"cuda:0..cuda:{count - 1}"
+            )
+        self.set_device(index)
+        return self.properties(index)
+
+    def set_device(self, index: int) -> None:
+        self.check("cudaSetDevice", self.rt.cudaSetDevice(index))
+
+    def properties(self, index: int) -> tuple[str, str]:
+        try:
+            prop = self.check("cudaGetDeviceProperties", self.rt.cudaGetDeviceProperties(index))
+            return _text(prop.name), f"{prop.major}.{prop.minor}"
+        except Exception:  # only informative
+            return "", ""
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self.check(f"cudaMalloc({nbytes})", self.rt.cudaMalloc(nbytes)))
+
+    def free(self, ptr: int) -> None:
+        self.check("cudaFree", self.rt.cudaFree(ptr))
+
+    def malloc_host(self, nbytes: int) -> int:
+        return int(self.check(f"cudaMallocHost({nbytes})", self.rt.cudaMallocHost(nbytes)))
+
+    def free_host(self, ptr: int) -> None:
+        self.check("cudaFreeHost", self.rt.cudaFreeHost(ptr))
+
+    def stream(self) -> Any:
+        return self.check("cudaStreamCreate", self.rt.cudaStreamCreate())
+
+    def destroy_stream(self, stream: Any) -> None:
+        self.check("cudaStreamDestroy", self.rt.cudaStreamDestroy(stream))
+
+    def synchronize(self, stream: Any) -> None:
+        self.check("cudaStreamSynchronize", self.rt.cudaStreamSynchronize(stream))
+
+    def upload(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
+        if nbytes:
+            self.check(
+                "cudaMemcpyAsync (to the device)",
+                self.rt.cudaMemcpyAsync(dst, src, nbytes, self._h2d, stream),
+            )
+
+    def download(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
+        if nbytes:
+            self.check(
+                "cudaMemcpyAsync (to the host)", self.rt.cudaMemcpyAsync(dst, src, nbytes, self._d2h, stream)
+            )
+
+    def event(self) -> Any:
+        return self.check("cudaEventCreate", self.rt.cudaEventCreate())
+
+    def record(self, event: Any, stream: Any) -> None:
+        self.check("cudaEventRecord", self.rt.cudaEventRecord(event, stream))
+
+    def elapsed_ms(self, start: Any, end: Any) -> float:
+        elapsed = getattr(self.rt, "cudaEventElapsedTime", None) or self.rt.cudaEventElapsedTime_v2
+        return float(self.check("cudaEventElapsedTime", elapsed(start, end)))
+
+    def destroy_event(self, event: Any) -> None:
+        self.check("cudaEventDestroy", self.rt.cudaEventDestroy(event))
+
+
+def _pinned_array(ptr: int, shape: tuple[int, ...], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
+    """A numpy view of page-locked host memory (freed by the backend, not by numpy)."""
+    dt = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = (ctypes.c_byte * (count * dt.itemsize)).from_address(ptr)
+    array: npt.NDArray[Any] = np.frombuffer(memoryview(raw), dtype=dt, count=count)
+    return array.reshape(shape)
+
+
+def _ptr(array: npt.NDArray[Any]) -> int:
+    return int(array.ctypes.data)
+
+
+@dataclass(slots=True)
+class _Buffer:
+    spec: BufferSpec
+    ptr: int
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return np.dtype(self.spec.dtype)
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class TensorRTBackend:
+    """Implements :class:`sam3stream.runtime.types.Backend` with the plans of ``sam3stream build``.
+
+    Not thread-safe (like every backend): open it on the thread that will call it. ``close()``
+    frees every device allocation; ``last_timings`` holds the vision and decoder (geometry
+    included) GPU times of the last ``infer``, from CUDA events.
+    """
+
+    def __init__(self, engine_dir: Path, device: str = "cuda:0") -> None:
+        trt = _load_tensorrt()
+        cuda = _Cuda(_load_cudart())
+        index = parse_cuda_device(device)
+        self.engine_dir = Path(engine_dir)
+        manifest = read_manifest(self.engine_dir)
+        require_tensorrt_dir(manifest, self.engine_dir)
+        record = read_build_record(self.engine_dir)
+        check_build_record(manifest, record, self.engine_dir)
+        self._trt = trt
+        self._cuda = cuda
+        self._manifest = manifest
+        self._record = record
+        self._device_index = index
+        self.device = f"cuda:{index}"
+        self.max_classes = record.classes.max
+        self.last_timings: dict[str, float] = {}
+        self._tokenizer = PromptTokenizer(self.engine_dir / manifest.tokenizer)
+        self._runtime: Any = None
+        self._engines: dict[str, Any] = {}
+        self._contexts: dict[str, Any] = {}
+        self._buffers: dict[str, _Buffer] = {}
+        self._bound: dict[tuple[str, str], _Buffer] = {}
+        self._shapes: dict[str, tuple[int, int]] = {}
+        self._stream: Any = None
+        self._stream_handle = 0
+        self._events: list[Any] = []
+        self._pinned = 0
+        self._frames_host: npt.NDArray[np.uint8] = np.zeros((0, 0, 0, 3), np.uint8)
+        self._text_on_device: TextFeatures | None = None
+        self._text_host: tuple[npt.NDArray[Any], ...] = ()
+        self._closed = False
+        self.gpu_name, self.compute_capability = cuda.open_device(index)
+        try:
+            self._load_plans()
+            self._allocate()
+            self._check_output_shapes()
+        except BaseException:
+            self.close()
+            raise
+        log.info(
+            "tensorrt backend ready",
+            engines=str(self.engine_dir),
+            device=self.device,
+            gpu=self.gpu_name,
+            precision=manifest.precision,
+            max_batch=record.batch.max,
+            max_classes=record.classes.max,
+            buffers_mib=round(total_bytes([b.spec for b in self._buffers.values()]) / 2**20, 1),
+        )
+
+    # ------------------------------------------------------------------ loading
+
+    def _load_plans(self) -> None:
+        trt = self._trt
+        self._runtime = trt.Runtime(_trt_logger(trt))
+        if self._runtime is None:
+            raise BackendUnavailableError(
+                "TensorRT could not create a runtime on this GPU (see its messages above)"
+            )
+        for name in GRAPH_NAMES:
+            graph = self._manifest.graphs[name]
+            path = self.engine_dir / graph.file
+            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                built_on = f" on {self._record.device}" if self._record.device else ""
+                raise EngineMismatchError(
+                    f"TensorRT {trt.__version__} cannot load {path}: it was built by TensorRT "
+                    f"{self._record.tensorrt_version}{built_on} (compute capability "
+                    f"{self._record.compute_capability or '?'}; this GPU is {self.gpu_name or '?'}, "
+                    f"{self.compute_capability or '?'}). Plans load only into the TensorRT version and GPU "
+                    f"architecture that built them: rebuild with `sam3stream build {self._record.source} "
+                    f"--out {self.engine_dir}` here"
+                )
+            self._engines[name] = engine
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            inputs = {n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
+            check_bindings(
+                name,
+                graph,
+                [(n, n in inputs, numpy_dtype(_dtype_name(engine.get_tensor_dtype(n))).name) for n in names],
+                path,
+            )
+            actual = {}
+            for n in sorted(inputs):
+                low, opt, high = engine.get_tensor_profile_shape(n, 0)
+                actual[n] = ProfileShape(min=_dims(low), opt=_dims(opt), max=_dims(high))
+            check_plan_profiles(name, self._record.profiles[name], actual, path)
+            context = engine.create_execution_context()
+            if context is None:
+                raise BackendUnavailableError(
+                    f"TensorRT could not create an execution context for {path} (out of GPU memory?)"
+                )
+            self._contexts[name] = context
+
+    def _allocate(self) -> None:
+        cuda = self._cuda
+        axes = {BATCH_AXIS: self._record.batch, CLASS_AXIS: self._record.classes}
+        self._stream = cuda.stream()
+        self._stream_handle = int(self._stream)
+        self._events = [cuda.event() for _ in range(3)]
+        for spec in buffer_plan(self._manifest, axes):
+            buffer = _Buffer(spec, cuda.malloc(max(spec.nbytes, 1)))
+            self._buffers[spec.key] = buffer
+            for graph, tensor in spec.bindings:
+                if not self._contexts[graph].set_tensor_address(tensor, buffer.ptr):
+                    raise EngineMismatchError(f"the {graph} plan refused a device address for {tensor}")
+                self._bound[(graph, tensor)] = buffer
+        r, batch = self._manifest.resolution, self._record.batch.max
+        self._pinned = cuda.malloc_host(batch * r * r * 3)
+        self._frames_host = _pinned_array(self._pinned, (batch, r, r, 3), np.uint8)
+        # The geometry encoder's one padding box: the same for every frame, uploaded once.
+        boxes = self._bound[("geometry", "boxes")]
+        labels = self._bound[("geometry", "box_labels")]
+        box_host = np.zeros(boxes.spec.max_shape, boxes.dtype)
+        label_host = np.full(labels.spec.max_shape, PAD_BOX_LABEL, labels.dtype)
+        cuda.upload(boxes.ptr, _ptr(box_host), box_host.nbytes, self._stream)
+        cuda.upload(labels.ptr, _ptr(label_host), label_host.nbytes, self._stream)
+        cuda.synchronize(self._stream)
+
+    def _check_output_shapes(self) -> None:
+        """At the largest shapes, each plan's outputs must fit the buffers planned for them."""
+        batch, classes = self._record.batch.max, self._record.classes.max
+        for graph in GRAPH_NAMES:
+            self._set_shapes(graph, batch, classes)
+            want = output_shapes(self._manifest, graph, batch, classes)
+            for name, shape in want.items():
+                got = tuple(_dims(self._contexts[graph].get_tensor_shape(name)))
+                if got != shape:
+                    raise EngineMismatchError(
+                        f"{self.engine_dir}: the {graph} plan gives {name} {list(got)} for batch {batch} and "
+                        f"{classes} classes, the manifest {list(shape)}; build the directory again"
+                    )
+
+    # ------------------------------------------------------------------ running
+
+    @property
+    def manifest(self) -> EngineManifest:
+        return self._manifest
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise EngineDeadError("the tensorrt backend is closed")
+
+    def _check_classes(self, classes: int) -> None:
+        if not 1 <= classes <= self.max_classes:
+            raise EngineMismatchError(
+                f"{classes} prompts, but the TensorRT plans in {self.engine_dir} take 1..{self.max_classes} "
+                f"classes; rebuild with `sam3stream build {self._record.source} --max-classes {classes}`"
+            )
+
+    def _set_shapes(self, graph: str, batch: int, classes: int) -> None:
+        if self._shapes.get(graph) == (batch, classes):
+            return
+        sizes = {BATCH_AXIS: batch, CLASS_AXIS: classes}
+        context = self._contexts[graph]
+        for spec in self._manifest.graphs[graph].inputs:
+            shape = resolve_shape(spec.shape, sizes, f"{graph} input {spec.name}")
+            if not context.set_input_shape(spec.name, shape):
+                raise EngineMismatchError(
+                    f"the {graph} plan refuses {spec.name} of shape {list(shape)}: outside the profile "
+                    f"{self._record.profiles[graph][spec.name].describe()}"
+                )
+        self._shapes[graph] = (batch, classes)
+
+    def _run(self, graph: str) -> None:
+        if not self._contexts[graph].execute_async_v3(self._stream_handle):
+            raise EngineDeadError(f"TensorRT failed to run the {graph} plan (see its messages above)")
+
+    def _upload(self, graph: str, tensor: str, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        buffer = self._bound[(graph, tensor)]
+        host = np.ascontiguousarray(array, dtype=buffer.dtype)
+        if host.nbytes > buffer.spec.nbytes:
+            raise InputError(
+                f"{graph} input {tensor} {list(host.shape)} does not fit {list(buffer.spec.max_shape)}"
+            )
+        self._cuda.upload(buffer.ptr, _ptr(host), host.nbytes, self._stream)
+        return host  # the caller keeps it alive until the stream is synchronised
+
+    def _download(self, graph: str, tensor: str, shape: tuple[int, ...]) -> npt.NDArray[Any]:
+        buffer = self._bound[(graph, tensor)]
+        host = np.empty(shape, buffer.dtype)
+        self._cuda.download(_ptr(host), buffer.ptr, host.nbytes, self._stream)
+        return host
+
+    def encode_text(self, prompts: list[str]) -> TextFeatures:
+        self._require_open()
+        ids, mask = self._tokenizer.encode(prompts)
+        classes = len(prompts)
+        self._check_classes(classes)
+        self._cuda.set_device(self._device_index)
+        self._set_shapes("text", 1, classes)
+        keep = [self._upload("text", "input_ids", ids), self._upload("text", "attention_mask", mask)]
+        self._run("text")
+        (shape,) = output_shapes(self._manifest, "text", 1, classes).values()
+        features = self._download("text", "text_features", shape)
+        self._cuda.synchronize(self._stream)
+        del keep
+        return TextFeatures(
+            prompts=tuple(prompts), features=features.astype(np.float32), mask=mask.astype(bool)
+        )
+
+    def _upload_text(self, text: TextFeatures) -> None:
+        if text is self._text_on_device:
+            return
+        classes = text.num_classes
+        context = self._manifest.model.text_context
+        if text.features.shape[:2] != (classes, context) or text.mask.shape != (classes, context):
+            raise InputError(
+                f"text features {list(text.features.shape)} / mask {list(text.mask.shape)} do not fit "
+                f"{classes} prompts of {context} tokens"
+            )
+        self._text_host = (
+            self._upload("decoder", "text_features", text.features),
+            self._upload("decoder", "text_mask", text.mask),
+        )
+        self._text_on_device = text
+
+    def infer(self, frames: npt.NDArray[np.uint8], text: TextFeatures, min_score: float) -> RawOutputs:
+        self._require_open()
+        check_frames(frames, self._manifest)
+        batch, classes = int(frames.shape[0]), text.num_classes
+        self._check_classes(classes)
+        cuda, stream = self._cuda, self._stream
+        cuda.set_device(self._device_index)
+        start, after_vision, after_decoder = self._events
+
+        np.copyto(self._frames_host[:batch], frames)
+        frames_buf = self._bound[("vision", "frames")]
+        cuda.upload(frames_buf.ptr, self._pinned, batch * frames[0].nbytes, stream)
+        self._upload_text(text)
+        self._set_shapes("vision", batch, classes)
+        self._set_shapes("geometry", batch, classes)
+        self._set_shapes("decoder", batch, classes)
+
+        cuda.record(start, stream)
+        self._run("vision")
+        cuda.record(after_vision, stream)
+        self._run("geometry")
+        self._run("decoder")
+        cuda.record(after_decoder, stream)
+
+        shapes = output_shapes(self._manifest, "decoder", batch, classes)
+        host = {name: self._download("decoder", name, shapes[name]) for name in _DECODER_TO_HOST}
+        cuda.synchronize(stream)
+
+        scores = host["scores"].astype(np.float32, copy=False)
+        index = np.argwhere(scores >= min_score).astype(np.int64)
+        masks_buf = self._bound[("decoder", "masks")]
+        size = shapes["masks"][-1]
+        masks = np.empty((len(index), size, size), masks_buf.dtype)
+        per_mask = size * size * masks_buf.dtype.itemsize
+        for first, row, count in mask_runs(index, classes, self._manifest.queries):
+            cuda.download(
+                _ptr(masks) + row * per_mask, masks_buf.ptr + first * per_mask, count * per_mask, stream
+            )
+        cuda.synchronize(stream)
+
+        self.last_timings = {
+            "vision": cuda.elapsed_ms(start, after_vision),
+            "decoder": cuda.elapsed_ms(after_vision, after_decoder),
+        }
+        return RawOutputs(
+            scores=scores,
+            boxes=host["boxes"].astype(np.float32, copy=False),
+            presence=host["presence"].astype(np.float32, copy=False),
+            query_index=host["query_index"].astype(np.int64, copy=False),
+            masks=masks.astype(np.float32, copy=False),
+            mask_index=index,
+        )
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        """Free the device buffers, pinned memory, events, stream and TensorRT objects. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        cuda = self._cuda
+        steps: list[tuple[str, Callable[[], None]]] = []
+        if self._stream is not None:
+            stream = self._stream
+            steps.append(("synchronize", lambda: cuda.synchronize(stream)))
+        # TensorRT objects go first (contexts before engines before the runtime), memory after.
+        steps.append(("contexts", self._contexts.clear))
+        steps.append(("engines", self._engines.clear))
+        steps.append(("runtime", self._drop_runtime))
+        for key, buffer in list(self._buffers.items()):
+            steps.append((f"free {key}", functools.partial(cuda.free, buffer.ptr)))
+        if self._pinned:
+            steps.append(("free pinned frames", functools.partial(cuda.free_host, self._pinned)))
+        for event in self._events:
+            steps.append(("destroy event", functools.partial(cuda.destroy_event, event)))
+        if self._stream is not None:
+            steps.append(("destroy stream", functools.partial(cuda.destroy_stream, self._stream)))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:  # free what can be freed; report the rest
+                log.warning("tensorrt close step failed", step=what, error=str(exc))
+        self._buffers.clear()
+        self._bound.clear()
+        self._events = []
+        self._stream = None
+        self._pinned = 0
+        self._frames_host = np.zeros((0, 0, 0, 3), np.uint8)
+        self._text_on_device = None
+
+    def _drop_runtime(self) -> None:
+        self._runtime = None
+
+    def __enter__(self) -> TensorRTBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _dims(dims: Any) -> list[int]:
+    return [int(d) for d in dims]
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_engine_dir(
+    source: Path,
+    out: Path | None = None,
+    *,
+    precision: str = "fp16",
+    workspace_gb: float | None = None,
+    max_classes: int = DEFAULT_MAX_CLASSES,
+    opt_classes: int | None = None,
+    opt_batch: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Build one TensorRT plan per graph of the ONNX engine directory ``source`` into ``out``.
+
+    ``out`` (default ``<source>_trt_<precision>``) gets the four ``.plan`` files, the tokenizer,
+    a manifest with ``engine_kind = "tensorrt"`` and ``tensorrt.json`` with the profiles. It is
+    written as ``<out>.partial`` and renamed at the end, so a failed build leaves nothing half made.
+    """
+    source = Path(source)
+    manifest = read_manifest(source)
+    if manifest.engine_kind != "onnx":
+        raise EngineMismatchError(
+            f"{source} holds {manifest.engine_kind} engines; build from an ONNX engine directory "
+            "(one that `sam3stream export` made)"
+        )
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if workspace_gb is not None and workspace_gb <= 0:
+        raise InputError(f"--workspace-gb must be positive, got {workspace_gb}")
+    try:
+        axes = plan_axes(manifest, max_classes=max_classes, opt_classes=opt_classes, opt_batch=opt_batch)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    profiles = graph_profiles(manifest, axes)
+    out = Path(out) if out is not None else default_build_dir(source, precision)
+    if out.resolve() == source.resolve():
+        raise InputError(f"--out must be another directory than the ONNX one ({source})")
+    if out.exists() and not (out / MANIFEST_NAME).is_file():
+        raise InputError(f"{out} exists and is not an engine directory; choose another --out")
+
+    trt = _load_tensorrt()
+    if precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16"):
+        raise BackendUnavailableError(
+            f"TensorRT {trt.__version__} has no FP16 builder flag (TensorRT 11 removed weakly typed builds): "
+            "build with --fp32, or install TensorRT 10.x for --fp16"
+        )
+    device, capability = "", ""
+    try:
+        cuda = _Cuda(_load_cudart())
+    except BackendUnavailableError:
+        cuda = None  # the builder needs no cuda-python; the record then names no GPU
+    if cuda is not None:
+        device, capability = cuda.open_device(0)
+    logger = _trt_logger(trt)
+    try:
+        builder = trt.Builder(logger)
+    except Exception as exc:  # TensorRT raises plain exceptions when CUDA cannot start
+        raise BackendUnavailableError(
+            f"TensorRT could not start a builder (no usable NVIDIA GPU?): {exc}"
+        ) from exc
+    if builder is None:
+        raise BackendUnavailableError("TensorRT could not start a builder (no usable NVIDIA GPU?)")
+    workspace = int(workspace_gb * (1 << 30)) if workspace_gb is not None else 0
+
+    def say(message: str) -> None:
+        log.info("tensorrt build", message=message)
+        if progress is not None:
+            progress(message)
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    shas: dict[str, str] = {}
+    try:
+        for step, name in enumerate(BUILD_ORDER, 1):
+            graph = manifest.graphs[name]
+            shapes = ", ".join(f"{n} {p.min}..{p.max}" for n, p in profiles[name].items())
+            say(
+                f"[{step}/{len(BUILD_ORDER)}] {name}: building a {precision} plan from {graph.file}: {shapes}"
+            )
+            t0 = time.perf_counter()
+            plan = _build_plan(
+                trt, builder, logger, source / graph.file, profiles[name], precision, workspace
+            )
+            path = tmp / f"{name}.plan"
+            with path.open("wb") as f:
+                f.write(plan)
+            seconds[name] = round(time.perf_counter() - t0, 2)
+            shas[name] = file_sha256(path)
+            say(
+                f"[{step}/{len(BUILD_ORDER)}] {name}: {path.name} ({path.stat().st_size / 2**20:.1f} MiB) "
+                f"built in {seconds[name]:.1f} s, {time.perf_counter() - started:.1f} s so far"
+            )
+        shutil.copytree(source / manifest.tokenizer, tmp / manifest.tokenizer)
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        record = BuildRecord(
+            tensorrt_version=str(trt.__version__),
+            precision=precision,
+            batch=axes[BATCH_AXIS],
+            classes=axes[CLASS_AXIS],
+            profiles=profiles,
+            source=str(source),
+            source_created=manifest.created,
+            built=now,
+            workspace_bytes=workspace,
+            device=device,
+            compute_capability=capability,
+            build_seconds=seconds,
+        )
+        write_build_record(tmp, record)
+        write_manifest(tmp, build_manifest(manifest, record, shas, created=now))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"wrote {out} in {time.perf_counter() - started:.1f} s")
+    return out
+
+
+def _build_plan(
+    trt: Any,
+    builder: Any,
+    logger: Any,
+    onnx_path: Path,
+    profile: Mapping[str, ProfileShape],
+    precision: str,
+    workspace: int,
+) -> Any:
+    """Parse one ONNX graph and build its serialized plan (an ``IHostMemory``)."""
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        hint = ""
+        if any("Attention" in e for e in errors):
+            hint = "; ONNX's Attention operator (opset 23) needs TensorRT 10.14 or later"
+        raise TensorRTBuildError(
+            f"TensorRT {trt.__version__} cannot parse {onnx_path}: {'; '.join(errors) or 'no details'}{hint}"
+        )
+    names = {network.get_input(i).name for i in range(network.num_inputs)}
+    if names != set(profile):
+        raise EngineMismatchError(
+            f"{onnx_path} has inputs {sorted(names)} but its manifest lists {sorted(profile)}; "
+            "export it again"
+        )
+    config = builder.create_builder_config()
+    if workspace:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    opt_profile = builder.create_optimization_profile()
+    for name, shape in profile.items():
+        opt_profile.set_shape(name, tuple(shape.min), tuple(shape.opt), tuple(shape.max))
+    if config.add_optimization_profile(opt_profile) < 0:
+        raise TensorRTBuildError(
+            f"TensorRT refused the optimization profile for {onnx_path}: {dict(profile)}"
+        )
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise TensorRTBuildError(f"TensorRT could not build a plan from {onnx_path} (see its messages above)")
+    return plan
