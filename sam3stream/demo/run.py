@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +22,9 @@ import structlog
 
 from sam3stream.config import Config
 from sam3stream.stream.frames import FrameResult
+
+if TYPE_CHECKING:
+    from sam3stream.stream.pipeline import Pipeline
 
 __all__ = ["LabelCounter", "RunOutcome", "run_pipeline"]
 
@@ -55,12 +58,38 @@ class LabelCounter:
 class RunOutcome:
     snapshot: dict[str, Any]  # Metrics.snapshot() after the pipeline stopped
     run_s: float  # from the engine being ready to the end of the drain
+    stop_reason: str  # "time", "interrupt" or "clips ended"
+    drain_s: float | None  # from the stop request to the end (None: the clips ended first)
     drained: bool | None  # whether every frame accepted got its result (False: the drain hit its bound)
     in_flight: int  # frames accepted but never processed (a drain that hit its bound)
     camera_errors: dict[str, str]
     labels: dict[str, Counter[str]] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
-    interrupted: bool = False
+
+
+class _Stopper:
+    """Requests the pipeline's stop once, remembering why and when; a second Ctrl-C aborts."""
+
+    def __init__(self, pipeline: Pipeline, task: asyncio.Task[Any] | None) -> None:
+        self.pipeline = pipeline
+        self.task = task
+        self.reason = "clips ended"
+        self.at: float | None = None
+        self.interrupts = 0
+
+    def stop(self, reason: str) -> None:
+        if self.at is None:
+            self.reason, self.at = reason, time.perf_counter()
+            log.info("demo_stopping", reason=reason)
+            self.pipeline.request_stop()
+
+    def interrupt(self) -> None:
+        self.interrupts += 1
+        if self.interrupts == 1:
+            self.stop("interrupt")
+        elif self.task is not None:
+            log.warning("demo_aborting", reason="second interrupt")
+            self.task.cancel()
 
 
 @contextlib.contextmanager
@@ -78,38 +107,28 @@ def _on_sigint(handler: Callable[[], None]) -> Iterator[None]:
 
 
 async def run_pipeline(config: Config, seconds: float) -> RunOutcome:
+    """Run until ``seconds`` have passed since the engine was ready, every clip ended, or Ctrl-C."""
     from sam3stream.stream.pipeline import Pipeline
 
     counter = LabelCounter()
-    task = asyncio.current_task()
-    interrupts = 0
-    async with Pipeline(config, sinks=[counter]) as p:
+    async with Pipeline(config, sinks=[counter], results_queue=0) as p:
         start = time.perf_counter()
-
-        def interrupt() -> None:
-            nonlocal interrupts
-            interrupts += 1
-            if interrupts == 1:
-                log.info("demo_interrupted", action="draining")
-                p.request_stop()
-            elif task is not None:
-                log.warning("demo_interrupted", action="aborting")
-                task.cancel()
-
-        timer = asyncio.get_running_loop().call_later(seconds, p.request_stop)
+        stopper = _Stopper(p, asyncio.current_task())
+        timer = asyncio.get_running_loop().call_later(seconds, stopper.stop, "time")
         try:
-            with _on_sigint(interrupt):
+            with _on_sigint(stopper.interrupt):
                 await p.wait()
         finally:
             timer.cancel()
-        run_s = time.perf_counter() - start
+        end = time.perf_counter()
     return RunOutcome(
         snapshot=p.metrics.snapshot(),
-        run_s=run_s,
+        run_s=end - start,
+        stop_reason=stopper.reason,
+        drain_s=None if stopper.at is None else end - stopper.at,
         drained=p.drained,
         in_flight=p.in_flight.count,
         camera_errors=p.camera_errors(),
         labels=counter.labels,
         latencies_ms=counter.latencies_ms,
-        interrupted=interrupts > 0,
     )

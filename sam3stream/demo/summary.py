@@ -108,8 +108,12 @@ def _batches(snapshot: Mapping[str, Any]) -> str:
 
 
 def _status(ctx: SummaryContext, outcome: RunOutcome) -> list[str]:
-    why = "interrupted" if outcome.interrupted else f"stopped after {ctx.seconds:g} s or at the clips' end"
-    lines = [f"ran {outcome.run_s:.1f} s ({why}, then drained); {_batches(outcome.snapshot)}"]
+    if outcome.drain_s is None:
+        why = "until every clip ended"
+    else:
+        asked = "Ctrl-C" if outcome.stop_reason == "interrupt" else f"{ctx.seconds:g} s"
+        why = f"{asked}, then {outcome.drain_s:.1f} s finishing the frames already queued"
+    lines = [f"ran {outcome.run_s:.1f} s ({why}); {_batches(outcome.snapshot)}"]
     if outcome.drained is False:
         lines.append(
             f"the drain hit its {ctx.config.lifecycle.drain_timeout_s:g} s bound: "

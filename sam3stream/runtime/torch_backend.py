@@ -195,6 +195,7 @@ class TorchBackend:
         self._outputs: dict[str, torch.Tensor] = {}
         self._inflight: Pending | None = None
         self._pool = torch.cuda.graph_pool_handle() if on_cuda and opts.cuda_graphs else None
+        self._capture_stream: Any = None
         self.last_timings: dict[str, float] = {}
         log.info(
             "torch backend ready",
@@ -271,7 +272,11 @@ class TorchBackend:
         import torch
 
         stream = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
+        # One capture stream for every graph: the caching allocator keeps blocks per stream, so a
+        # fresh stream per capture would strand each warm-up's activations in its own cache.
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(self.device)
+        side = self._capture_stream
         side.wait_stream(stream)
         with torch.cuda.stream(side):
             for _ in range(3):  # warm up: compile, autotune, allocator settles
