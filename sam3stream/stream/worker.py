@@ -4,7 +4,7 @@ Two stages, each on its own single thread, linked by a one-slot handoff so that
 postprocessing batch N overlaps inference of batch N+1 while results still
 leave in batch order:
 
-    batches -> [infer thread] stack, backend.infer -> handoff -> [post thread] detections -> publish
+    batches -> [infer thread] stack, backend.submit|infer -> handoff -> [post thread] detections -> publish
 
 A backend with ``submit(frames, text, min_score) -> pending`` (``pending.result()``
 waits) gets batch n+1 queued before batch n is waited for, so the device is
