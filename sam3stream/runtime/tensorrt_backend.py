@@ -355,6 +355,12 @@ class TensorRTBackend:
             raise BackendUnavailableError(
                 "TensorRT could not create a runtime on this GPU (see its messages above)"
             )
+        if str(trt.__version__) != self._record.tensorrt_version:
+            log.warning(
+                "plans built by another TensorRT version; loading them may fail",
+                built_by=self._record.tensorrt_version,
+                installed=str(trt.__version__),
+            )
         for name in GRAPH_NAMES:
             graph = self._manifest.graphs[name]
             path = self.engine_dir / graph.file
