@@ -30,8 +30,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--engines", type=Path, help="engine directory (default engines/b8_q50_r{resolution})")
     p.add_argument("--mqtt", metavar="HOST[:PORT]", help="also publish to this MQTT broker")
-    p.add_argument("--conf", type=float, help="one score threshold for every class (default: measured)")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--conf",
+        type=float,
+        help="one score threshold for every class (default: measured on a random model, else 0.3)",
+    )
+    p.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="stderr logs"
+    )
     p.set_defaults(func=run)
 
 

@@ -120,6 +120,12 @@ def _status(ctx: SummaryContext, outcome: RunOutcome) -> list[str]:
             f"{outcome.in_flight} accepted frames got no result"
         )
     lines += [f"camera {name} failed: {error}" for name, error in outcome.camera_errors.items()]
+    sinks: Mapping[str, Any] = outcome.snapshot["sinks"]
+    lines += [
+        f"sink {name}: {s['dropped']} results dropped, {s['errors']} errors (see the log)"
+        for name, s in sinks.items()
+        if s["dropped"] or s["errors"]
+    ]
     return lines
 
 
