@@ -7,6 +7,7 @@ import itertools
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import av
@@ -18,7 +19,10 @@ from sam3stream.commands.demo import parse_host_port
 from sam3stream.config import JsonlSinkConfig, MqttSinkConfig, VideoSinkConfig
 from sam3stream.demo.clips import ClipSpec, Shape, ensure_clips, render_frames, write_clip
 from sam3stream.demo.config import PROMPTS, DemoLayout, assign_clips, demo_config_text, write_demo_config
+from sam3stream.demo.run import RunOutcome
+from sam3stream.demo.summary import SummaryContext, format_summary
 from sam3stream.errors import InputError
+from sam3stream.runtime.manifest import EngineManifest, ModelSpec
 from sam3stream.stream.frames import FrameResult
 
 SMALL = ClipSpec("small", "coffee", seed=7, width=160, height=96, fps=10, seconds=1.2)
@@ -216,3 +220,75 @@ def test_demo_end_to_end(demo_engines: Path, tmp_path: Path) -> None:
     assert "total" in rows and "RANDOM weights" in done.stdout
     assert str(out / "jsonl") in done.stdout and str(demo_engines) in done.stdout
     assert sorted(p.name for p in (out / "clips").iterdir()) == ["astronaut.mp4", "coffee.mp4"]
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def test_summary_lists_every_camera_even_without_results(tmp_path: Path) -> None:
+    layout = DemoLayout(tmp_path)
+    text = demo_config_text(
+        cameras=assign_clips([tmp_path / "a.mp4", tmp_path / "b.mp4"], 2),
+        engine_dir=tmp_path / "engines",
+        layout=layout,
+        max_batch=4,
+        mask_size=(160, 90),
+        conf=0.3,
+        thresholds={},
+    )
+    config = write_demo_config(layout.config, text)
+    manifest = EngineManifest(
+        resolution=448,
+        batch=8,
+        queries=50,
+        precision="float32",
+        model=ModelSpec(
+            source="/ckpt", checkpoint_sha256="0", hidden_size=256, text_context=32, num_queries=200
+        ),
+        graphs={},
+        tokenizer="tokenizer",
+        versions={},
+        created="",
+    )
+    cam = {
+        "frames_decoded": 5,
+        "frames_processed": 4,
+        "frames_dropped": 1,
+        "detections": 6,
+        "latency_ms_p50": 120.4,
+        "latency_ms_p95": 250.0,
+    }
+    outcome = RunOutcome(
+        snapshot={
+            "cameras": {"cam1-a": cam},
+            "batches": {"4": {"count": 1, "stage_ms": {"vision": 10.0, "decoder": 20.0}}},
+            "sinks": {"mqtt-2": {"errors": 0, "dropped": 3}},
+        },
+        run_s=2.0,
+        stop_reason="time",
+        drain_s=0.5,
+        drained=False,
+        in_flight=2,
+        camera_errors={"cam2-b": "no video stream"},
+        labels={"cam1-a": Counter({"cup": 4, "cat": 2})},
+        latencies_ms=[100.0, 120.0, 130.0, 250.0],
+    )
+    context = SummaryContext(
+        config=config,
+        manifest=manifest,
+        engine_dir=tmp_path / "engines",
+        layout=layout,
+        seconds=1.5,
+        random_model=False,
+        thresholds={},
+    )
+    lines = format_summary(context, outcome).splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith(("cam", "total"))}
+    assert rows["cam1-a"][1:8] == ["5", "4", "1", "2.00", "120", "250", "6"]
+    assert " ".join(rows["cam1-a"][8:]) == "cup 4, cat 2"
+    assert rows["cam2-b"][1:9] == ["0", "0", "0", "0.00", "-", "-", "0", "-"]
+    assert rows["total"][1:8] == ["5", "4", "1", "2.00", "125", "232", "6"]
+    text = "\n".join(lines)
+    assert "1.5 s, then 0.5 s" in text and "2 accepted frames got no result" in text
+    assert "camera cam2-b failed: no video stream" in text and "sink mqtt-2: 3 results dropped" in text
+    assert "RANDOM" not in text and str(layout.jsonl) in text
