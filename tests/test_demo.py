@@ -141,11 +141,13 @@ def test_demo_config_has_no_mqtt_unless_asked(tmp_path: Path) -> None:
         layout=layout,
         max_batch=4,
         mask_size=(160, 90),
+        draw_masks=False,
         conf=0.3,
         thresholds={},
     )
     config = write_demo_config(layout.config, text)
     assert sorted(type(s).__name__ for s in config.sinks) == ["JsonlSinkConfig", "VideoSinkConfig"]
+    assert [s.draw_masks for s in config.sinks if isinstance(s, VideoSinkConfig)] == [False]
     assert config.prompts.thresholds == {} and config.prompts.conf == 0.3
 
 

@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         layout=layout,
         max_batch=min(CPU_MAX_BATCH, manifest.batch),
         mask_size=(DEFAULT_CLIPS[0].width // 4, DEFAULT_CLIPS[0].height // 4),
+        draw_masks=not random_model,
         conf=conf,
         thresholds=thresholds,
         mqtt=mqtt,

@@ -11,7 +11,8 @@ take 8: on a CPU a frame costs about the same in a batch of 4 as in one of 8,
 while the frames in flight (latency, and the drain) double with 8.
 
 Masks are published at a quarter of the clips' size: a random model's masks are
-noise, whose run-length encoding at full size takes ~300 KB per frame.
+noise, whose run-length encoding at full size takes ~300 KB per frame. For the
+same reason its videos show boxes only: drawn, its masks cover the whole frame.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def demo_config_text(
     layout: DemoLayout,
     max_batch: int,
     mask_size: tuple[int, int],
+    draw_masks: bool = True,
     conf: float,
     thresholds: Mapping[str, float],
     mqtt: tuple[str, int] | None = None,
@@ -115,6 +117,7 @@ def demo_config_text(
         lines += ["", "[[cameras]]", f"name = {_s(name)}", f"url = {_s(clip.resolve())}"]
     lines += ["", "[[sinks]]", 'type = "jsonl"', f"path = {_s(layout.jsonl.resolve())}"]
     lines += ["", "[[sinks]]", 'type = "video"', f"dir = {_s(layout.video.resolve())}"]
+    lines += [f"draw_masks = {str(draw_masks).lower()}"]
     if mqtt is not None:
         host, port = mqtt
         lines += ["", "[[sinks]]", 'type = "mqtt"', f"host = {_s(host)}", f"port = {port}"]

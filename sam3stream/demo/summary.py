@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sam3stream.config import Config, MqttSinkConfig
+from sam3stream.config import Config, MqttSinkConfig, VideoSinkConfig
 from sam3stream.demo.config import DemoLayout
 from sam3stream.demo.run import RunOutcome
 from sam3stream.metrics import percentile
@@ -135,17 +135,19 @@ def _model_note(ctx: SummaryContext) -> list[str]:
     measured = ", ".join(f"{k} {v:.5f}" for k, v in ctx.thresholds.items())
     return [
         f"model: {ctx.manifest.model.source}: RANDOM weights, so the detections mean nothing;",
-        "  they exercise the plumbing (masks, boxes, JSONL, video). Every score sits near 0.25, so the",
+        "  they exercise the plumbing (boxes and masks in the JSONL, boxes in the videos: drawn,",
+        "  a random model's masks cover the whole frame). Every score sits near 0.25, so the",
         f"  per-class thresholds were measured to let a few queries through: {measured or 'none'}",
     ]
 
 
 def _outputs(ctx: SummaryContext) -> list[str]:
     layout = ctx.layout
+    masks = all(s.draw_masks for s in ctx.config.sinks if isinstance(s, VideoSinkConfig))
     lines = [
         "outputs:",
         f"  jsonl    {layout.jsonl}/<camera>.jsonl (one line per processed frame)",
-        f"  video    {layout.video}/<camera>.mp4 (annotated)",
+        f"  video    {layout.video}/<camera>.mp4 (annotated{'' if masks else ', boxes only'})",
         f"  engines  {ctx.engine_dir}",
         f"  clips    {layout.clips}",
         f"  config   {layout.config} (replay: sam3stream run {layout.config})",
