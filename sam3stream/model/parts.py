@@ -190,10 +190,14 @@ class Decoder(nn.Module):
         enc = self.detr_encoder(
             vision_features=[fpn2_rows], text_features=prompt, vision_pos_embeds=[pos2], text_mask=prompt_mask
         )
+        # The query path (DETR decoder, box head, scoring) may run wider than the rest (the torch
+        # backend keeps it in float32): bf16 cannot place a box coordinate near 1 closer than 2^-8,
+        # i.e. 4 px at 1008. It is cheap: 200 queries against the image tokens.
+        wide = self.detr_decoder.query_embed.weight.dtype
         dec = self.detr_decoder(
-            vision_features=enc.last_hidden_state,
-            text_features=enc.text_features,
-            vision_pos_encoding=enc.pos_embeds_flattened,
+            vision_features=enc.last_hidden_state.to(wide),
+            text_features=enc.text_features.to(wide),
+            vision_pos_encoding=enc.pos_embeds_flattened.to(wide),
             text_mask=prompt_mask,
             # A host tensor: the decoder reads these sizes as Python numbers, which from a device
             # tensor would be a device sync (and so impossible inside a CUDA graph capture).
@@ -204,14 +208,14 @@ class Decoder(nn.Module):
         offsets = self.detr_decoder.box_head(hidden)
         boxes = box_cxcywh_to_xyxy((inverse_sigmoid(dec.reference_boxes[-1]) + offsets).sigmoid())
         logits = self.scoring(
-            decoder_hidden_states=hidden.unsqueeze(0), text_features=enc.text_features, text_mask=prompt_mask
+            decoder_hidden_states=hidden.unsqueeze(0), text_features=enc.text_features.to(wide), text_mask=prompt_mask
         )[0, :, :, 0]
         presence = dec.presence_logits[-1].sigmoid()  # [rows, 1]
         scores = logits.sigmoid() * presence
 
         top_scores, top_index = scores.topk(self.queries, dim=1)  # sorted, best first
         top_boxes = boxes.gather(1, top_index.unsqueeze(-1).expand(-1, -1, 4))
-        top_hidden = hidden.gather(1, top_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        top_hidden = hidden.gather(1, top_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).to(fpn2.dtype)
 
         # Mask head (Sam3MaskDecoder.forward without the unused semantic map), on K queries.
         encoded = enc.last_hidden_state
