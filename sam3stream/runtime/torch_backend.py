@@ -141,6 +141,11 @@ class TorchBackend:
         m = self._manifest
         opts = self.options
         on_cuda = self.device.type == "cuda"
+        if on_cuda and opts.precision != "fp32":
+            # The float32 query path may use TF32 tensor cores: 10 mantissa bits keep boxes well
+            # inside a pixel at 1008 (bf16's 7 do not) at a fraction of full float32's cost.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.dtype = _dtype(opts.precision)
         model = loaded.model
         model.config._attn_implementation = "sdpa"

@@ -1,0 +1,165 @@
+"""The whole pipeline (PyAV decode, batcher, GPU worker, JSONL sink) against the bare GPU worker.
+
+Writes synthetic 1080p clips, builds one backend, measures the bare worker's throughput on
+pre-decoded frames (next batch submitted before the previous is collected), then runs the
+same backend inside a Pipeline on N file cameras and measures frames/s from the first result
+to the last. Prints and writes JSON with both and their ratio.
+
+    python tools/pipeline_bench.py --random full --resolution 1008 --cameras 8 --out docs/bench/pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def make_clips(folder: Path, count: int, seconds: float) -> list[Path]:
+    from sam3stream.demo.clips import ClipSpec, write_clip
+
+    photos = ["astronaut", "coffee", "chelsea", "rocket"]
+    paths = []
+    for i in range(count):
+        spec = ClipSpec(f"hd{i}", photos[i % len(photos)], seed=i + 1, width=1920, height=1080, seconds=seconds)
+        path = folder / f"hd{i}.mp4"
+        if not path.exists():
+            write_clip(spec, path)
+        paths.append(path)
+    return paths
+
+
+def bare_throughput(backend: Any, text: Any, frames: np.ndarray, iters: int, min_score: float) -> float:
+    for _ in range(3):
+        backend.infer(frames, text, min_score)
+    start = time.perf_counter()
+    pending = backend.submit(frames, text, min_score)
+    for _ in range(iters - 1):
+        nxt = backend.submit(frames, text, min_score)
+        pending.result()
+        pending = nxt
+    pending.result()
+    return iters * frames.shape[0] / (time.perf_counter() - start)
+
+
+def config_text(clips: list[Path], cameras: int, classes: list[str], out: Path, batch: int, res: int) -> str:
+    cams = "\n".join(
+        f'[[cameras]]\nname = "cam{i}"\nurl = "{clips[i % len(clips)]}"\nmode = "file"\n' for i in range(cameras)
+    )
+    return f"""
+[engines]
+dir = "{out / "unused-engines"}"
+backend = "torch"
+device = "cuda"
+
+[engines.export]
+random = "full"
+resolution = {res}
+
+[prompts]
+classes = {json.dumps(classes)}
+conf = 0.3
+
+[batching]
+max_batch = {batch}
+max_wait_ms = 20
+
+{cams}
+[[sinks]]
+type = "jsonl"
+path = "{out / "jsonl"}"
+"""
+
+
+async def run_pipeline(config: Any, backend: Any) -> tuple[int, float]:
+    from sam3stream.stream.pipeline import Pipeline
+
+    count, first, last = 0, 0.0, 0.0
+    async with Pipeline(config, backend=backend, results_queue=4096) as pipe:
+        async def consume() -> None:
+            nonlocal count, first, last
+            async for _ in pipe.results():
+                now = time.perf_counter()
+                if count == 0:
+                    first = now
+                count, last = count + 1, now
+
+        reader = asyncio.create_task(consume())
+        await pipe.wait()
+        await asyncio.sleep(0.2)
+        reader.cancel()
+    # The first result marks the start: engine load and the first graph captures are not counted.
+    return count, (count - 1) / (last - first) if count > 1 and last > first else 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--random", default="full", choices=["tiny", "full"])
+    parser.add_argument("--resolution", type=int, default=1008)
+    parser.add_argument("--cameras", type=int, default=8)
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each synthetic clip")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench/pipeline"))
+    args = parser.parse_args()
+
+    from sam3stream.bench_child import PROMPTS, _random_loaded
+    from sam3stream.bench import BenchArgs
+    from sam3stream.config import parse_config
+    from sam3stream.runtime.torch_backend import TorchBackend
+
+    work = Path(tempfile.mkdtemp(prefix="sam3-pipeline-bench-"))
+    t = time.perf_counter()
+    clips = make_clips(work, min(args.cameras, 4), args.seconds)
+    _say(f"clips written in {time.perf_counter() - t:.0f} s: {len(clips)} x 1920x1080, {args.seconds} s each")
+    bargs = BenchArgs(resolutions=[args.resolution], cameras=[args.cameras], random=args.random, device=args.device)
+    loaded = _random_loaded(bargs, args.resolution, args.device)
+    backend = TorchBackend.from_model(
+        loaded, resolution=args.resolution, batch=args.cameras, queries=50, device=args.device
+    )
+    classes = PROMPTS[: args.classes]
+    text = backend.encode_text(classes)
+    frames = np.random.default_rng(0).integers(
+        0, 256, (args.cameras, args.resolution, args.resolution, 3), dtype=np.uint8
+    )
+    bare = bare_throughput(backend, text, frames, args.iters, 0.3)
+    _say(f"bare GPU worker: {bare:.1f} frames/s")
+    toml = config_text(clips, args.cameras, classes, work, args.cameras, args.resolution)
+    config = parse_config(toml, source="pipeline-bench.toml", base_dir=work)
+    count, pipeline_fps = asyncio.run(run_pipeline(config, backend))
+    ratio = pipeline_fps / bare if bare else 0.0
+    _say(f"pipeline: {count} results, {pipeline_fps:.1f} frames/s = {ratio:.1%} of the bare worker")
+    result = {
+        "command": "python tools/pipeline_bench.py " + " ".join(sys.argv[1:]),
+        "resolution": args.resolution,
+        "cameras": args.cameras,
+        "classes": args.classes,
+        "clip": "1920x1080 H.264, 25 fps",
+        "frames_per_camera": round(25 * args.seconds),
+        "results": count,
+        "bare_fps": bare,
+        "pipeline_fps": pipeline_fps,
+        "ratio": ratio,
+        "cpu_count": os.cpu_count(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
