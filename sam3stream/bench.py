@@ -40,6 +40,7 @@ class BenchArgs:
     compile_mode: str | None = None
     vision_chunk: int | None = None
     decoder_frames: int = 1
+    query_precision: str = "fp32"
     device: str = "cuda"
     out: str = "docs/bench/results"
     extra: dict[str, Any] = field(default_factory=dict)

@@ -121,6 +121,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             compile_mode=args.compile_mode,
             vision_chunk=args.vision_chunk,
             decoder_frames=args.decoder_frames,
+            query_precision=args.query_precision,
         )
         loaded = _random_loaded(args, resolution, device)
         backend = TorchBackend.from_model(

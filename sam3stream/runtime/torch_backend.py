@@ -54,6 +54,9 @@ class TorchOptions:
     cuda_graphs: bool = True  # capture each step once per slot (CUDA only)
     vision_chunk: int | None = None  # frames per vision step; None: chosen from the resolution
     decoder_frames: int = 1  # frames per decoder step (x all classes)
+    # The decoder's query path (DETR decoder, box head, scoring): fp32 keeps boxes within a pixel
+    # of a float32 reference; "same" runs it at ``precision`` (faster, boxes off by up to ~4 px at 1008).
+    query_precision: str = "fp32"
 
 
 def default_vision_chunk(resolution: int, batch: int) -> int:
@@ -160,8 +163,9 @@ class TorchBackend:
         # The text encoder stays on the host in float32: it runs once per prompt set.
         self._text = parts.text.float().to("cpu")
         self._vision, self._geometry, self._decoder = parts.vision, parts.geometry, parts.decoder
-        # The decoder's query path stays float32 (see parts.Decoder): ~1% of the decoder's work.
-        wide = {id(p) for m in (self._decoder.detr_decoder, self._decoder.scoring) for p in m.parameters()}
+        # The decoder's query path may stay float32 (see parts.Decoder and TorchOptions).
+        query_modules = (self._decoder.detr_decoder, self._decoder.scoring)
+        wide = {id(p) for m in query_modules for p in m.parameters()} if opts.query_precision == "fp32" else set()
         for module in (self._vision, self._geometry, self._decoder):
             module.to(self.device)
             # Parameters only: the RoPE buffers must stay float32 (bf16 cannot hold the positions).
