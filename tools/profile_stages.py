@@ -1,0 +1,123 @@
+"""Where the GPU time goes: per-stage times (eager, CUDA events on module hooks) and the top
+kernels of the compiled backend (torch.profiler, CUDA graphs off so kernels are visible).
+
+    python tools/profile_stages.py --resolution 1008 --cameras 8 --out docs/bench/profile_1008
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def stage_times(backend: Any, text: Any, frames: np.ndarray, repeats: int = 3) -> dict[str, float]:
+    """Milliseconds per stage for one batch, from CUDA events around each module call."""
+    import torch
+
+    parts = {
+        "vit": backend._vision.backbone,
+        "fpn": backend._vision.fpn_layers,
+        "geometry": backend._geometry,
+        "detr_encoder": backend._decoder.detr_encoder,
+        "detr_decoder": backend._decoder.detr_decoder,
+        "scoring": backend._decoder.scoring,
+        "mask_cross_attn": backend._decoder.prompt_cross_attn,
+        "pixel_decoder": backend._decoder.pixel_decoder.conv_layers,
+        "mask_embed": backend._decoder.mask_embedder,
+    }
+    totals: dict[str, float] = defaultdict(float)
+    pending: list[tuple[str, Any, Any]] = []
+    handles = []
+    for name, module in parts.items():
+        modules = list(module) if isinstance(module, torch.nn.ModuleList) else [module]
+        for mod in modules:
+            def pre(_m: Any, _i: Any, name: str = name) -> None:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
+                pending.append((name, start, None))
+
+            def post(_m: Any, _i: Any, _o: Any, name: str = name) -> None:
+                for idx in range(len(pending) - 1, -1, -1):
+                    if pending[idx][0] == name and pending[idx][2] is None:
+                        end = torch.cuda.Event(enable_timing=True)
+                        end.record()
+                        pending[idx] = (name, pending[idx][1], end)
+                        break
+
+            handles.append(mod.register_forward_pre_hook(pre))
+            handles.append(mod.register_forward_hook(post))
+    backend.infer(frames, text, 0.3)
+    torch.cuda.synchronize()
+    pending.clear()
+    for _ in range(repeats):
+        backend.infer(frames, text, 0.3)
+    torch.cuda.synchronize()
+    for name, start, end in pending:
+        if end is not None:
+            totals[name] += start.elapsed_time(end) / repeats
+    for handle in handles:
+        handle.remove()
+    return dict(totals)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, default=1008)
+    parser.add_argument("--cameras", type=int, default=8)
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("docs/bench/profile"))
+    args = parser.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from sam3stream.bench import BenchArgs
+    from sam3stream.bench_child import PROMPTS, _random_loaded
+    from sam3stream.model.roi_align import install_into_transformers
+    from sam3stream.runtime.torch_backend import TorchBackend, TorchOptions
+
+    install_into_transformers()
+    bargs = BenchArgs(resolutions=[args.resolution], cameras=[args.cameras])
+    frames = np.random.default_rng(0).integers(
+        0, 256, (args.cameras, args.resolution, args.resolution, 3), dtype=np.uint8
+    )
+    report: dict[str, Any] = {"command": "python tools/profile_stages.py " + " ".join(sys.argv[1:])}
+
+    eager = TorchBackend.from_model(
+        _random_loaded(bargs, args.resolution, "cuda"), resolution=args.resolution, batch=args.cameras,
+        queries=50, options=TorchOptions(compile=False, cuda_graphs=False),
+    )
+    text = eager.encode_text(PROMPTS[: args.classes])
+    report["eager_stage_ms_per_batch"] = stage_times(eager, text, frames)
+    eager.close()
+    del eager
+    torch.cuda.empty_cache()
+
+    compiled = TorchBackend.from_model(
+        _random_loaded(bargs, args.resolution, "cuda"), resolution=args.resolution, batch=args.cameras,
+        queries=50, options=TorchOptions(cuda_graphs=False),
+    )
+    for _ in range(3):
+        compiled.infer(frames, text, 0.3)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        compiled.infer(frames, text, 0.3)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    report["compiled_last_timings_ms"] = compiled.last_timings
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".txt").write_text(table + "\n")
+    print(json.dumps(report, indent=2))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
