@@ -105,15 +105,19 @@ class TorchBackend:
         try:
             import torch
         except ImportError as exc:
-            raise BackendUnavailableError('the torch backend needs PyTorch: pip install "sam3stream[gpu]"') from exc
+            raise BackendUnavailableError(
+                'the torch backend needs PyTorch: pip install "sam3stream[gpu]"'
+            ) from exc
         self.options = options or TorchOptions()
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError(
                 "the torch backend was asked for CUDA but this PyTorch sees no CUDA device "
-                f"(torch {torch.__version__}); use backend = \"onnxruntime\" on the CPU or install a CUDA build"
+                f'(torch {torch.__version__}); use backend = "onnxruntime" on the CPU or install a CUDA build'
             )
-        self._manifest, loaded, tokenizer_dir = _resolve_source(engine_dir, loaded, resolution, batch, queries)
+        self._manifest, loaded, tokenizer_dir = _resolve_source(
+            engine_dir, loaded, resolution, batch, queries
+        )
         self._tokenizer = PromptTokenizer(tokenizer_dir)
         self._setup(loaded)
 
@@ -128,9 +132,7 @@ class TorchBackend:
         device: str = "cuda",
         options: TorchOptions | None = None,
     ) -> TorchBackend:
-        return cls(
-            None, device, options, loaded=loaded, resolution=resolution, batch=batch, queries=queries
-        )
+        return cls(None, device, options, loaded=loaded, resolution=resolution, batch=batch, queries=queries)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -152,6 +154,7 @@ class TorchBackend:
         self.dtype = _dtype(opts.precision)
         model = loaded.model
         model.config._attn_implementation = "sdpa"
+        sub: Any  # transformers types each sub-config as dict | PreTrainedConfig | None
         for sub in (
             model.config.detr_decoder_config,
             model.config.detr_encoder_config,
@@ -165,7 +168,11 @@ class TorchBackend:
         self._vision, self._geometry, self._decoder = parts.vision, parts.geometry, parts.decoder
         # The decoder's query path may stay float32 (see parts.Decoder and TorchOptions).
         query_modules = (self._decoder.detr_decoder, self._decoder.scoring)
-        wide = {id(p) for m in query_modules for p in m.parameters()} if opts.query_precision == "fp32" else set()
+        wide = (
+            {id(p) for m in query_modules for p in m.parameters()}
+            if opts.query_precision == "fp32"
+            else set()
+        )
         for module in (self._vision, self._geometry, self._decoder):
             module.to(self.device)
             # Parameters only: the RoPE buffers must stay float32 (bf16 cannot hold the positions).
@@ -195,8 +202,9 @@ class TorchBackend:
         self._pinned = [
             torch.zeros(m.batch, r, r, 3, dtype=torch.uint8, pin_memory=on_cuda) for _ in range(2)
         ]
-        self._copy_stream = torch.cuda.Stream(dev) if on_cuda else None
-        self._compute_stream = torch.cuda.Stream(dev) if on_cuda else None
+        # torch.cuda.Stream / Event constructors are unannotated in torch.
+        self._copy_stream = torch.cuda.Stream(dev) if on_cuda else None  # type: ignore[no-untyped-call]
+        self._compute_stream = torch.cuda.Stream(dev) if on_cuda else None  # type: ignore[no-untyped-call]
         self._vision_step = self._maybe_compile(self._vision_fn)
         self._decoder_step = self._maybe_compile(self._decoder_fn)
         self._vision_graphs: dict[tuple[int, int], Any] = {}
@@ -231,7 +239,9 @@ class TorchBackend:
 
     # -- the steps (pure tensor functions of static buffers) ---------------------------------------
 
-    def _vision_fn(self, frames: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _vision_fn(
+        self, frames: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         fpn0, fpn1, fpn2 = self._vision(frames)
         geo, geo_mask = self._geometry(fpn2, boxes, labels)
         return fpn0, fpn1, fpn2, geo, geo_mask
@@ -287,7 +297,7 @@ class TorchBackend:
         # One capture stream for every graph: the caching allocator keeps blocks per stream, so a
         # fresh stream per capture would strand each warm-up's activations in its own cache.
         if self._capture_stream is None:
-            self._capture_stream = torch.cuda.Stream(self.device)
+            self._capture_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         side = self._capture_stream
         side.wait_stream(stream)
         with torch.cuda.stream(side):
@@ -314,7 +324,9 @@ class TorchBackend:
         ids, mask = self._tokenizer.encode(prompts)
         with torch.no_grad():
             features = self._text(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-        return TextFeatures(prompts=tuple(prompts), features=features.astype(np.float32), mask=mask.astype(bool))
+        return TextFeatures(
+            prompts=tuple(prompts), features=features.astype(np.float32), mask=mask.astype(bool)
+        )
 
     def _bind_text(self, text: TextFeatures) -> None:
         """Copy the prompt features to their static device buffers; new class count => new graphs."""
@@ -350,9 +362,7 @@ class TorchBackend:
 
         if self._geo is None:
             with torch.no_grad():
-                geo, geo_mask = self._geometry(
-                    self._fpn2[:1], self._boxes[:1], self._box_labels[:1]
-                )
+                geo, geo_mask = self._geometry(self._fpn2[:1], self._boxes[:1], self._box_labels[:1])
             rows = self._fpn0.shape[0]
             self._geo = torch.zeros(rows, *geo.shape[1:], dtype=geo.dtype, device=self.device)
             self._geo_mask = torch.zeros(rows, *geo_mask.shape[1:], dtype=geo_mask.dtype, device=self.device)
@@ -398,7 +408,7 @@ class TorchBackend:
 
         if self.device.type != "cuda":
             return []
-        return [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        return [torch.cuda.Event(enable_timing=True) for _ in range(3)]  # type: ignore[no-untyped-call]
 
     def _launch(self, batch: int, min_score: float, events: list[Any]) -> Pending:
         import torch
@@ -409,7 +419,7 @@ class TorchBackend:
         for start in range(0, batch, self.vision_chunk):
             self._replay(self._vision_graphs, (self._turn, start), start, self._run_vision_slot)
         if self.device.type == "cuda":
-            done = torch.cuda.Event()
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record()
             self._consumed[self._turn] = done
         if events:
@@ -498,7 +508,9 @@ def _resolve_source(
                 cache=Path(engine_dir).parent / ".shared",
             )
         else:
-            loaded = load_source(random=None, checkpoint=Path(source), resolution=manifest.resolution, cache=Path())
+            loaded = load_source(
+                random=None, checkpoint=Path(source), resolution=manifest.resolution, cache=Path()
+            )
         if loaded.checkpoint_sha256 != manifest.model.checkpoint_sha256:
             raise EngineMismatchError(
                 f"{engine_dir} was exported from weights {manifest.model.checkpoint_sha256[:12]}, "
@@ -507,7 +519,7 @@ def _resolve_source(
         return manifest, loaded, Path(engine_dir) / manifest.tokenizer
     if loaded is None or resolution is None or batch is None or queries is None:
         raise ValueError("give an engine directory, or a loaded model with resolution, batch and queries")
-    config = loaded.model.config
+    config: Any = loaded.model.config  # sub-configs are typed dict | PreTrainedConfig | None
     manifest = EngineManifest(
         resolution=resolution,
         batch=batch,
