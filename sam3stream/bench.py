@@ -91,7 +91,11 @@ def run_bench(args: BenchArgs, progress: Any = print) -> dict[str, Any]:
                 progress("    " + _row_line(row))
     for row in ours:
         peer = next(
-            (p for p in peers if p.get("resolution") == row.get("resolution") and p.get("cameras") == row.get("cameras")),
+            (
+                p
+                for p in peers
+                if p.get("resolution") == row.get("resolution") and p.get("cameras") == row.get("cameras")
+            ),
             None,
         )
         if peer and "total_fps" in peer and "total_fps" in row:
@@ -122,8 +126,21 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -
 
 def format_table(result: dict[str, Any]) -> str:
     cols = [
-        "res", "cams", "ms/batch avg", "p50", "p95", "ms/frame", "FPS/cam", "total FPS", "peer FPS",
-        "x peer", "GPU MiB (nvml)", "alloc peak MiB", "buffers MiB", "MFU", "frames",
+        "res",
+        "cams",
+        "ms/batch avg",
+        "p50",
+        "p95",
+        "ms/frame",
+        "FPS/cam",
+        "total FPS",
+        "peer FPS",
+        "x peer",
+        "GPU MiB (nvml)",
+        "alloc peak MiB",
+        "buffers MiB",
+        "MFU",
+        "frames",
     ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     for r in result["ours"]:
@@ -132,11 +149,21 @@ def format_table(result: dict[str, Any]) -> str:
             continue
         bm = r["batch_ms"]
         cells = [
-            str(r["resolution"]), str(r["cameras"]), f"{bm['avg']:.1f}", f"{bm['p50']:.1f}", f"{bm['p95']:.1f}",
-            f"{r['frame_ms']:.2f}", f"{r['fps_per_camera']:.1f}", f"{r['total_fps']:.1f}",
-            _fmt(r.get("peer_total_fps"), ".1f"), _fmt(r.get("speedup_vs_peer"), ".2f"),
-            _fmt(r.get("nvml_peak_mib"), ".0f"), f"{r['alloc_peak_mib']:.0f}", f"{r['buffer_mib']:.0f}",
-            _fmt(r.get("mfu"), ".0f", 100, "%"), str(r["frames"]),
+            str(r["resolution"]),
+            str(r["cameras"]),
+            f"{bm['avg']:.1f}",
+            f"{bm['p50']:.1f}",
+            f"{bm['p95']:.1f}",
+            f"{r['frame_ms']:.2f}",
+            f"{r['fps_per_camera']:.1f}",
+            f"{r['total_fps']:.1f}",
+            _fmt(r.get("peer_total_fps"), ".1f"),
+            _fmt(r.get("speedup_vs_peer"), ".2f"),
+            _fmt(r.get("nvml_peak_mib"), ".0f"),
+            f"{r['alloc_peak_mib']:.0f}",
+            f"{r['buffer_mib']:.0f}",
+            _fmt(r.get("mfu"), ".0f", 100, "%"),
+            str(r["frames"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     peak = next((r.get("matmul_tflops") for r in result["ours"] if r.get("matmul_tflops")), None)
@@ -154,8 +181,10 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         return None
     fig, (ax_fps, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
     for cams in sorted({r["cameras"] for r in result["ours"] if "cameras" in r}):
-        rows = sorted((r for r in result["ours"] if r.get("cameras") == cams and "total_fps" in r),
-                      key=lambda r: r["resolution"])
+        rows = sorted(
+            (r for r in result["ours"] if r.get("cameras") == cams and "total_fps" in r),
+            key=lambda r: r["resolution"],
+        )
         if not rows:
             continue
         res = [r["resolution"] for r in rows]

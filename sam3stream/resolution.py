@@ -16,7 +16,10 @@ def nearest_valid(value: int) -> list[int]:
     clamped = min(max(value, MIN_RESOLUTION), MAX_RESOLUTION)
     below = clamped // PATCH * PATCH
     above = below if below == clamped else below + PATCH
-    candidates = {min(max(below, MIN_RESOLUTION), MAX_RESOLUTION), min(max(above, MIN_RESOLUTION), MAX_RESOLUTION)}
+    candidates = {
+        min(max(below, MIN_RESOLUTION), MAX_RESOLUTION),
+        min(max(above, MIN_RESOLUTION), MAX_RESOLUTION),
+    }
     return sorted(candidates)
 
 

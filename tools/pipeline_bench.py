@@ -33,7 +33,9 @@ def make_clips(folder: Path, count: int, seconds: float) -> list[Path]:
     photos = ["astronaut", "coffee", "chelsea", "rocket"]
     paths = []
     for i in range(count):
-        spec = ClipSpec(f"hd{i}", photos[i % len(photos)], seed=i + 1, width=1920, height=1080, seconds=seconds)
+        spec = ClipSpec(
+            f"hd{i}", photos[i % len(photos)], seed=i + 1, width=1920, height=1080, seconds=seconds
+        )
         path = folder / f"hd{i}.mp4"
         if not path.exists():
             write_clip(spec, path)
@@ -56,7 +58,8 @@ def bare_throughput(backend: Any, text: Any, frames: np.ndarray, iters: int, min
 
 def config_text(clips: list[Path], cameras: int, classes: list[str], out: Path, batch: int, res: int) -> str:
     cams = "\n".join(
-        f'[[cameras]]\nname = "cam{i}"\nurl = "{clips[i % len(clips)]}"\nmode = "file"\n' for i in range(cameras)
+        f'[[cameras]]\nname = "cam{i}"\nurl = "{clips[i % len(clips)]}"\nmode = "file"\n'
+        for i in range(cameras)
     )
     return f"""
 [engines]
@@ -88,6 +91,7 @@ async def run_pipeline(config: Any, backend: Any) -> tuple[int, float]:
 
     count, first, last = 0, 0.0, 0.0
     async with Pipeline(config, backend=backend, results_queue=4096) as pipe:
+
         async def consume() -> None:
             nonlocal count, first, last
             async for _ in pipe.results():
@@ -105,7 +109,9 @@ async def run_pipeline(config: Any, backend: Any) -> tuple[int, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--random", default="full", choices=["tiny", "full"])
     parser.add_argument("--resolution", type=int, default=1008)
     parser.add_argument("--cameras", type=int, default=8)
@@ -116,8 +122,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/bench/pipeline"))
     args = parser.parse_args()
 
-    from sam3stream.bench_child import PROMPTS, _random_loaded
     from sam3stream.bench import BenchArgs
+    from sam3stream.bench_child import PROMPTS, _random_loaded
     from sam3stream.config import parse_config
     from sam3stream.runtime.torch_backend import TorchBackend
 
@@ -125,7 +131,9 @@ def main() -> int:
     t = time.perf_counter()
     clips = make_clips(work, min(args.cameras, 4), args.seconds)
     _say(f"clips written in {time.perf_counter() - t:.0f} s: {len(clips)} x 1920x1080, {args.seconds} s each")
-    bargs = BenchArgs(resolutions=[args.resolution], cameras=[args.cameras], random=args.random, device=args.device)
+    bargs = BenchArgs(
+        resolutions=[args.resolution], cameras=[args.cameras], random=args.random, device=args.device
+    )
     loaded = _random_loaded(bargs, args.resolution, args.device)
     backend = TorchBackend.from_model(
         loaded, resolution=args.resolution, batch=args.cameras, queries=50, device=args.device

@@ -37,6 +37,7 @@ def stage_times(backend: Any, text: Any, frames: np.ndarray, repeats: int = 3) -
     for name, module in parts.items():
         modules = list(module) if isinstance(module, torch.nn.ModuleList) else [module]
         for mod in modules:
+
             def pre(_m: Any, _i: Any, name: str = name) -> None:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -67,7 +68,9 @@ def stage_times(backend: Any, text: Any, frames: np.ndarray, repeats: int = 3) -
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--resolution", type=int, default=1008)
     parser.add_argument("--cameras", type=int, default=8)
     parser.add_argument("--classes", type=int, default=4)
@@ -90,8 +93,11 @@ def main() -> int:
     report: dict[str, Any] = {"command": "python tools/profile_stages.py " + " ".join(sys.argv[1:])}
 
     eager = TorchBackend.from_model(
-        _random_loaded(bargs, args.resolution, "cuda"), resolution=args.resolution, batch=args.cameras,
-        queries=50, options=TorchOptions(compile=False, cuda_graphs=False),
+        _random_loaded(bargs, args.resolution, "cuda"),
+        resolution=args.resolution,
+        batch=args.cameras,
+        queries=50,
+        options=TorchOptions(compile=False, cuda_graphs=False),
     )
     text = eager.encode_text(PROMPTS[: args.classes])
     report["eager_stage_ms_per_batch"] = stage_times(eager, text, frames)
@@ -100,8 +106,11 @@ def main() -> int:
     torch.cuda.empty_cache()
 
     compiled = TorchBackend.from_model(
-        _random_loaded(bargs, args.resolution, "cuda"), resolution=args.resolution, batch=args.cameras,
-        queries=50, options=TorchOptions(cuda_graphs=False),
+        _random_loaded(bargs, args.resolution, "cuda"),
+        resolution=args.resolution,
+        batch=args.cameras,
+        queries=50,
+        options=TorchOptions(cuda_graphs=False),
     )
     for _ in range(3):
         compiled.infer(frames, text, 0.3)

@@ -28,9 +28,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--vision-chunk", type=int, default=None)
     p.add_argument("--decoder-frames", type=int, default=1)
-    p.add_argument("--query-precision", default="fp32", choices=["fp32", "same"],
-                   help="decoder query path in float32 (default) or at --precision")
-    p.add_argument("--out", type=Path, default=Path("docs/bench/results"), help="output stem (.json/.md/.png)")
+    p.add_argument(
+        "--query-precision",
+        default="fp32",
+        choices=["fp32", "same"],
+        help="decoder query path in float32 (default) or at --precision",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("docs/bench/results"), help="output stem (.json/.md/.png)"
+    )
     p.set_defaults(func=run)
 
 

@@ -17,8 +17,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--seed", type=int, default=0, help="seed for --random (default 0)")
     p.add_argument("--resolution", type=int, required=True, help="input size, a multiple of 14 in 448..1344")
     p.add_argument("--batch", type=int, default=8, help="largest frame batch the graphs take (default 8)")
-    p.add_argument("--queries", type=int, default=50, help="top-K queries kept per frame and class (default 50)")
-    p.add_argument("--out", type=Path, help="engine directory (default engines/b{batch}_q{queries}_r{resolution})")
+    p.add_argument(
+        "--queries", type=int, default=50, help="top-K queries kept per frame and class (default 50)"
+    )
+    p.add_argument(
+        "--out", type=Path, help="engine directory (default engines/b{batch}_q{queries}_r{resolution})"
+    )
     p.set_defaults(func=run)
 
 

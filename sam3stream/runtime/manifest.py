@@ -127,6 +127,7 @@ def check_engine_matches(
         problems.append(f"queries {manifest.queries} (config asks for {queries})")
     if problems:
         raise EngineMismatchError(
-            f"engine directory {engine_dir} was made for " + ", ".join(problems)
+            f"engine directory {engine_dir} was made for "
+            + ", ".join(problems)
             + "; export a matching one (sam3stream export ... --out DIR) or change the config"
         )

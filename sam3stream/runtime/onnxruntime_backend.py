@@ -48,13 +48,14 @@ class OnnxRuntimeBackend:
         self._manifest = read_manifest(self.engine_dir)
         if self._manifest.engine_kind != "onnx":
             raise EngineMismatchError(
-                f"{engine_dir} holds {self._manifest.engine_kind} engines; the onnxruntime backend needs ONNX graphs"
+                f"{engine_dir} holds {self._manifest.engine_kind} engines; "
+                "the onnxruntime backend needs ONNX graphs"
             )
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailableError(
-                    "onnxruntime has no CUDA provider here; install onnxruntime-gpu or use device = \"cpu\""
+                    'onnxruntime has no CUDA provider here; install onnxruntime-gpu or use device = "cpu"'
                 )
             providers.insert(0, "CUDAExecutionProvider")
         options = ort.SessionOptions()
@@ -79,7 +80,9 @@ class OnnxRuntimeBackend:
     def encode_text(self, prompts: list[str]) -> TextFeatures:
         ids, mask = self._tokenizer.encode(prompts)
         (features,) = self._sessions["text"].run(None, {"input_ids": ids, "attention_mask": mask})
-        return TextFeatures(prompts=tuple(prompts), features=features.astype(np.float32), mask=mask.astype(bool))
+        return TextFeatures(
+            prompts=tuple(prompts), features=features.astype(np.float32), mask=mask.astype(bool)
+        )
 
     def infer(self, frames: npt.NDArray[np.uint8], text: TextFeatures, min_score: float) -> RawOutputs:
         check_frames(frames, self._manifest)
@@ -89,7 +92,9 @@ class OnnxRuntimeBackend:
         t1 = time.perf_counter()
         boxes = np.zeros((batch, 1, 4), np.float32)
         labels = np.full((batch, 1), PAD_BOX_LABEL, np.int64)
-        geo, geo_mask = self._sessions["geometry"].run(None, {"fpn2": fpn2, "boxes": boxes, "box_labels": labels})
+        geo, geo_mask = self._sessions["geometry"].run(
+            None, {"fpn2": fpn2, "boxes": boxes, "box_labels": labels}
+        )
         scores, out_boxes, masks, presence, query_index = self._sessions["decoder"].run(
             None,
             {

@@ -35,8 +35,12 @@ def test_bf16_backend_matches_fp32_reference_query_by_query() -> None:
     reference = split_model(copy.deepcopy(model), 200)
     tok = Path(tempfile.mkdtemp())
     write_tiny_tokenizer(tok)
-    loaded = LoadedModel(model=model, tokenizer_dir=tok, checkpoint_sha256="random", source="random:full:seed=0")
-    backend = TorchBackend.from_model(loaded, resolution=R, batch=B, queries=K, options=TorchOptions(precision="bf16"))
+    loaded = LoadedModel(
+        model=model, tokenizer_dir=tok, checkpoint_sha256="random", source="random:full:seed=0"
+    )
+    backend = TorchBackend.from_model(
+        loaded, resolution=R, batch=B, queries=K, options=TorchOptions(precision="bf16")
+    )
     text = backend.encode_text(PROMPTS)
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (B, R, R, 3), dtype=np.uint8)
@@ -86,8 +90,12 @@ def test_partial_batch_needs_no_recapture_and_matches_full_batch() -> None:
     tok = Path(tempfile.mkdtemp())
     write_tiny_tokenizer(tok)
     model = random_model("tiny", 448, seed=0, device="cuda")
-    loaded = LoadedModel(model=model, tokenizer_dir=tok, checkpoint_sha256="random", source="random:tiny:seed=0")
-    backend = TorchBackend.from_model(loaded, resolution=448, batch=4, queries=20, options=TorchOptions("fp32"))
+    loaded = LoadedModel(
+        model=model, tokenizer_dir=tok, checkpoint_sha256="random", source="random:tiny:seed=0"
+    )
+    backend = TorchBackend.from_model(
+        loaded, resolution=448, batch=4, queries=20, options=TorchOptions("fp32")
+    )
     text = backend.encode_text(PROMPTS[:2])
     frames = np.random.default_rng(1).integers(0, 256, (4, 448, 448, 3), dtype=np.uint8)
     full = backend.infer(frames, text, 0.0)

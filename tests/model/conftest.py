@@ -28,4 +28,6 @@ def tiny_engines(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
     from sam3stream.model.export import export_engines
 
     root = tmp_path_factory.mktemp("engines")
-    return export_engines(checkpoint=tiny_checkpoint, resolution=490, batch=4, queries=20, out=root / "b4_q20_r490")
+    return export_engines(
+        checkpoint=tiny_checkpoint, resolution=490, batch=4, queries=20, out=root / "b4_q20_r490"
+    )

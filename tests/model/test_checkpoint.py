@@ -85,7 +85,9 @@ def test_weights_that_do_not_fit_the_config(tmp_path: Path, tiny_checkpoint: Pat
         load_checkpoint(broken, 448)
 
 
-@pytest.mark.parametrize(("value", "nearest"), [(1000, "994 or 1008"), (300, "448"), (1400, "1344"), (455, "448 or 462")])
+@pytest.mark.parametrize(
+    ("value", "nearest"), [(1000, "994 or 1008"), (300, "448"), (1400, "1344"), (455, "448 or 462")]
+)
 def test_invalid_resolution_names_value_and_nearest(tiny_checkpoint: Path, value: int, nearest: str) -> None:
     with pytest.raises(ResolutionError, match=f"{value} is not a valid.*nearest valid: {nearest}"):
         load_checkpoint(tiny_checkpoint, value)

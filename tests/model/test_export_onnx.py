@@ -74,16 +74,16 @@ def test_min_score_keeps_only_masks_that_can_be_published(tiny_engines: Path) ->
 
 def test_engine_directory_errors(tiny_engines: Path, tmp_path: Path) -> None:
     manifest = read_manifest(tiny_engines)
-    with pytest.raises(EngineMismatchError, match="made for resolution 490 .config asks for 672"):
+    with pytest.raises(EngineMismatchError, match=r"made for resolution 490 .config asks for 672"):
         check_engine_matches(manifest, tiny_engines, resolution=672)
-    with pytest.raises(EngineMismatchError, match="max batch 4 .config asks for 8"):
+    with pytest.raises(EngineMismatchError, match=r"max batch 4 .config asks for 8"):
         check_engine_matches(manifest, tiny_engines, batch=8)
     with pytest.raises(EngineMismatchError, match="does not exist"):
         read_manifest(tmp_path / "missing")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_engines, broken)
     (broken / "decoder.onnx").unlink()
-    with pytest.raises(EngineMismatchError, match="decoder graph file decoder.onnx is missing"):
+    with pytest.raises(EngineMismatchError, match=r"decoder graph file decoder.onnx is missing"):
         read_manifest(broken)
     data = json.loads((tiny_engines / "manifest.json").read_text())
     data["surprise"] = 1

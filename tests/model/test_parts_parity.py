@@ -63,7 +63,9 @@ def test_parts_match_full_model_with_padding_box(tiny_checkpoint: Path, resoluti
                 torch.testing.assert_close(scores[b, c], full[rows], atol=1e-4, rtol=0)
                 torch.testing.assert_close(boxes[b, c], out.pred_boxes[0, rows], atol=1e-4, rtol=0)
                 torch.testing.assert_close(masks[b, c], out.pred_masks[0, rows], atol=1e-3, rtol=0)
-                torch.testing.assert_close(presence[b, c], out.presence_logits.sigmoid()[0, 0], atol=1e-4, rtol=0)
+                torch.testing.assert_close(
+                    presence[b, c], out.presence_logits.sigmoid()[0, 0], atol=1e-4, rtol=0
+                )
                 # ... and they are the K best of all 200 queries, best first.
                 best = full.topk(K).values
                 torch.testing.assert_close(scores[b, c], best, atol=1e-6, rtol=0)
