@@ -52,9 +52,24 @@ _TINY: dict[str, Any] = {
         "eos_token_id": CLIP_EOS,
         "pad_token_id": CLIP_EOS,
     },
-    "geometry_encoder_config": {"hidden_size": 32, "num_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
-    "detr_encoder_config": {"hidden_size": 32, "num_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
-    "detr_decoder_config": {"hidden_size": 32, "num_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
+    "geometry_encoder_config": {
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+    },
+    "detr_encoder_config": {
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+    },
+    "detr_decoder_config": {
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+    },
     "mask_decoder_config": {"hidden_size": 32, "num_attention_heads": 4},
 }
 
@@ -66,8 +81,9 @@ def set_resolution(config: Sam3Config, resolution: int) -> Sam3Config:
     check_resolution(resolution)
     config = copy.deepcopy(config)
     grid = resolution // PATCH
-    config.vision_config.backbone_config.image_size = resolution
-    config.vision_config.backbone_feature_sizes = [[4 * grid] * 2, [2 * grid] * 2, [grid] * 2]
+    vision_config: Any = config.vision_config  # typed dict | PreTrainedConfig | None
+    vision_config.backbone_config.image_size = resolution
+    vision_config.backbone_feature_sizes = [[4 * grid] * 2, [2 * grid] * 2, [grid] * 2]
     return config
 
 
@@ -98,4 +114,4 @@ def random_model(size: str, resolution: int, seed: int = 0, device: str = "cpu")
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed)
         model = Sam3Model(config)
-    return model.eval()
+    return model.eval()  # type: ignore[no-any-return,no-untyped-call]  # PreTrainedModel.eval is unannotated

@@ -60,9 +60,13 @@ def weight_files(ckpt: Path) -> list[Path]:
             raise CheckpointError(f"{index}: corrupt shard index ({exc})") from None
         missing = [s for s in shards if not (ckpt / s).is_file()]
         if missing:
-            raise CheckpointError(f"{ckpt}: weight shards listed in {INDEX_NAME} are missing: {', '.join(missing)}")
+            raise CheckpointError(
+                f"{ckpt}: weight shards listed in {INDEX_NAME} are missing: {', '.join(missing)}"
+            )
         return [ckpt / s for s in shards]
-    raise CheckpointError(f"{ckpt}: no {WEIGHTS_NAME} (nor {INDEX_NAME}) found: not a SAM 3 checkpoint directory")
+    raise CheckpointError(
+        f"{ckpt}: no {WEIGHTS_NAME} (nor {INDEX_NAME}) found: not a SAM 3 checkpoint directory"
+    )
 
 
 def weights_sha256(ckpt: Path) -> str:
@@ -105,7 +109,9 @@ def read_checkpoint_config(ckpt: Path) -> Sam3Config:
 
 def _check_tokenizer(ckpt: Path) -> None:
     if not (ckpt / TOKENIZER_NAME).is_file():
-        raise CheckpointError(f"{ckpt}: {TOKENIZER_NAME} is missing (the CLIP tokenizer files belong in the checkpoint)")
+        raise CheckpointError(
+            f"{ckpt}: {TOKENIZER_NAME} is missing (the CLIP tokenizer files belong in the checkpoint)"
+        )
 
 
 def load_checkpoint(ckpt: Path, resolution: int) -> LoadedModel:
@@ -129,7 +135,9 @@ def load_checkpoint(ckpt: Path, resolution: int) -> LoadedModel:
             raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({exc})") from None
     # A sam3_video checkpoint prefixes the detector with "detector_model." and adds a tracker.
     if any(k.startswith("detector_model.") for k in state):
-        state = {k.removeprefix("detector_model."): v for k, v in state.items() if k.startswith("detector_model.")}
+        state = {
+            k.removeprefix("detector_model."): v for k, v in state.items() if k.startswith("detector_model.")
+        }
     config._attn_implementation = "sdpa"
     model = Sam3Model(config)  # random init is overwritten below; buffers (RoPE) come from the config
     expected = set(model.state_dict().keys())
@@ -137,15 +145,21 @@ def load_checkpoint(ckpt: Path, resolution: int) -> LoadedModel:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{ckpt}: weights missing from the checkpoint: {shown}")
-    unexpected = sorted(k for k in state.keys() - expected if not k.startswith(("tracker_model.", "tracker_neck.")))
+    unexpected = sorted(
+        k for k in state.keys() - expected if not k.startswith(("tracker_model.", "tracker_neck."))
+    )
     if unexpected:
-        log.warning("checkpoint has unused weights", checkpoint=str(ckpt), count=len(unexpected), first=unexpected[0])
+        log.warning(
+            "checkpoint has unused weights", checkpoint=str(ckpt), count=len(unexpected), first=unexpected[0]
+        )
     try:
         model.load_state_dict({k: state[k] for k in expected}, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{ckpt}: weights do not fit the config ({str(exc).splitlines()[0]})") from None
-    model = model.float().eval()
-    return LoadedModel(model=model, tokenizer_dir=ckpt, checkpoint_sha256=weights_sha256(ckpt), source=str(ckpt))
+    model = model.float().eval()  # type: ignore[no-untyped-call]  # PreTrainedModel.float is unannotated
+    return LoadedModel(
+        model=model, tokenizer_dir=ckpt, checkpoint_sha256=weights_sha256(ckpt), source=str(ckpt)
+    )
 
 
 def write_random_checkpoint(size: str, out: Path, seed: int = 0, resolution: int = 1008) -> Path:
@@ -159,4 +173,3 @@ def write_random_checkpoint(size: str, out: Path, seed: int = 0, resolution: int
     write_tiny_tokenizer(out)
     log.info("wrote random checkpoint", size=size, seed=seed, out=str(out))
     return out
-

@@ -119,7 +119,9 @@ def _specs(values: Any) -> list[TensorSpec]:
     for value in values:
         tensor_type = value.type.tensor_type
         shape: list[int | str] = [d.dim_param or d.dim_value for d in tensor_type.shape.dim]
-        specs.append(TensorSpec(value.name, shape, _ONNX_DTYPES.get(tensor_type.elem_type, str(tensor_type.elem_type))))
+        specs.append(
+            TensorSpec(value.name, shape, _ONNX_DTYPES.get(tensor_type.elem_type, str(tensor_type.elem_type)))
+        )
     return specs
 
 
@@ -127,7 +129,9 @@ def _graph_spec(path: Path, engine_dir: Path) -> GraphSpec:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    return GraphSpec(file=os.path.relpath(path, engine_dir), inputs=_specs(graph.input), outputs=_specs(graph.output))
+    return GraphSpec(
+        file=os.path.relpath(path, engine_dir), inputs=_specs(graph.input), outputs=_specs(graph.output)
+    )
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -164,7 +168,13 @@ class _Progress:
     def step(self, what: str) -> None:
         self.done += 1
         message = f"[{self.done}/{self.total}] {what}"
-        log.info("export", step=self.done, of=self.total, what=what, elapsed_s=round(time.perf_counter() - self.start, 1))
+        log.info(
+            "export",
+            step=self.done,
+            of=self.total,
+            what=what,
+            elapsed_s=round(time.perf_counter() - self.start, 1),
+        )
         if self.callback is not None:
             self.callback(message)
 
@@ -203,7 +213,9 @@ def export_engines(
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files = _export_all(parts, resolution, batch, tmp, shared / f"text-{loaded.checkpoint_sha256[:16]}", steps)
+    files = _export_all(
+        parts, resolution, batch, tmp, shared / f"text-{loaded.checkpoint_sha256[:16]}", steps
+    )
 
     tok_dir = tmp / "tokenizer"
     tok_dir.mkdir()
@@ -211,7 +223,7 @@ def export_engines(
         if (loaded.tokenizer_dir / name).is_file():
             shutil.copy2(loaded.tokenizer_dir / name, tok_dir / name)
 
-    config = model.config
+    config: Any = model.config  # sub-configs are typed dict | PreTrainedConfig | None
     manifest = EngineManifest(
         resolution=resolution,
         batch=batch,

@@ -13,7 +13,7 @@ is part of every prompt there; transformers drops it when no box is given).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +49,15 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, model: Sam3Model) -> None:
         super().__init__()
-        vision = model.vision_encoder
+        vision: Any = model.vision_encoder  # its sub-configs are typed dict | PreTrainedConfig | None
         self.backbone = vision.backbone
         self.fpn_layers = nn.ModuleList(list(vision.neck.fpn_layers)[:3])
         self.patch = int(vision.config.backbone_config.patch_size)
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # uint8 RGB in, normalisation inside the graph: (x / 255 - 0.5) / 0.5, as Sam3Processor does.
-        dtype = self.fpn_layers[0].proj1.weight.dtype
+        proj1: Any = self.fpn_layers[0].proj1  # nn.Module.__getattr__ is typed Tensor | Module
+        dtype = proj1.weight.dtype
         pixels = frames.permute(0, 3, 1, 2).to(dtype) * (1.0 / 127.5) - 1.0
         hidden = self.backbone(pixels).last_hidden_state
         batch, grid = pixels.shape[0], pixels.shape[-1] // self.patch
@@ -116,7 +117,7 @@ class GeometryEncoder(nn.Module):
         height, width = normed.shape[-2:]
         embed = geo.boxes_direct_project(boxes)
         scale = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
-        pooled = roi_align(normed, box_cxcywh_to_xyxy(boxes) * scale, geo.roi_size)
+        pooled = roi_align(normed, box_cxcywh_to_xyxy(boxes) * scale, geo.roi_size)  # type: ignore[no-untyped-call]  # unannotated in transformers
         embed = embed + geo.boxes_pool_project(pooled).view(batch, num_boxes, geo.hidden_size)
         cx, cy, w, h = boxes.unbind(-1)
         pos = geo._encode_box_coordinates(cx.flatten(), cy.flatten(), w.flatten(), h.flatten())
@@ -127,10 +128,15 @@ class GeometryEncoder(nn.Module):
         cls_mask = torch.ones(batch, 1, dtype=box_mask.dtype, device=box_mask.device)
         prompt, prompt_mask = concat_padded_sequences(embed, box_mask, cls, cls_mask)
         prompt = geo.prompt_layer_norm(geo.final_proj(prompt))
-        attn_mask = create_bidirectional_mask(config=geo.config, inputs_embeds=prompt, attention_mask=prompt_mask)
+        attn_mask = create_bidirectional_mask(
+            config=geo.config, inputs_embeds=prompt, attention_mask=prompt_mask
+        )
         for layer in geo.layers:
             prompt = layer(
-                prompt_feats=prompt, vision_feats=vision_flat, vision_pos_encoding=pos_flat, prompt_mask=attn_mask
+                prompt_feats=prompt,
+                vision_feats=vision_flat,
+                vision_pos_encoding=pos_flat,
+                prompt_mask=attn_mask,
             )
         return geo.output_layer_norm(prompt), prompt_mask
 
@@ -146,7 +152,8 @@ class Decoder(nn.Module):
 
     def __init__(self, model: Sam3Model, queries: int) -> None:
         super().__init__()
-        total = int(model.config.detr_decoder_config.num_queries)
+        detr_config: Any = model.config.detr_decoder_config  # typed dict | PreTrainedConfig | None
+        total = int(detr_config.num_queries)
         if not 1 <= queries <= total:
             raise ValueError(f"queries must be between 1 and {total}, got {queries}")
         self.queries = queries
@@ -206,9 +213,11 @@ class Decoder(nn.Module):
         # Only the last decoder layer's predictions are used, as in Sam3Model.forward.
         hidden = dec.intermediate_hidden_states[-1]  # [rows, Q, D]
         offsets = self.detr_decoder.box_head(hidden)
-        boxes = box_cxcywh_to_xyxy((inverse_sigmoid(dec.reference_boxes[-1]) + offsets).sigmoid())
+        boxes = box_cxcywh_to_xyxy((inverse_sigmoid(dec.reference_boxes[-1]) + offsets).sigmoid())  # type: ignore[no-untyped-call]  # unannotated in transformers
         logits = self.scoring(
-            decoder_hidden_states=hidden.unsqueeze(0), text_features=enc.text_features.to(wide), text_mask=prompt_mask
+            decoder_hidden_states=hidden.unsqueeze(0),
+            text_features=enc.text_features.to(wide),
+            text_mask=prompt_mask,
         )[0, :, :, 0]
         presence = dec.presence_logits[-1].sigmoid()  # [rows, 1]
         scores = logits.sigmoid() * presence
@@ -221,7 +230,10 @@ class Decoder(nn.Module):
         encoded = enc.last_hidden_state
         normed = self.prompt_cross_attn_norm(encoded)
         cross_mask = create_bidirectional_mask(
-            config=self.mask_config, inputs_embeds=normed, encoder_hidden_states=prompt, attention_mask=prompt_mask
+            config=self.mask_config,
+            inputs_embeds=normed,
+            encoder_hidden_states=prompt,
+            attention_mask=prompt_mask,
         )
         attn, _ = self.prompt_cross_attn(query=normed, key=prompt, value=prompt, attention_mask=cross_mask)
         encoded = encoded + attn
