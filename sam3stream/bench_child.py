@@ -12,10 +12,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from sam3stream.bench import BenchArgs, summarize_ms
 
-PROMPTS = ["person", "hand", "blow gun", "counter", "car", "dog", "cat", "tool", "box", "shelf", "cup", "chair"]
+PROMPTS = [
+    "person",
+    "hand",
+    "blow gun",
+    "counter",
+    "car",
+    "dog",
+    "cat",
+    "tool",
+    "box",
+    "shelf",
+    "cup",
+    "chair",
+]
 MIN_SCORE = 0.3
 MIB = 1 << 20
 
@@ -57,13 +71,14 @@ def matmul_tflops(device: Any) -> float:
     for _ in range(3):
         a @ b
     torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    # torch.cuda.Event is unannotated in torch.
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
     start.record()
     for _ in range(10):
         a @ b
     end.record()
     torch.cuda.synchronize(device)
-    seconds = start.elapsed_time(end) / 1e3 / 10
+    seconds: float = start.elapsed_time(end) / 1e3 / 10
     del a, b
     return 2 * n**3 / seconds / 1e12
 
@@ -77,8 +92,12 @@ def _random_loaded(args: BenchArgs, resolution: int, device: str) -> Any:
     tok = Path(tempfile.mkdtemp(prefix="sam3bench-tok-"))
     write_tiny_tokenizer(tok)
     model = random_model(args.random, resolution, args.seed, device=device)
-    return LoadedModel(model=model, tokenizer_dir=tok, checkpoint_sha256=f"random-{args.random}-{args.seed}",
-                       source=f"random:{args.random}:seed={args.seed}")
+    return LoadedModel(
+        model=model,
+        tokenizer_dir=tok,
+        checkpoint_sha256=f"random-{args.random}-{args.seed}",
+        source=f"random:{args.random}:seed={args.seed}",
+    )
 
 
 def _flops_per_frame(backend: Any, text: Any) -> float | None:
@@ -217,14 +236,17 @@ def run_peer(args: BenchArgs, resolution: int) -> None:
     for cams in sorted(args.cameras):
         frames = rng.integers(0, 256, (cams, resolution, resolution, 3), dtype=np.uint8)
 
-        def step() -> None:
+        # Defaults bind this iteration's frames and camera count (step runs only within it).
+        def step(frames: npt.NDArray[np.uint8] = frames, cams: int = cams) -> None:
             with torch.no_grad():
                 px = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0
                 vision = model.get_vision_features(pixel_values=px)
                 for c in range(args.classes):
                     out = model(
                         vision_embeds=vision,
-                        text_embeds=BaseModelOutputWithPooling(pooler_output=text[c : c + 1].expand(cams, -1, -1)),
+                        text_embeds=BaseModelOutputWithPooling(
+                            pooler_output=text[c : c + 1].expand(cams, -1, -1)
+                        ),
                         attention_mask=mask_t[c : c + 1].expand(cams, -1),
                     )
                     scores = out.pred_logits.sigmoid() * out.presence_logits.sigmoid()
@@ -241,7 +263,9 @@ def run_peer(args: BenchArgs, resolution: int) -> None:
                 step()
                 ms.append((time.perf_counter() - t) * 1e3)
         except torch.OutOfMemoryError as exc:
-            _emit({"kind": "peer", "resolution": resolution, "cameras": cams, "error": f"out of memory: {exc}"})
+            _emit(
+                {"kind": "peer", "resolution": resolution, "cameras": cams, "error": f"out of memory: {exc}"}
+            )
             torch.cuda.empty_cache()
             continue
         batch_ms = summarize_ms(ms)
