@@ -1,0 +1,105 @@
+"""Recommend an input resolution for a card from measured benchmark rows.
+
+The choice follows the user's decision framework: fit in GPU memory (with headroom for the
+OS and other processes), reach the frames per second each camera needs, and keep enough
+resolution for the objects that matter (hands and tools need >= 840, people >= 560).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from sam3stream.errors import InputError
+
+__all__ = ["OBJECT_MIN_RESOLUTION", "Candidate", "default_bench", "format_plan", "plan"]
+
+OBJECT_MIN_RESOLUTION = {"small": 840, "large": 560}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    resolution: int
+    measured_cameras: int
+    memory_mib: float
+    fps_per_camera: float  # scaled to the target card
+    problems: tuple[str, ...]
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+
+def default_bench() -> dict[str, Any]:
+    text = resources.files("sam3stream.data").joinpath("bench_h200.json").read_text()
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+def load_bench(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return default_bench()
+    try:
+        data: dict[str, Any] = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"benchmark file {path} does not exist (make one with `sam3stream bench`)") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"benchmark file {path} is not valid JSON ({exc})") from None
+    if not isinstance(data.get("ours"), list):
+        raise InputError(f"benchmark file {path} has no 'ours' rows: not a `sam3stream bench` result")
+    return data
+
+
+def plan(
+    bench: dict[str, Any],
+    *,
+    vram_gib: float,
+    cameras: int,
+    min_fps_per_camera: float = 0.0,
+    objects: str = "large",
+    speed_ratio: float = 1.0,
+    headroom: float = 0.15,
+) -> list[Candidate]:
+    """Every measured resolution with what (if anything) rules it out, best first."""
+    if vram_gib <= 0 or cameras < 1 or speed_ratio <= 0:
+        raise InputError("--vram-gb and --speed-ratio must be > 0 and --cameras >= 1")
+    if objects not in OBJECT_MIN_RESOLUTION:
+        raise InputError(f"--objects must be one of {', '.join(OBJECT_MIN_RESOLUTION)}, got {objects!r}")
+    budget = vram_gib * 1024 * (1 - headroom)
+    rows = [r for r in bench["ours"] if "total_fps" in r]
+    candidates = []
+    for res in sorted({r["resolution"] for r in rows}, reverse=True):
+        at_res = sorted((r for r in rows if r["resolution"] == res), key=lambda r: r["cameras"])
+        # The row measured with at least as many cameras (a batch that large), else the largest.
+        row = next((r for r in at_res if r["cameras"] >= cameras), at_res[-1])
+        memory = float(row.get("nvml_peak_mib") or row["alloc_peak_mib"])
+        # Frames per second of the whole card, shared by the cameras.
+        fps = row["total_fps"] * speed_ratio / cameras
+        problems = []
+        if memory > budget:
+            problems.append(f"needs {memory:.0f} MiB, {budget:.0f} MiB usable")
+        if fps < min_fps_per_camera:
+            problems.append(f"{fps:.1f} FPS per camera < {min_fps_per_camera:g}")
+        if res < OBJECT_MIN_RESOLUTION[objects]:
+            problems.append(f"{objects} objects need >= {OBJECT_MIN_RESOLUTION[objects]}")
+        candidates.append(Candidate(res, int(row["cameras"]), memory, fps, tuple(problems)))
+    return candidates
+
+
+def format_plan(candidates: list[Candidate], cameras: int) -> str:
+    lines = [f"{'resolution':>10}  {'MiB':>6}  {'FPS/cam':>7}  verdict"]
+    for c in candidates:
+        verdict = "fits" if c.fits else "; ".join(c.problems)
+        lines.append(f"{c.resolution:>10}  {c.memory_mib:>6.0f}  {c.fps_per_camera:>7.1f}  {verdict}")
+    best = next((c for c in candidates if c.fits), None)
+    if best is None:
+        lines.append(f"no measured resolution fits {cameras} cameras: relax a constraint or use fewer cameras per card")
+    else:
+        lines.append(
+            f"recommended: {best.resolution} (engines: sam3stream export ... --resolution {best.resolution} "
+            f"--batch {min(cameras, 8)})"
+        )
+    return "\n".join(lines)

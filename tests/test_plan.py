@@ -1,0 +1,58 @@
+"""Resolution planning from benchmark rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sam3stream.errors import InputError
+from sam3stream.plan import default_bench, load_bench, plan
+
+
+def _row(res: int, cams: int, fps: float, mib: float) -> dict[str, float]:
+    return {"resolution": res, "cameras": cams, "total_fps": fps, "nvml_peak_mib": mib, "alloc_peak_mib": mib / 2}
+
+
+BENCH = {
+    "ours": [
+        _row(1008, 8, 32.0, 9000),
+        _row(840, 8, 45.0, 7000),
+        _row(672, 8, 70.0, 4800),
+        _row(560, 8, 85.0, 4000),
+        _row(560, 1, 34.0, 3900),
+    ]
+}
+
+
+def test_highest_resolution_that_fits_memory_and_fps_wins() -> None:
+    cands = plan(BENCH, vram_gib=8, cameras=8, min_fps_per_camera=5)
+    fits = [c.resolution for c in cands if c.fits]
+    assert fits == [672, 560]
+    assert "MiB usable" in next(c for c in cands if c.resolution == 1008).problems[0]
+
+
+def test_small_objects_rule_out_low_resolutions_and_speed_ratio_scales_fps() -> None:
+    cands = plan(BENCH, vram_gib=32, cameras=8, objects="small", speed_ratio=0.5, min_fps_per_camera=2.5)
+    by_res = {c.resolution: c for c in cands}
+    assert by_res[840].fits and by_res[840].fps_per_camera == pytest.approx(45.0 * 0.5 / 8)
+    assert not by_res[1008].fits  # 2.0 FPS per camera at half speed
+    assert any("small objects" in p for p in by_res[672].problems)
+
+
+def test_fewer_cameras_use_the_row_measured_with_at_least_that_many() -> None:
+    cand = next(c for c in plan(BENCH, vram_gib=8, cameras=1) if c.resolution == 560)
+    assert cand.measured_cameras == 1 and cand.fps_per_camera == pytest.approx(34.0)
+
+
+def test_bundled_measurements_load_and_bad_files_are_named(tmp_path: Path) -> None:
+    assert {r["resolution"] for r in default_bench()["ours"]} >= {560, 672, 840, 1008}
+    with pytest.raises(InputError, match="does not exist"):
+        load_bench(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": []}))
+    with pytest.raises(InputError, match="no 'ours' rows"):
+        load_bench(bad)
+    with pytest.raises(InputError, match="--objects"):
+        plan(BENCH, vram_gib=8, cameras=8, objects="medium")
