@@ -181,7 +181,7 @@ class VideoSinkConfig(_Sink, frozen=True, kw_only=True, tag="video"):
     draw_masks: bool = True
     draw_boxes: bool = True
     codec: str = "libx264"
-    every_n: PositiveInt = 1  # record one result in N (N > 1: periodic snapshots)
+    every_n: PositiveInt = 1  # N > 1: also save every N-th result per camera as a PNG snapshot
     queue: PositiveInt = 32  # results hold full-size images here: keep it short
     on_full: OnFull = "block"
 
