@@ -96,7 +96,9 @@ def format_plan(candidates: list[Candidate], cameras: int) -> str:
         lines.append(f"{c.resolution:>10}  {c.memory_mib:>6.0f}  {c.fps_per_camera:>7.1f}  {verdict}")
     best = next((c for c in candidates if c.fits), None)
     if best is None:
-        lines.append(f"no measured resolution fits {cameras} cameras: relax a constraint or use fewer cameras per card")
+        lines.append(
+            f"no measured resolution fits {cameras} cameras: relax a constraint or use fewer cameras per card"
+        )
     else:
         lines.append(
             f"recommended: {best.resolution} (engines: sam3stream export ... --resolution {best.resolution} "

@@ -12,7 +12,13 @@ from sam3stream.plan import default_bench, load_bench, plan
 
 
 def _row(res: int, cams: int, fps: float, mib: float) -> dict[str, float]:
-    return {"resolution": res, "cameras": cams, "total_fps": fps, "nvml_peak_mib": mib, "alloc_peak_mib": mib / 2}
+    return {
+        "resolution": res,
+        "cameras": cams,
+        "total_fps": fps,
+        "nvml_peak_mib": mib,
+        "alloc_peak_mib": mib / 2,
+    }
 
 
 BENCH = {

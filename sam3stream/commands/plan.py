@@ -11,13 +11,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--vram-gb", type=float, required=True, help="GPU memory of the target card")
     p.add_argument("--cameras", type=int, default=8)
     p.add_argument("--min-fps", type=float, default=0.0, help="frames per second each camera needs")
-    p.add_argument("--objects", choices=["small", "large"], default="large",
-                   help="small: hands, tools (>= 840); large: people, counters (>= 560)")
-    p.add_argument("--speed-ratio", type=float, default=1.0,
-                   help="target card's throughput relative to the benchmark GPU (e.g. 0.2)")
+    p.add_argument(
+        "--objects",
+        choices=["small", "large"],
+        default="large",
+        help="small: hands, tools (>= 840); large: people, counters (>= 560)",
+    )
+    p.add_argument(
+        "--speed-ratio",
+        type=float,
+        default=1.0,
+        help="target card's throughput relative to the benchmark GPU (e.g. 0.2)",
+    )
     p.add_argument("--headroom", type=float, default=0.15, help="share of memory left for other processes")
-    p.add_argument("--bench", type=Path, default=None,
-                   help="a `sam3stream bench` JSON (default: the bundled H200 measurements)")
+    p.add_argument(
+        "--bench",
+        type=Path,
+        default=None,
+        help="a `sam3stream bench` JSON (default: the bundled H200 measurements)",
+    )
     p.set_defaults(func=run)
 
 

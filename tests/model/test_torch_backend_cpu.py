@@ -26,8 +26,9 @@ def backend(tiny_engines: Path) -> TorchBackend:
 def test_matches_onnxruntime_on_the_same_engine_directory(backend: TorchBackend, tiny_engines: Path) -> None:
     ort = OnnxRuntimeBackend(tiny_engines)
     frames = np.random.default_rng(3).integers(0, 256, (3, 490, 490, 3), dtype=np.uint8)
-    ours, theirs = backend.infer(frames, backend.encode_text(PROMPTS), 0.2), ort.infer(
-        frames, ort.encode_text(PROMPTS), 0.2
+    ours, theirs = (
+        backend.infer(frames, backend.encode_text(PROMPTS), 0.2),
+        ort.infer(frames, ort.encode_text(PROMPTS), 0.2),
     )
     np.testing.assert_allclose(ours.scores, theirs.scores, atol=1e-4)
     np.testing.assert_allclose(ours.boxes, theirs.boxes, atol=1e-4)
@@ -48,7 +49,7 @@ def test_pipelined_submits_give_each_batch_its_own_outputs(backend: TorchBackend
 def test_cuda_without_a_device_says_what_to_do(tiny_engines: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(BackendUnavailableError, match="sees no CUDA device.*onnxruntime"):
+    with pytest.raises(BackendUnavailableError, match=r"sees no CUDA device.*onnxruntime"):
         TorchBackend(tiny_engines, device="cuda")
 
 
