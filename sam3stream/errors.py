@@ -9,6 +9,7 @@ __all__ = [
     "ConfigError",
     "EngineDeadError",
     "EngineMismatchError",
+    "GpuMemoryError",
     "InputError",
     "ResolutionError",
     "Sam3StreamError",
@@ -37,6 +38,10 @@ class InputError(Sam3StreamError):
 
 class BackendUnavailableError(Sam3StreamError):
     """The requested runtime backend cannot run here (missing package or device)."""
+
+
+class GpuMemoryError(Sam3StreamError):
+    """The device cannot hold the engines and buffers for the requested batch and resolution."""
 
 
 class EngineDeadError(Sam3StreamError):

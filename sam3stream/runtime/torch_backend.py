@@ -17,8 +17,9 @@ What makes it fast and small (docs/design.md has the reasoning):
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from sam3stream.errors import BackendUnavailableError, EngineMismatchError, InputError
+from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuMemoryError, InputError
 from sam3stream.runtime.manifest import EngineManifest, ModelSpec, read_manifest
 from sam3stream.runtime.tokenize import PromptTokenizer
 from sam3stream.runtime.types import RawOutputs, TextFeatures
@@ -119,7 +120,26 @@ class TorchBackend:
             engine_dir, loaded, resolution, batch, queries
         )
         self._tokenizer = PromptTokenizer(tokenizer_dir)
-        self._setup(loaded)
+        with self._out_of_memory_is_explained():
+            self._setup(loaded)
+
+    @contextlib.contextmanager
+    def _out_of_memory_is_explained(self) -> Iterator[None]:
+        """Turn a CUDA out-of-memory error into one that says what to change."""
+        import torch
+
+        try:
+            yield
+        except torch.OutOfMemoryError as exc:
+            m = self._manifest
+            on_cuda = self.device.type == "cuda"
+            free, total = torch.cuda.mem_get_info(self.device) if on_cuda else (0, 0)
+            raise GpuMemoryError(
+                f"not enough GPU memory for batch {m.batch} at {m.resolution}x{m.resolution} "
+                f"({free / 2**30:.1f} of {total / 2**30:.1f} GiB free): lower batching.max_batch or the "
+                "resolution (`sam3stream plan --vram-gb N --cameras M` suggests one), or free the GPU "
+                f"({str(exc).splitlines()[0]})"
+            ) from None
 
     @classmethod
     def from_model(
@@ -375,7 +395,7 @@ class TorchBackend:
 
         check_frames(frames, self._manifest)
         batch = frames.shape[0]
-        with torch.no_grad():
+        with torch.no_grad(), self._out_of_memory_is_explained():
             self._ensure_geo_buffers()
             self._bind_text(text)
             self._turn ^= 1

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam3stream.errors import BackendUnavailableError, EngineMismatchError
+from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuMemoryError
 from sam3stream.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from sam3stream.runtime.torch_backend import TorchBackend, TorchOptions
 
@@ -61,3 +61,17 @@ def test_engine_directory_from_other_weights_is_refused(tiny_engines: Path, tmp_
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineMismatchError, match="export the engines again"):
         TorchBackend(other, device="cpu")
+
+
+def test_out_of_gpu_memory_says_what_to_change(
+    backend: TorchBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def exhausted(*_args: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(backend, "_launch", exhausted)
+    frames = np.zeros((2, 490, 490, 3), np.uint8)
+    with pytest.raises(
+        GpuMemoryError, match=r"batch 4 at 490x490.*lower batching\.max_batch.*sam3stream plan"
+    ):
+        backend.infer(frames, backend.encode_text(PROMPTS), 0.3)
