@@ -18,6 +18,7 @@ import structlog
 from sam3stream.errors import CheckpointError
 from sam3stream.model.build import random_model, set_resolution
 from sam3stream.resolution import check_resolution
+from sam3stream.runtime.manifest import ModelSpec
 
 if TYPE_CHECKING:
     from transformers import Sam3Config, Sam3Model
@@ -45,6 +46,17 @@ class LoadedModel:
     tokenizer_dir: Path
     checkpoint_sha256: str
     source: str
+
+    def spec(self) -> ModelSpec:
+        """What an engine manifest records about these weights."""
+        config: Any = self.model.config  # sub-configs are typed dict | PreTrainedConfig | None
+        return ModelSpec(
+            source=self.source,
+            checkpoint_sha256=self.checkpoint_sha256,
+            hidden_size=int(config.detr_encoder_config.hidden_size),
+            text_context=int(config.text_config.max_position_embeddings),
+            num_queries=int(config.detr_decoder_config.num_queries),
+        )
 
 
 def weight_files(ckpt: Path) -> list[Path]:

@@ -26,7 +26,6 @@ from sam3stream.resolution import check_resolution
 from sam3stream.runtime.manifest import (
     EngineManifest,
     GraphSpec,
-    ModelSpec,
     TensorSpec,
     write_manifest,
 )
@@ -223,19 +222,12 @@ def export_engines(
         if (loaded.tokenizer_dir / name).is_file():
             shutil.copy2(loaded.tokenizer_dir / name, tok_dir / name)
 
-    config: Any = model.config  # sub-configs are typed dict | PreTrainedConfig | None
     manifest = EngineManifest(
         resolution=resolution,
         batch=batch,
         queries=queries,
         precision="float32",
-        model=ModelSpec(
-            source=loaded.source,
-            checkpoint_sha256=loaded.checkpoint_sha256,
-            hidden_size=int(config.detr_encoder_config.hidden_size),
-            text_context=int(config.text_config.max_position_embeddings),
-            num_queries=int(config.detr_decoder_config.num_queries),
-        ),
+        model=loaded.spec(),
         graphs={name: _graph_spec(path, tmp) for name, path in files.items()},
         tokenizer="tokenizer",
         versions=_versions(),

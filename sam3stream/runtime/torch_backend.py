@@ -30,7 +30,7 @@ import numpy.typing as npt
 import structlog
 
 from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuMemoryError, InputError
-from sam3stream.runtime.manifest import EngineManifest, ModelSpec, read_manifest
+from sam3stream.runtime.manifest import EngineManifest, read_manifest
 from sam3stream.runtime.tokenize import PromptTokenizer
 from sam3stream.runtime.types import RawOutputs, TextFeatures
 
@@ -539,19 +539,12 @@ def _resolve_source(
         return manifest, loaded, Path(engine_dir) / manifest.tokenizer
     if loaded is None or resolution is None or batch is None or queries is None:
         raise ValueError("give an engine directory, or a loaded model with resolution, batch and queries")
-    config: Any = loaded.model.config  # sub-configs are typed dict | PreTrainedConfig | None
     manifest = EngineManifest(
         resolution=resolution,
         batch=batch,
         queries=queries,
         precision="torch",
-        model=ModelSpec(
-            source=loaded.source,
-            checkpoint_sha256=loaded.checkpoint_sha256,
-            hidden_size=int(config.detr_encoder_config.hidden_size),
-            text_context=int(config.text_config.max_position_embeddings),
-            num_queries=int(config.detr_decoder_config.num_queries),
-        ),
+        model=loaded.spec(),
         graphs={},
         tokenizer=".",
         versions={},
