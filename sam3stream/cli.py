@@ -16,8 +16,7 @@ from sam3stream.errors import ConfigError, Sam3StreamError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-# Registration points: (module, what it provides). A module listed here that is not
-# there yet (being written elsewhere) is skipped, so the rest of the CLI keeps working.
+# One module per subcommand: (module, command name).
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("sam3stream.commands.run", "run"),
     ("sam3stream.commands.validate", "validate"),
@@ -38,13 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sam3stream {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name, _name in COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
-        module.register(subparsers)
+        # Each command module imports its heavy dependencies inside its handler, so building the
+        # parser stays cheap and `sam3stream infer` never pulls in torch.
+        importlib.import_module(module_name).register(subparsers)
     return parser
 
 
