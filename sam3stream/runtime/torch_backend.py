@@ -18,6 +18,7 @@ What makes it fast and small (docs/design.md has the reasoning):
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -111,6 +112,11 @@ class TorchBackend:
             ) from exc
         self.options = options or TorchOptions()
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            # Expandable segments cut the allocator's fragmentation around CUDA graph pools:
+            # at 1008 with 8 cameras the process peak fell from 4054 to 3374 MiB (docs/bench).
+            # Read when CUDA initialises, so it only applies if nothing used CUDA before us.
+            os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError(
                 "the torch backend was asked for CUDA but this PyTorch sees no CUDA device "
