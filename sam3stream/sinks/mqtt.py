@@ -34,26 +34,20 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from sam3stream.backoff import backoff_delay
 from sam3stream.stream.frames import SCHEMA_VERSION, FrameResult
 
 if TYPE_CHECKING:
     from sam3stream.config import MqttSinkConfig
     from sam3stream.metrics import Metrics
 
-__all__ = ["MqttSink", "backoff_delay"]
+__all__ = ["MqttSink"]
 
 log = structlog.get_logger(__name__)
 
 # Results published concurrently per round trip: QoS 1/2 acknowledgements would
 # otherwise cap throughput at one message per broker round trip.
 WINDOW = 64
-
-
-def backoff_delay(
-    attempt: int, base: float, cap: float, uniform: Callable[[float, float], float] = random.uniform
-) -> float:
-    """Full-jitter exponential backoff: ``uniform(0, min(cap, base * 2**attempt))``."""
-    return uniform(0.0, min(cap, base * 2.0 ** min(attempt, 62)))
 
 
 class MqttSink:

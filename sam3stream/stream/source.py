@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from sam3stream.backoff import backoff_delay
 from sam3stream.config import CameraConfig, LifecycleConfig
 from sam3stream.metrics import Metrics
 from sam3stream.stream.frames import Frame
@@ -66,7 +67,7 @@ class Backoff:
     rng: random.Random
 
     def delay(self, attempt: int) -> float:
-        return self.rng.uniform(0.0, min(self.cap_s, self.base_s * 2.0 ** min(attempt, 62)))
+        return backoff_delay(attempt, self.base_s, self.cap_s, self.rng.uniform)
 
 
 @dataclass(slots=True)

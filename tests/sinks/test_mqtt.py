@@ -16,8 +16,9 @@ import aiomqtt
 import msgspec
 import pytest
 
+from sam3stream.backoff import backoff_delay
 from sam3stream.metrics import Metrics
-from sam3stream.sinks.mqtt import MqttSink, backoff_delay
+from sam3stream.sinks.mqtt import MqttSink
 from sam3stream.stream.frames import SCHEMA_VERSION, FrameResult
 from tests.mosquitto import Mosquitto
 from tests.sinks.results import make_result
