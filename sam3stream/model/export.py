@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from sam3stream.errors import InputError
 from sam3stream.model.checkpoint import LoadedModel, load_checkpoint, write_random_checkpoint
 from sam3stream.model.parts import Parts, padding_boxes, split_model
 from sam3stream.resolution import check_resolution
@@ -198,7 +199,7 @@ def export_engines(
 
     check_resolution(resolution)
     if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+        raise InputError(f"--batch must be >= 1, got {batch}")
     out = Path(out)
     shared = out.parent / ".shared"
     install_into_transformers()

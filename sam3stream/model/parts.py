@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sam3stream.errors import InputError
+
 if TYPE_CHECKING:
     from transformers import Sam3Model
 
@@ -155,7 +157,7 @@ class Decoder(nn.Module):
         detr_config: Any = model.config.detr_decoder_config  # typed dict | PreTrainedConfig | None
         total = int(detr_config.num_queries)
         if not 1 <= queries <= total:
-            raise ValueError(f"queries must be between 1 and {total}, got {queries}")
+            raise InputError(f"queries must be between 1 and {total} (the decoder's queries), got {queries}")
         self.queries = queries
         self.position_encoding = model.vision_encoder.neck.position_encoding
         self.detr_encoder = model.detr_encoder

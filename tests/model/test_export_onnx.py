@@ -99,3 +99,16 @@ def test_bad_frames_are_input_errors(tiny_engines: Path) -> None:
         backend.infer(np.zeros((1, 448, 448, 3), np.uint8), text, 0.3)
     with pytest.raises(EngineMismatchError, match="batch of 5 frames"):
         backend.infer(np.zeros((5, 490, 490, 3), np.uint8), text, 0.3)
+
+
+def test_export_arguments_are_checked_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sam3stream.cli import main
+
+    out = tmp_path / "e"
+    assert main(["export", "--random", "tiny", "--resolution", "500", "--out", str(out)]) == 1
+    assert "500 is not a valid input resolution" in capsys.readouterr().err
+    assert main(["export", "--random", "tiny", "--resolution", "448", "--batch", "0", "--out", str(out)]) == 1
+    assert "--batch must be >= 1" in capsys.readouterr().err
+    assert not out.exists()
