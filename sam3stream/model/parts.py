@@ -182,7 +182,7 @@ class Decoder(nn.Module):
         geo_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         from transformers.masking_utils import create_bidirectional_mask
-        from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy, inverse_sigmoid
+        from transformers.models.sam3.modeling_sam3 import box_cxcywh_to_xyxy
 
         frames, classes = fpn2.shape[0], text_features.shape[0]
         rows = frames * classes
@@ -199,30 +199,18 @@ class Decoder(nn.Module):
         enc = self.detr_encoder(
             vision_features=[fpn2_rows], text_features=prompt, vision_pos_embeds=[pos2], text_mask=prompt_mask
         )
-        # The query path (DETR decoder, box head, scoring) may run wider than the rest (the torch
-        # backend keeps it in float32): bf16 cannot place a box coordinate near 1 closer than 2^-8,
-        # i.e. 4 px at 1008. It is cheap: 200 queries against the image tokens.
-        wide = self.detr_decoder.query_embed.weight.dtype
-        dec = self.detr_decoder(
-            vision_features=enc.last_hidden_state.to(wide),
-            text_features=enc.text_features.to(wide),
-            vision_pos_encoding=enc.pos_embeds_flattened.to(wide),
-            text_mask=prompt_mask,
-            # A host tensor: the decoder reads these sizes as Python numbers, which from a device
-            # tensor would be a device sync (and so impossible inside a CUDA graph capture).
-            spatial_shapes=torch.tensor([[height, width]]),
+        hidden, boxes_cxcywh, presence_logit = self._decode_queries(
+            enc.last_hidden_state, enc.text_features, enc.pos_embeds_flattened, prompt_mask, height, width
         )
-        # Only the last decoder layer's predictions are used, as in Sam3Model.forward.
-        hidden = dec.intermediate_hidden_states[-1]  # [rows, Q, D]
-        offsets = self.detr_decoder.box_head(hidden)
-        boxes = box_cxcywh_to_xyxy((inverse_sigmoid(dec.reference_boxes[-1]) + offsets).sigmoid())  # type: ignore[no-untyped-call]  # unannotated in transformers
+        boxes = box_cxcywh_to_xyxy(boxes_cxcywh)  # type: ignore[no-untyped-call]  # unannotated in transformers
+        qdtype = hidden.dtype
         logits = self.scoring(
             decoder_hidden_states=hidden.unsqueeze(0),
-            text_features=enc.text_features.to(wide),
+            text_features=enc.text_features.to(qdtype),
             text_mask=prompt_mask,
         )[0, :, :, 0]
-        presence = dec.presence_logits[-1].sigmoid()  # [rows, 1]
-        scores = logits.sigmoid() * presence
+        presence = presence_logit.float().sigmoid()  # [rows, 1]
+        scores = logits.float().sigmoid() * presence
 
         top_scores, top_index = scores.topk(self.queries, dim=1)  # sorted, best first
         top_boxes = boxes.gather(1, top_index.unsqueeze(-1).expand(-1, -1, 4))
@@ -252,6 +240,59 @@ class Decoder(nn.Module):
             presence.view(frames, classes),
             top_index.view(frames, classes, self.queries),
         )
+
+    def _decode_queries(
+        self,
+        vision: torch.Tensor,
+        text: torch.Tensor,
+        vision_pos: torch.Tensor,
+        text_mask: torch.Tensor,
+        height: int,
+        width: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sam3DetrDecoder.forward, keeping only the last layer's outputs, with the box refinement
+        always in float32: bf16 cannot place a box coordinate near 1 closer than 2^-8 (4 px at
+        1008), and the boxes are refined through every layer. The attention runs at the
+        decoder's own dtype. In float32 this is exactly transformers' computation.
+
+        Returns the last layer's normalised query states [rows, Q, D], the boxes (cxcywh,
+        float32) and the presence logit [rows, 1].
+        """
+        from transformers.masking_utils import create_bidirectional_mask
+        from transformers.models.sam3.modeling_sam3 import inverse_sigmoid
+
+        dd: Any = self.detr_decoder
+        dtype = dd.query_embed.weight.dtype
+        vision, text, vision_pos = vision.to(dtype), text.to(dtype), vision_pos.to(dtype)
+        rows = vision.shape[0]
+        queries = dd.query_embed.weight.unsqueeze(0).expand(rows, -1, -1)
+        boxes = dd.reference_points.weight.float().unsqueeze(0).expand(rows, -1, -1).sigmoid()
+        presence_token = dd.presence_token.weight.unsqueeze(0).expand(rows, -1, -1)
+        hidden = torch.cat([presence_token, queries], dim=1)
+        text_attn = create_bidirectional_mask(
+            config=dd.config, inputs_embeds=hidden, attention_mask=text_mask, encoder_hidden_states=text
+        )
+        normed = hidden[:, 1:]
+        for layer in dd.layers:
+            query_pos = dd.ref_point_head(dd.position_encoding.encode_boxes(boxes).to(dtype))
+            # Box relative-position bias; the presence token (row 0) attends to every location.
+            rpb = dd._get_rpb_matrix(boxes.to(dtype), (height, width))
+            hidden = layer(
+                hidden,
+                query_pos=query_pos,
+                text_features=text,
+                vision_features=vision,
+                vision_pos_encoding=vision_pos,
+                text_cross_attn_mask=text_attn,
+                vision_cross_attn_mask=F.pad(rpb, (0, 0, 1, 0), mode="constant", value=0),
+            )
+            normed = dd.output_layer_norm(hidden[:, 1:])
+            boxes = (dd.box_head(normed).float() + inverse_sigmoid(boxes)).sigmoid()
+        limit = dd.clamp_presence_logit_max_val
+        presence = (
+            dd.presence_head(dd.presence_layer_norm(hidden[:, :1])).squeeze(-1).clamp(min=-limit, max=limit)
+        )
+        return normed, boxes, presence
 
     def _pixel_decoder(
         self, coarse: torch.Tensor, fpn1: torch.Tensor, fpn0: torch.Tensor, frames: int, classes: int

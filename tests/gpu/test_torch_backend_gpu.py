@@ -29,7 +29,8 @@ R, B, K = 1008, 2, 50
 PROMPTS = ["person", "hand", "blow gun", "counter"]
 
 
-def test_bf16_backend_matches_fp32_reference_query_by_query() -> None:
+@pytest.mark.parametrize("query_precision", ["fp32", "same"])
+def test_bf16_backend_matches_fp32_reference_query_by_query(query_precision: str) -> None:
     install_into_transformers()
     model = random_model("full", R, seed=0, device="cuda")
     reference = split_model(copy.deepcopy(model), 200)
@@ -39,7 +40,11 @@ def test_bf16_backend_matches_fp32_reference_query_by_query() -> None:
         model=model, tokenizer_dir=tok, checkpoint_sha256="random", source="random:full:seed=0"
     )
     backend = TorchBackend.from_model(
-        loaded, resolution=R, batch=B, queries=K, options=TorchOptions(precision="bf16")
+        loaded,
+        resolution=R,
+        batch=B,
+        queries=K,
+        options=TorchOptions(precision="bf16", query_precision=query_precision),
     )
     text = backend.encode_text(PROMPTS)
     rng = np.random.default_rng(0)
