@@ -30,9 +30,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--decoder-frames", type=int, default=1)
     p.add_argument(
         "--query-precision",
-        default="fp32",
+        default="same",
         choices=["fp32", "same"],
-        help="decoder query path in float32 (default) or at --precision",
+        help="decoder attention at --precision (default; box refinement stays float32) or all float32",
     )
     p.add_argument(
         "--out", type=Path, default=Path("docs/bench/results"), help="output stem (.json/.md/.png)"
