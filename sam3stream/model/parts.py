@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sam3stream.errors import InputError
+from sam3stream.runtime.contract import PAD_BOX_LABEL
 
 if TYPE_CHECKING:
     from transformers import Sam3Model
@@ -34,9 +35,6 @@ __all__ = [
     "padding_boxes",
     "split_model",
 ]
-
-# transformers' Sam3Processor pads box prompts with label -10: such a box is masked out.
-PAD_BOX_LABEL = -10
 
 
 def padding_boxes(batch: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,29 +13,16 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from sam3stream.errors import BackendUnavailableError, EngineMismatchError, InputError
+from sam3stream.errors import BackendUnavailableError, EngineMismatchError
+from sam3stream.runtime.contract import PAD_BOX_LABEL, check_frames
 from sam3stream.runtime.manifest import EngineManifest, read_manifest
 from sam3stream.runtime.select import select_masks
 from sam3stream.runtime.tokenize import PromptTokenizer
 from sam3stream.runtime.types import RawOutputs, TextFeatures
 
-__all__ = ["OnnxRuntimeBackend", "check_frames"]
+__all__ = ["OnnxRuntimeBackend"]
 
 log = structlog.get_logger(__name__)
-
-PAD_BOX_LABEL = -10
-
-
-def check_frames(frames: npt.NDArray[np.uint8], manifest: EngineManifest) -> None:
-    """Frames must be [B, R, R, 3] uint8 with 1 <= B <= the engine's batch."""
-    r = manifest.resolution
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (r, r, 3):
-        raise InputError(f"frames must be uint8 [B, {r}, {r}, 3]; got {frames.dtype} {list(frames.shape)}")
-    if not 1 <= frames.shape[0] <= manifest.batch:
-        raise EngineMismatchError(
-            f"batch of {frames.shape[0]} frames; the engines take 1..{manifest.batch} "
-            "(export with a larger --batch or lower batching.max_batch)"
-        )
 
 
 class OnnxRuntimeBackend:

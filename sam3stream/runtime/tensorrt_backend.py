@@ -47,6 +47,7 @@ from sam3stream.errors import (
     InputError,
     Sam3StreamError,
 )
+from sam3stream.runtime.contract import PAD_BOX_LABEL, check_frames
 from sam3stream.runtime.manifest import (
     GRAPH_NAMES,
     MANIFEST_NAME,
@@ -54,7 +55,6 @@ from sam3stream.runtime.manifest import (
     read_manifest,
     write_manifest,
 )
-from sam3stream.runtime.onnxruntime_backend import PAD_BOX_LABEL, check_frames
 from sam3stream.runtime.tokenize import PromptTokenizer
 from sam3stream.runtime.trt_plan import (
     BATCH_AXIS,

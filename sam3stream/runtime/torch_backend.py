@@ -31,6 +31,7 @@ import numpy.typing as npt
 import structlog
 
 from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuMemoryError, InputError
+from sam3stream.runtime.contract import PAD_BOX_LABEL, check_frames
 from sam3stream.runtime.manifest import EngineManifest, read_manifest
 from sam3stream.runtime.tokenize import PromptTokenizer
 from sam3stream.runtime.types import RawOutputs, TextFeatures
@@ -44,8 +45,6 @@ if TYPE_CHECKING:
 __all__ = ["Pending", "TorchBackend", "TorchOptions"]
 
 log = structlog.get_logger(__name__)
-
-PAD_BOX_LABEL = -10
 
 
 @dataclass(frozen=True)
@@ -397,8 +396,6 @@ class TorchBackend:
     def submit(self, frames: npt.NDArray[np.uint8], text: TextFeatures, min_score: float) -> Pending:
         """Queue a batch on the GPU and return at once; ``result()`` waits for it."""
         import torch
-
-        from sam3stream.runtime.onnxruntime_backend import check_frames
 
         check_frames(frames, self._manifest)
         batch = frames.shape[0]
