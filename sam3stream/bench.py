@@ -76,20 +76,17 @@ def run_bench(args: BenchArgs, progress: Any = print) -> dict[str, Any]:
     started = time.time()
     ours: list[dict[str, Any]] = []
     peers: list[dict[str, Any]] = []
-    total = len(args.resolutions) * (2 if args.peer else 1)
+    runs = [("ours", ours, f"{args.backend} at {{}}: cameras {args.cameras}")]
+    if args.peer:
+        runs.append(("peer", peers, "transformers eager peer at {}"))
+    total = len(args.resolutions) * len(runs)
     step = 0
     for resolution in args.resolutions:
-        step += 1
-        progress(f"[{step}/{total}] {args.backend} at {resolution}: cameras {args.cameras}")
-        rows = _child("ours", args, resolution)
-        ours.extend(rows)
-        for row in rows:
-            progress("    " + _row_line(row))
-        if args.peer:
+        for kind, into, label in runs:
             step += 1
-            progress(f"[{step}/{total}] transformers eager peer at {resolution}")
-            rows = _child("peer", args, resolution)
-            peers.extend(rows)
+            progress(f"[{step}/{total}] " + label.format(resolution))
+            rows = _child(kind, args, resolution)
+            into.extend(rows)
             for row in rows:
                 progress("    " + _row_line(row))
     for row in ours:
