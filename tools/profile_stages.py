@@ -1,5 +1,6 @@
-"""Where the GPU time goes: per-stage times (eager, CUDA events on module hooks) and the top
-kernels of the compiled backend (torch.profiler, CUDA graphs off so kernels are visible).
+"""Where the GPU time goes: per-stage times (each stage compiled on its own, CUDA events on module
+hooks; ``--eager`` adds the uncompiled split) and the top kernels of the compiled backend
+(torch.profiler, CUDA graphs off so kernels are visible).
 
     python tools/profile_stages.py --resolution 1008 --cameras 8 --out docs/bench/profile_1008
 """
@@ -16,21 +17,44 @@ from typing import Any
 import numpy as np
 
 
+def stage_modules(backend: Any) -> dict[str, Any]:
+    """The modules whose calls are timed, by stage name (ModuleLists: every member)."""
+    decoder = backend._decoder
+    return {
+        "vit": backend._vision.backbone,
+        "fpn": backend._vision.fpn_layers,
+        "geometry": backend._geometry,
+        "detr_encoder": decoder.detr_encoder,
+        "detr_decoder_layers": decoder.detr_decoder.layers,
+        "box_head": decoder.detr_decoder.box_head,
+        "scoring": decoder.scoring,
+        "mask_cross_attn": decoder.prompt_cross_attn,
+        "pixel_decoder_convs": decoder.pixel_decoder.conv_layers,
+        "mask_embed": decoder.mask_embedder,
+        "instance_projection": decoder.instance_projection,
+        "vision_total": backend._vision,
+        "decoder_total": decoder,
+    }
+
+
+def compile_stages(backend: Any) -> None:
+    """torch.compile each timed module's forward on its own, so the module hooks stay outside the
+    compiled code and the CUDA events split compiled kernels by stage (the glue stays eager)."""
+    import torch
+
+    for name, module in stage_modules(backend).items():
+        if name.endswith("_total"):
+            continue
+        modules = list(module) if isinstance(module, torch.nn.ModuleList) else [module]
+        for mod in modules:
+            mod.forward = torch.compile(mod.forward, dynamic=False)
+
+
 def stage_times(backend: Any, text: Any, frames: np.ndarray, repeats: int = 3) -> dict[str, float]:
     """Milliseconds per stage for one batch, from CUDA events around each module call."""
     import torch
 
-    parts = {
-        "vit": backend._vision.backbone,
-        "fpn": backend._vision.fpn_layers,
-        "geometry": backend._geometry,
-        "detr_encoder": backend._decoder.detr_encoder,
-        "detr_decoder": backend._decoder.detr_decoder,
-        "scoring": backend._decoder.scoring,
-        "mask_cross_attn": backend._decoder.prompt_cross_attn,
-        "pixel_decoder": backend._decoder.pixel_decoder.conv_layers,
-        "mask_embed": backend._decoder.mask_embedder,
-    }
+    parts = stage_modules(backend)
     totals: dict[str, float] = defaultdict(float)
     pending: list[tuple[str, Any, Any]] = []
     handles = []
@@ -74,6 +98,8 @@ def main() -> int:
     parser.add_argument("--resolution", type=int, default=1008)
     parser.add_argument("--cameras", type=int, default=8)
     parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--vision-precision", default="same", choices=["same", "fp8"])
+    parser.add_argument("--eager", action="store_true", help="also time the stages uncompiled")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/profile"))
     args = parser.parse_args()
 
@@ -92,26 +118,28 @@ def main() -> int:
     )
     report: dict[str, Any] = {"command": "python tools/profile_stages.py " + " ".join(sys.argv[1:])}
 
-    eager = TorchBackend.from_model(
-        _random_loaded(bargs, args.resolution, "cuda"),
-        resolution=args.resolution,
-        batch=args.cameras,
-        queries=50,
-        options=TorchOptions(compile=False, cuda_graphs=False),
-    )
-    text = eager.encode_text(PROMPTS[: args.classes])
-    report["eager_stage_ms_per_batch"] = stage_times(eager, text, frames)
-    eager.close()
-    del eager
+    def backend(options: TorchOptions) -> TorchBackend:
+        return TorchBackend.from_model(
+            _random_loaded(bargs, args.resolution, "cuda"),
+            resolution=args.resolution,
+            batch=args.cameras,
+            queries=50,
+            options=options,
+        )
+
+    plain = TorchOptions(compile=False, cuda_graphs=False, vision_precision=args.vision_precision)
+    staged = backend(plain)
+    text = staged.encode_text(PROMPTS[: args.classes])
+    if args.eager:
+        report["eager_stage_ms_per_batch"] = stage_times(staged, text, frames)
+    compile_stages(staged)
+    report["compiled_stage_ms_per_batch"] = stage_times(staged, text, frames)
+    print(json.dumps(report, indent=2), flush=True)
+    staged.close()
+    del staged
     torch.cuda.empty_cache()
 
-    compiled = TorchBackend.from_model(
-        _random_loaded(bargs, args.resolution, "cuda"),
-        resolution=args.resolution,
-        batch=args.cameras,
-        queries=50,
-        options=TorchOptions(cuda_graphs=False),
-    )
+    compiled = backend(TorchOptions(cuda_graphs=False, vision_precision=args.vision_precision))
     for _ in range(3):
         compiled.infer(frames, text, 0.3)
     torch.cuda.synchronize()

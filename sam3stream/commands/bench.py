@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="decoder attention at --precision (default; box refinement stays float32) or all float32",
     )
     p.add_argument(
+        "--vision-precision",
+        default="same",
+        choices=["same", "fp8"],
+        help="ViT GEMMs at --precision (default) or in FP8 with row-wise scales (Ada/Hopper)",
+    )
+    p.add_argument(
         "--out", type=Path, default=Path("docs/bench/results"), help="output stem (.json/.md/.png)"
     )
     p.set_defaults(func=run)
@@ -65,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         vision_chunk=args.vision_chunk,
         decoder_frames=args.decoder_frames,
         query_precision=args.query_precision,
+        vision_precision=args.vision_precision,
         device=args.device,
         out=str(args.out),
     )

@@ -59,6 +59,9 @@ class TorchOptions:
     # way (bf16 boxes are off by up to 4 px at 1008); "same" runs the attention at ``precision``
     # (25% faster at 1008 on the H200, boxes within 0.65 px), "fp32" runs all of it in float32.
     query_precision: str = "same"
+    # The ViT's GEMMs: "same" runs them at ``precision``; "fp8" quantizes them to FP8 e4m3 with
+    # row-wise scales (needs bf16 and a GPU of compute capability 8.9 or newer; see vit_rewrite).
+    vision_precision: str = "same"
 
 
 def default_vision_chunk(resolution: int, batch: int) -> int:
@@ -189,6 +192,7 @@ class TorchBackend:
         ):
             sub._attn_implementation = "sdpa"
         parts: Parts = split_model(model, m.queries)
+        self._rewrite_vit(parts.vision.backbone)
         # The text encoder stays on the host in float32: it runs once per prompt set.
         self._text = parts.text.float().to("cpu")
         self._vision, self._geometry, self._decoder = parts.vision, parts.geometry, parts.decoder
@@ -255,6 +259,30 @@ class TorchBackend:
             compile=opts.compile and on_cuda,
             cuda_graphs=opts.cuda_graphs and on_cuda,
         )
+
+    def _rewrite_vit(self, backbone: torch.nn.Module) -> None:
+        from sam3stream.runtime.vit_rewrite import fuse_qkv, quantize_linears
+
+        opts = self.options
+        if opts.vision_precision not in ("same", "fp8"):
+            raise InputError(f"vision_precision must be 'same' or 'fp8', got {opts.vision_precision!r}")
+        fuse_qkv(backbone)
+        if opts.vision_precision != "fp8":
+            return
+        if opts.precision != "bf16":
+            raise InputError(f"vision_precision 'fp8' needs precision 'bf16', got {opts.precision!r}")
+        if self.device.type == "cuda":
+            import torch
+
+            capability = torch.cuda.get_device_capability(self.device)
+            if capability < (8, 9):
+                name = torch.cuda.get_device_name(self.device)
+                raise InputError(
+                    f"vision_precision 'fp8' needs FP8 tensor cores (compute capability 8.9+); "
+                    f"{name} is {capability[0]}.{capability[1]}: use vision_precision 'same'"
+                )
+        swapped = quantize_linears(backbone)
+        log.info("vision GEMMs in fp8", linears=swapped)
 
     def _maybe_compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         if not (self.options.compile and self.device.type == "cuda"):

@@ -29,8 +29,12 @@ R, B, K = 1008, 2, 50
 PROMPTS = ["person", "hand", "blow gun", "counter"]
 
 
-@pytest.mark.parametrize("query_precision", ["fp32", "same"])
-def test_bf16_backend_matches_fp32_reference_query_by_query(query_precision: str) -> None:
+@pytest.mark.parametrize(
+    ("query_precision", "vision_precision"), [("fp32", "same"), ("same", "same"), ("same", "fp8")]
+)
+def test_bf16_backend_matches_fp32_reference_query_by_query(
+    query_precision: str, vision_precision: str
+) -> None:
     install_into_transformers()
     model = random_model("full", R, seed=0, device="cuda")
     reference = split_model(copy.deepcopy(model), 200)
@@ -44,7 +48,9 @@ def test_bf16_backend_matches_fp32_reference_query_by_query(query_precision: str
         resolution=R,
         batch=B,
         queries=K,
-        options=TorchOptions(precision="bf16", query_precision=query_precision),
+        options=TorchOptions(
+            precision="bf16", query_precision=query_precision, vision_precision=vision_precision
+        ),
     )
     text = backend.encode_text(PROMPTS)
     rng = np.random.default_rng(0)
