@@ -41,7 +41,7 @@ class BenchArgs:
     vision_chunk: int | None = None
     decoder_frames: int = 1
     query_precision: str = "same"
-    vision_precision: str = "same"
+    overlap: bool = False
     device: str = "cuda"
     out: str = "docs/bench/results"
     extra: dict[str, Any] = field(default_factory=dict)

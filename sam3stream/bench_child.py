@@ -141,7 +141,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             vision_chunk=args.vision_chunk,
             decoder_frames=args.decoder_frames,
             query_precision=args.query_precision,
-            vision_precision=args.vision_precision,
+            overlap=args.overlap,
         )
         loaded = _random_loaded(args, resolution, device)
         backend = TorchBackend.from_model(
@@ -191,7 +191,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             "classes": args.classes,
             "queries": args.queries,
             "precision": args.precision,
-            "vision_precision": args.vision_precision,
+            "overlap": args.overlap,
             "query_precision": args.query_precision,
             "batch_ms": batch_ms,
             "latency_ms": summarize_ms(latency),

@@ -119,13 +119,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each synthetic clip")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--overlap", action="store_true", help="TorchOptions(overlap=True)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/pipeline"))
     args = parser.parse_args()
 
     from sam3stream.bench import BenchArgs
     from sam3stream.bench_child import PROMPTS, _random_loaded
     from sam3stream.config import parse_config
-    from sam3stream.runtime.torch_backend import TorchBackend
+    from sam3stream.runtime.torch_backend import TorchBackend, TorchOptions
 
     work = Path(tempfile.mkdtemp(prefix="sam3-pipeline-bench-"))
     t = time.perf_counter()
@@ -136,7 +137,12 @@ def main() -> int:
     )
     loaded = _random_loaded(bargs, args.resolution, args.device)
     backend = TorchBackend.from_model(
-        loaded, resolution=args.resolution, batch=args.cameras, queries=50, device=args.device
+        loaded,
+        resolution=args.resolution,
+        batch=args.cameras,
+        queries=50,
+        device=args.device,
+        options=TorchOptions(overlap=args.overlap),
     )
     classes = PROMPTS[: args.classes]
     text = backend.encode_text(classes)

@@ -98,7 +98,6 @@ def main() -> int:
     parser.add_argument("--resolution", type=int, default=1008)
     parser.add_argument("--cameras", type=int, default=8)
     parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--vision-precision", default="same", choices=["same", "fp8"])
     parser.add_argument("--eager", action="store_true", help="also time the stages uncompiled")
     parser.add_argument("--no-kernels", action="store_true", help="skip the compiled kernel table")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/profile"))
@@ -128,7 +127,7 @@ def main() -> int:
             options=options,
         )
 
-    plain = TorchOptions(compile=False, cuda_graphs=False, vision_precision=args.vision_precision)
+    plain = TorchOptions(compile=False, cuda_graphs=False)
     staged = backend(plain)
     text = staged.encode_text(PROMPTS[: args.classes])
     if args.eager:
@@ -144,7 +143,7 @@ def main() -> int:
     if args.no_kernels:
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         return 0
-    compiled = backend(TorchOptions(cuda_graphs=False, vision_precision=args.vision_precision))
+    compiled = backend(TorchOptions(cuda_graphs=False))
     for _ in range(3):
         compiled.infer(frames, text, 0.3)
     torch.cuda.synchronize()

@@ -35,10 +35,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="decoder attention at --precision (default; box refinement stays float32) or all float32",
     )
     p.add_argument(
-        "--vision-precision",
-        default="same",
-        choices=["same", "fp8"],
-        help="ViT GEMMs at --precision (default) or in FP8 with row-wise scales (Ada/Hopper)",
+        "--overlap",
+        action="store_true",
+        help="run each frame's decoder on a second CUDA stream beside the next frames' vision steps",
     )
     p.add_argument(
         "--out", type=Path, default=Path("docs/bench/results"), help="output stem (.json/.md/.png)"
@@ -71,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         vision_chunk=args.vision_chunk,
         decoder_frames=args.decoder_frames,
         query_precision=args.query_precision,
-        vision_precision=args.vision_precision,
+        overlap=args.overlap,
         device=args.device,
         out=str(args.out),
     )

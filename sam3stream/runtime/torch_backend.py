@@ -59,9 +59,9 @@ class TorchOptions:
     # way (bf16 boxes are off by up to 4 px at 1008); "same" runs the attention at ``precision``
     # (25% faster at 1008 on the H200, boxes within 0.65 px), "fp32" runs all of it in float32.
     query_precision: str = "same"
-    # The ViT's GEMMs: "same" runs them at ``precision``; "fp8" quantizes them to FP8 e4m3 with
-    # row-wise scales (needs bf16 and a GPU of compute capability 8.9 or newer; see vit_rewrite).
-    vision_precision: str = "same"
+    # Run each frame's decoder on a second stream while the next frames' vision steps run: the
+    # decoder's small kernels leave most SMs idle. Costs a second CUDA graph memory pool.
+    overlap: bool = False
 
 
 def default_vision_chunk(resolution: int, batch: int) -> int:
@@ -170,6 +170,7 @@ class TorchBackend:
 
         from sam3stream.model.parts import split_model
         from sam3stream.model.roi_align import install_into_transformers
+        from sam3stream.runtime.vit_rewrite import fuse_qkv
 
         install_into_transformers()
         m = self._manifest
@@ -192,7 +193,7 @@ class TorchBackend:
         ):
             sub._attn_implementation = "sdpa"
         parts: Parts = split_model(model, m.queries)
-        self._rewrite_vit(parts.vision.backbone)
+        fuse_qkv(parts.vision.backbone)
         # The text encoder stays on the host in float32: it runs once per prompt set.
         self._text = parts.text.float().to("cpu")
         self._vision, self._geometry, self._decoder = parts.vision, parts.geometry, parts.decoder
@@ -245,6 +246,11 @@ class TorchBackend:
         self._outputs: dict[str, torch.Tensor] = {}
         self._inflight: Pending | None = None
         self._pool = torch.cuda.graph_pool_handle() if on_cuda and opts.cuda_graphs else None
+        overlap = on_cuda and opts.overlap
+        self._decoder_stream = torch.cuda.Stream(dev) if overlap else None  # type: ignore[no-untyped-call]
+        # Graphs that may run at the same time must not share a pool.
+        separate = overlap and self._pool is not None
+        self._decoder_pool = torch.cuda.graph_pool_handle() if separate else self._pool
         self._capture_stream: Any = None
         self.last_timings: dict[str, float] = {}
         log.info(
@@ -258,31 +264,8 @@ class TorchBackend:
             decoder_frames=self.decoder_frames,
             compile=opts.compile and on_cuda,
             cuda_graphs=opts.cuda_graphs and on_cuda,
+            overlap=overlap,
         )
-
-    def _rewrite_vit(self, backbone: torch.nn.Module) -> None:
-        from sam3stream.runtime.vit_rewrite import fuse_qkv, quantize_linears
-
-        opts = self.options
-        if opts.vision_precision not in ("same", "fp8"):
-            raise InputError(f"vision_precision must be 'same' or 'fp8', got {opts.vision_precision!r}")
-        fuse_qkv(backbone)
-        if opts.vision_precision != "fp8":
-            return
-        if opts.precision != "bf16":
-            raise InputError(f"vision_precision 'fp8' needs precision 'bf16', got {opts.precision!r}")
-        if self.device.type == "cuda":
-            import torch
-
-            capability = torch.cuda.get_device_capability(self.device)
-            if capability < (8, 9):
-                name = torch.cuda.get_device_name(self.device)
-                raise InputError(
-                    f"vision_precision 'fp8' needs FP8 tensor cores (compute capability 8.9+); "
-                    f"{name} is {capability[0]}.{capability[1]}: use vision_precision 'same'"
-                )
-        swapped = quantize_linears(backbone)
-        log.info("vision GEMMs in fp8", linears=swapped)
 
     def _maybe_compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         if not (self.options.compile and self.device.type == "cuda"):
@@ -334,17 +317,19 @@ class TorchBackend:
 
     # -- CUDA graphs ---------------------------------------------------------------------------
 
-    def _replay(self, graphs: dict[Any, Any], key: Any, start: int, run: Callable[[int], None]) -> None:
-        if self._pool is None:
+    def _replay(
+        self, graphs: dict[Any, Any], key: Any, start: int, run: Callable[[int], None], pool: Any
+    ) -> None:
+        if pool is None:
             run(start)
             return
         graph = graphs.get(key)
         if graph is None:
-            graph = self._capture(run, start)
+            graph = self._capture(run, start, pool)
             graphs[key] = graph
         graph.replay()
 
-    def _capture(self, run: Callable[[int], None], start: int) -> Any:
+    def _capture(self, run: Callable[[int], None], start: int, pool: Any) -> Any:
         import torch
 
         stream = torch.cuda.current_stream(self.device)
@@ -361,7 +346,7 @@ class TorchBackend:
         # The warm-up's activations sit in the ordinary cache; the graph gets its own pool.
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=side):
+        with torch.cuda.graph(graph, pool=pool, stream=side):
             run(start)
         stream.wait_stream(side)
         return graph
@@ -468,16 +453,19 @@ class TorchBackend:
         t0 = time.perf_counter()
         if events:
             events[0].record()
+        vision_done: dict[int, Any] = {}
         for start in range(0, batch, self.vision_chunk):
-            self._replay(self._vision_graphs, (self._turn, start), start, self._run_vision_slot)
+            self._replay(self._vision_graphs, (self._turn, start), start, self._run_vision_slot, self._pool)
+            if self._decoder_stream is not None:
+                vision_done[start] = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                vision_done[start].record()
         if self.device.type == "cuda":
             done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record()
             self._consumed[self._turn] = done
         if events:
             events[1].record()
-        for start in range(0, batch, self.decoder_frames):
-            self._replay(self._decoder_graphs, start, start, self._run_decoder_slot)
+        self._launch_decoders(batch, vision_done)
         out = {name: value[:batch] for name, value in self._outputs.items()}
         keep = out["scores"] >= min_score
         # Gathering the kept masks and copying the small outputs is queued behind the graphs.
@@ -514,6 +502,25 @@ class TorchBackend:
             return result
 
         return Pending(finish)
+
+    def _launch_decoders(self, batch: int, vision_done: dict[int, Any]) -> None:
+        """Queue the decoder steps: on the current stream, or (overlap) on the decoder stream, each
+        after the vision step that wrote its frames, joined back before the outputs are read."""
+        import torch
+
+        side = self._decoder_stream
+        if side is None:
+            for start in range(0, batch, self.decoder_frames):
+                self._replay(self._decoder_graphs, start, start, self._run_decoder_slot, self._decoder_pool)
+            return
+        main = torch.cuda.current_stream(self.device)
+        # Each wait below also orders everything queued on the main stream before that vision step.
+        with torch.cuda.stream(side):
+            for start in range(0, batch, self.decoder_frames):
+                last = min(start + self.decoder_frames, batch) - 1
+                side.wait_event(vision_done[last // self.vision_chunk * self.vision_chunk])
+                self._replay(self._decoder_graphs, start, start, self._run_decoder_slot, self._decoder_pool)
+        main.wait_stream(side)
 
     def infer(self, frames: npt.NDArray[np.uint8], text: TextFeatures, min_score: float) -> RawOutputs:
         return self.submit(frames, text, min_score).result()

@@ -1,13 +1,9 @@
-"""Rewrites of the ViT backbone for the torch backend (same weights, fewer or cheaper GEMMs).
+"""Rewrite of the ViT backbone for the torch backend: one [3D, D] projection per attention layer
+instead of three [D, D] ones. The same dot products in one larger GEMM (three launches and three
+reads of the input become one); numerically the same computation.
 
-- :func:`fuse_qkv`: one [3D, D] projection per attention layer instead of three [D, D] ones.
-  The same dot products in one larger GEMM (three launches and three reads of the input become
-  one); numerically the same computation.
-- :func:`quantize_linears`: the four GEMMs of every ViT layer (qkv, output projection, MLP fc1
-  and fc2) in FP8 (e4m3) with row-wise scales: one scale per output channel for the weights,
-  one per token for the activations, computed on the fly. Hopper and Ada tensor cores run FP8
-  at twice the bf16 rate; the price is ~3 significant bits per operand, which the GPU parity
-  test measures (tests/gpu). Opt-in: ``TorchOptions(vision_precision="fp8")``.
+(FP8 GEMMs with row-wise scales were measured here too and dropped: slower at these shapes once
+the activations are quantized on the fly, and masks off the float32 reference; docs/bench.)
 """
 
 from __future__ import annotations
@@ -18,11 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FP8_MAX", "Fp8Linear", "FusedQKVAttention", "fuse_qkv", "quantize_linears"]
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)  # 448
-_EPS = 1e-12  # a row of zeros gets a tiny scale instead of a division by zero
+__all__ = ["FusedQKVAttention", "fuse_qkv"]
 
 
 class FusedQKVAttention(nn.Module):
@@ -67,60 +59,6 @@ def fuse_qkv(backbone: nn.Module) -> int:
         if not isinstance(layer.attention, FusedQKVAttention):
             layer.attention = FusedQKVAttention(layer.attention)
             count += 1
-    return count
-
-
-class Fp8Linear(nn.Module):
-    """``y = x W^T + b`` with x and W in FP8 e4m3 and float32 row-wise scales, output in bf16."""
-
-    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype = torch.bfloat16) -> None:
-        super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=_EPS) / FP8_MAX  # [N, 1]
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.out_dtype = out_dtype
-        self.weight: torch.Tensor
-        self.weight_scale: torch.Tensor
-        self.bias: torch.Tensor | None
-        self.register_buffer("weight", (weight / scale).to(FP8))  # [N, K], row-major
-        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, N]
-        bias = None if linear.bias is None else linear.bias.detach().to(out_dtype).clone()
-        self.register_buffer("bias", bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        x_q, x_scale = quantize_rows(rows)
-        # _scaled_mm wants the second operand column-major: W^T of a row-major W is exactly that.
-        out = torch._scaled_mm(
-            x_q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=self.out_dtype
-        )
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
-
-
-def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] -> (FP8 [M, K], float32 scales [M, 1]) with each row's largest magnitude at FP8_MAX."""
-    scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=_EPS) / FP8_MAX
-    return (rows.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def quantize_linears(backbone: nn.Module, out_dtype: torch.dtype = torch.bfloat16) -> int:
-    """Swap each ViT layer's four GEMMs for :class:`Fp8Linear`; returns how many were swapped.
-
-    Call after :func:`fuse_qkv`, on the float32 (or bf16) model, before moving it to the GPU."""
-    count = 0
-    for layer in _vit_layers(backbone):
-        attention = (layer.attention, ("qkv", "q_proj", "k_proj", "v_proj", "o_proj"))
-        for owner, names in (attention, (layer.mlp, ("fc1", "fc2"))):
-            for name in names:
-                linear = getattr(owner, name, None)
-                if isinstance(linear, nn.Linear):
-                    setattr(owner, name, Fp8Linear(linear, out_dtype))
-                    count += 1
     return count
 
 

@@ -29,12 +29,8 @@ R, B, K = 1008, 2, 50
 PROMPTS = ["person", "hand", "blow gun", "counter"]
 
 
-@pytest.mark.parametrize(
-    ("query_precision", "vision_precision"), [("fp32", "same"), ("same", "same"), ("same", "fp8")]
-)
-def test_bf16_backend_matches_fp32_reference_query_by_query(
-    query_precision: str, vision_precision: str
-) -> None:
+@pytest.mark.parametrize(("query_precision", "overlap"), [("fp32", False), ("same", False), ("same", True)])
+def test_bf16_backend_matches_fp32_reference_query_by_query(query_precision: str, overlap: bool) -> None:
     install_into_transformers()
     model = random_model("full", R, seed=0, device="cuda")
     reference = split_model(copy.deepcopy(model), 200)
@@ -48,9 +44,7 @@ def test_bf16_backend_matches_fp32_reference_query_by_query(
         resolution=R,
         batch=B,
         queries=K,
-        options=TorchOptions(
-            precision="bf16", query_precision=query_precision, vision_precision=vision_precision
-        ),
+        options=TorchOptions(precision="bf16", query_precision=query_precision, overlap=overlap),
     )
     text = backend.encode_text(PROMPTS)
     rng = np.random.default_rng(0)
@@ -96,7 +90,8 @@ def test_bf16_backend_matches_fp32_reference_query_by_query(
     backend.close()
 
 
-def test_partial_batch_needs_no_recapture_and_matches_full_batch() -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_partial_batch_needs_no_recapture_and_matches_full_batch(overlap: bool) -> None:
     install_into_transformers()
     tok = Path(tempfile.mkdtemp())
     write_tiny_tokenizer(tok)
@@ -105,7 +100,7 @@ def test_partial_batch_needs_no_recapture_and_matches_full_batch() -> None:
         model=model, tokenizer_dir=tok, checkpoint_sha256="random", source="random:tiny:seed=0"
     )
     backend = TorchBackend.from_model(
-        loaded, resolution=448, batch=4, queries=20, options=TorchOptions("fp32")
+        loaded, resolution=448, batch=4, queries=20, options=TorchOptions("fp32", overlap=overlap)
     )
     text = backend.encode_text(PROMPTS[:2])
     frames = np.random.default_rng(1).integers(0, 256, (4, 448, 448, 3), dtype=np.uint8)

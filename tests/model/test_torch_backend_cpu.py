@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuMemoryError, InputError
+from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuMemoryError
 from sam3stream.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from sam3stream.runtime.torch_backend import TorchBackend, TorchOptions
 
@@ -75,27 +75,3 @@ def test_out_of_gpu_memory_says_what_to_change(
         GpuMemoryError, match=r"batch 4 at 490x490.*lower batching\.max_batch.*sam3stream plan"
     ):
         backend.infer(frames, backend.encode_text(PROMPTS), 0.3)
-
-
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        (TorchOptions(precision="fp32", vision_precision="fp8"), r"'fp8' needs precision 'bf16', got 'fp32'"),
-        (TorchOptions(vision_precision="int4"), r"vision_precision must be 'same' or 'fp8', got 'int4'"),
-    ],
-)
-def test_bad_vision_precision_is_named(tiny_engines: Path, options: TorchOptions, message: str) -> None:
-    with pytest.raises(InputError, match=message):
-        TorchBackend(tiny_engines, device="cpu", options=options)
-
-
-def test_fp8_vision_runs_and_ranks_like_bf16(tiny_engines: Path) -> None:
-    frames = np.random.default_rng(5).integers(0, 256, (2, 490, 490, 3), dtype=np.uint8)
-    results = []
-    for vision in ("same", "fp8"):
-        b = TorchBackend(tiny_engines, device="cpu", options=TorchOptions("bf16", vision_precision=vision))
-        results.append(b.infer(frames, b.encode_text(PROMPTS), 0.0))
-        b.close()
-    same, fp8 = results
-    assert fp8.scores.shape == same.scores.shape
-    assert np.abs(fp8.scores - same.scores).max() < 0.05
