@@ -29,12 +29,14 @@ _CLASSES = {
 }
 
 
-def open_backend(kind: str, engine_dir: Path, device: str = "cpu", precision: str | None = None) -> Backend:
+def open_backend(
+    kind: str, engine_dir: Path, device: str = "cpu", precision: str | None = None, overlap: bool = False
+) -> Backend:
     """Load the engines in ``engine_dir`` with the ``kind`` runtime on ``device``.
 
     ``precision`` (bf16, fp16, fp32) goes to backends that take it (torch: as
     ``TorchOptions(precision=...)``); the others run at the precision their engines
-    were made with.
+    were made with. ``overlap`` is the torch backend's ``TorchOptions(overlap=...)``.
     """
     engine_dir = Path(engine_dir)
     if kind == "fake":
@@ -58,7 +60,8 @@ def open_backend(kind: str, engine_dir: Path, device: str = "cpu", precision: st
     extra: dict[str, object] = {}
     if precision is not None and "precision" in params:
         extra["precision"] = precision
-    elif precision is not None and "options" in params and hasattr(module, "TorchOptions"):
-        extra["options"] = module.TorchOptions(precision=precision)
+    elif "options" in params and hasattr(module, "TorchOptions"):
+        chosen = {"precision": precision} if precision is not None else {}
+        extra["options"] = module.TorchOptions(**chosen, overlap=overlap)
     backend: Backend = cls(engine_dir, **kwargs, **extra)
     return backend

@@ -215,7 +215,12 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         # Loaded on the thread that will run it: device contexts and streams stay on one thread.
         load = functools.partial(
-            open_backend, engines.backend, engine_dir, engines.device, precision=engines.precision
+            open_backend,
+            engines.backend,
+            engine_dir,
+            engines.device,
+            precision=engines.precision,
+            overlap=engines.overlap,
         )
         backend = await loop.run_in_executor(infer_pool, load)
         return backend
