@@ -26,12 +26,11 @@ class FusedQKVAttention(nn.Module):
         self.head_dim = int(attention.head_dim)
         self.scaling = float(attention.scaling)
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-        dim = attention.q_proj.in_features
-        self.qkv = nn.Linear(dim, 3 * dim, device=attention.q_proj.weight.device)
+        dim, like = attention.q_proj.in_features, attention.q_proj.weight
+        self.qkv = nn.Linear(dim, 3 * dim, device=like.device, dtype=like.dtype)
         with torch.no_grad():
             self.qkv.weight.copy_(torch.cat([p.weight for p in projections], dim=0))
             self.qkv.bias.copy_(torch.cat([p.bias for p in projections], dim=0))
-        self.qkv.to(attention.q_proj.weight.dtype)
         self.o_proj = attention.o_proj
 
     def forward(

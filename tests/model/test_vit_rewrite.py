@@ -36,3 +36,8 @@ def test_fused_qkv_gives_the_vision_encoder_the_same_outputs(
         want, got = vision(frames), fused(frames)
     for a, b in zip(want, got, strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_fuse_qkv_names_what_it_expected() -> None:
+    with pytest.raises(TypeError, match=r"expected a Sam3ViTModel with \.layers, got Linear"):
+        fuse_qkv(torch.nn.Linear(4, 4))
