@@ -42,6 +42,7 @@ class BenchArgs:
     decoder_frames: int = 1
     query_precision: str = "same"
     overlap: bool = False
+    fused_gelu: bool = False
     device: str = "cuda"
     out: str = "docs/bench/results"
     extra: dict[str, Any] = field(default_factory=dict)

@@ -142,6 +142,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             decoder_frames=args.decoder_frames,
             query_precision=args.query_precision,
             overlap=args.overlap,
+            fused_gelu=args.fused_gelu,
         )
         loaded = _random_loaded(args, resolution, device)
         backend = TorchBackend.from_model(
@@ -192,6 +193,8 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             "queries": args.queries,
             "precision": args.precision,
             "overlap": args.overlap,
+            "fused_gelu": args.fused_gelu,
+            "vision_chunk": getattr(backend, "vision_chunk", None),
             "query_precision": args.query_precision,
             "batch_ms": batch_ms,
             "latency_ms": summarize_ms(latency),

@@ -91,6 +91,17 @@ def stage_times(backend: Any, text: Any, frames: np.ndarray, repeats: int = 3) -
     return dict(totals)
 
 
+def kernel_rows(prof: Any, limit: int = 60) -> list[dict[str, Any]]:
+    """The top GPU kernels by total time, with their full names (the table truncates them)."""
+    rows = []
+    for event in prof.key_averages():
+        total = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if total > 0:
+            rows.append({"name": event.key, "ms": total / 1e3, "calls": event.count})
+    rows.sort(key=lambda row: -row["ms"])
+    return rows[:limit]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,6 +111,8 @@ def main() -> int:
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--eager", action="store_true", help="also time the stages uncompiled")
     parser.add_argument("--no-kernels", action="store_true", help="skip the compiled kernel table")
+    parser.add_argument("--kernels-only", action="store_true", help="skip the stage split")
+    parser.add_argument("--fused-gelu", action="store_true", help="TorchOptions(fused_gelu=True)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/profile"))
     args = parser.parse_args()
 
@@ -127,14 +140,15 @@ def main() -> int:
             options=options,
         )
 
-    plain = TorchOptions(compile=False, cuda_graphs=False)
+    plain = TorchOptions(compile=False, cuda_graphs=False, fused_gelu=args.fused_gelu)
     staged = backend(plain)
     text = staged.encode_text(PROMPTS[: args.classes])
     if args.eager:
         report["eager_stage_ms_per_batch"] = stage_times(staged, text, frames)
-    compile_stages(staged)
-    report["compiled_stage_ms_per_batch"] = stage_times(staged, text, frames)
-    print(json.dumps(report, indent=2), flush=True)
+    if not args.kernels_only:
+        compile_stages(staged)
+        report["compiled_stage_ms_per_batch"] = stage_times(staged, text, frames)
+        print(json.dumps(report, indent=2), flush=True)
     staged.close()
     del staged
     torch.cuda.empty_cache()
@@ -143,7 +157,7 @@ def main() -> int:
     if args.no_kernels:
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         return 0
-    compiled = backend(TorchOptions(cuda_graphs=False))
+    compiled = backend(TorchOptions(cuda_graphs=False, fused_gelu=args.fused_gelu))
     for _ in range(3):
         compiled.infer(frames, text, 0.3)
     torch.cuda.synchronize()
@@ -152,6 +166,7 @@ def main() -> int:
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
     report["compiled_last_timings_ms"] = compiled.last_timings
+    report["kernels"] = kernel_rows(prof)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".txt").write_text(table + "\n")
     print(json.dumps(report, indent=2))

@@ -40,6 +40,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run each frame's decoder on a second CUDA stream beside the next frames' vision steps",
     )
     p.add_argument(
+        "--fused-gelu",
+        action="store_true",
+        help="the ViT MLP's GELU (tanh form) in its first GEMM's epilogue",
+    )
+    p.add_argument(
         "--out", type=Path, default=Path("docs/bench/results"), help="output stem (.json/.md/.png)"
     )
     p.set_defaults(func=run)
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         decoder_frames=args.decoder_frames,
         query_precision=args.query_precision,
         overlap=args.overlap,
+        fused_gelu=args.fused_gelu,
         device=args.device,
         out=str(args.out),
     )

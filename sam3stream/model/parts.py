@@ -13,6 +13,7 @@ is part of every prompt there; transformers drops it when no box is given).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -191,20 +192,15 @@ class Decoder(nn.Module):
 
         prompt = torch.cat([text_features.to(fpn2.dtype).repeat(frames, 1, 1), per_row(geo_features)], dim=1)
         prompt_mask = torch.cat([text_mask.bool().repeat(frames, 1), per_row(geo_mask.bool())], dim=1)
-        fpn2_rows = per_row(fpn2)
-        pos2 = self.position_encoding(fpn2_rows.shape, fpn2.device, fpn2.dtype)
-
-        enc = self.detr_encoder(
-            vision_features=[fpn2_rows], text_features=prompt, vision_pos_embeds=[pos2], text_mask=prompt_mask
-        )
+        encoded, pos = self._encode(fpn2, prompt, prompt_mask, per_row)
         hidden, boxes_cxcywh, presence_logit = self._decode_queries(
-            enc.last_hidden_state, enc.text_features, enc.pos_embeds_flattened, prompt_mask, height, width
+            encoded, prompt, pos, prompt_mask, height, width
         )
         boxes = box_cxcywh_to_xyxy(boxes_cxcywh)  # type: ignore[no-untyped-call]  # unannotated in transformers
         qdtype = hidden.dtype
         logits = self.scoring(
             decoder_hidden_states=hidden.unsqueeze(0),
-            text_features=enc.text_features.to(qdtype),
+            text_features=prompt.to(qdtype),
             text_mask=prompt_mask,
         )[0, :, :, 0]
         presence = presence_logit.float().sigmoid()  # [rows, 1]
@@ -215,7 +211,6 @@ class Decoder(nn.Module):
         top_hidden = hidden.gather(1, top_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).to(fpn2.dtype)
 
         # Mask head (Sam3MaskDecoder.forward without the unused semantic map), on K queries.
-        encoded = enc.last_hidden_state
         normed = self.prompt_cross_attn_norm(encoded)
         cross_mask = create_bidirectional_mask(
             config=self.mask_config,
@@ -238,6 +233,46 @@ class Decoder(nn.Module):
             presence.view(frames, classes),
             top_index.view(frames, classes, self.queries),
         )
+
+    def _encode(
+        self,
+        fpn2: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        per_row: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sam3DetrEncoder.forward on the 1x level, with the first layer's self-attention run once
+        per frame instead of once per (frame, class): the prompt only enters through the
+        cross-attention after it, so every class of a frame would compute the same attention.
+
+        Returns the encoded tokens [rows, H*W, D] and their position encoding (broadcast rows).
+        """
+        from transformers.masking_utils import create_bidirectional_mask
+
+        enc: Any = self.detr_encoder
+        rows = prompt.shape[0]
+        pos = self.position_encoding(fpn2[:1].shape, fpn2.device, fpn2.dtype).flatten(2).transpose(1, 2)
+        vision = fpn2.flatten(2).transpose(1, 2)  # [B, H*W, D]
+        first, rest = enc.layers[0], enc.layers[1:]
+        normed = first.layer_norm1(vision)
+        with_pos = normed + pos
+        attn, _ = first.self_attn(query=with_pos, key=with_pos, value=normed)
+        hidden = per_row(attn + vision)  # dropout is the identity in eval
+        pos_rows = pos.expand(rows, -1, -1)
+        cross_mask = create_bidirectional_mask(
+            config=enc.config, inputs_embeds=hidden, attention_mask=prompt_mask, encoder_hidden_states=prompt
+        )
+        # The rest of the first layer (Sam3DetrEncoderLayer.forward after its self-attention).
+        attn, _ = first.cross_attn(
+            query=first.layer_norm2(hidden), key=prompt, value=prompt, attention_mask=cross_mask
+        )
+        hidden = hidden + attn
+        hidden = hidden + first.mlp(first.layer_norm3(hidden))
+        for layer in rest:
+            hidden = layer(
+                hidden, prompt_feats=prompt, vision_pos_encoding=pos_rows, prompt_cross_attn_mask=cross_mask
+            )
+        return hidden, pos_rows
 
     def _decode_queries(
         self,

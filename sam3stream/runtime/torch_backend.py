@@ -63,13 +63,20 @@ class TorchOptions:
     # the gaps the decoder's small kernels leave (+4-5% on the H200 at 1008 and 672; the decoder
     # is mostly compute-bound). Costs a second CUDA graph memory pool (~150 MiB at 1008 x 8).
     overlap: bool = False
+    # The ViT MLP's GELU in the first GEMM's epilogue (cuBLASLt, tanh form of GELU); see
+    # runtime/vit_rewrite.py.
+    fused_gelu: bool = False
 
 
 def default_vision_chunk(resolution: int, batch: int) -> int:
-    """Frames per vision step: enough tokens to fill the GPU, few enough to bound activations."""
+    """Frames per vision step: enough tokens to fill the GPU, few enough to bound activations,
+    and as few padding frames in a full batch as possible (at 672 a chunk of 3 would run 9
+    frames for 8 cameras; 2 runs 8)."""
     tokens = (resolution // 14) ** 2
-    chunk = max(1, 8192 // tokens)  # 1008 -> 1, 672 -> 3, 560 -> 5, 448 -> 8
-    return min(chunk, batch)
+    budget = min(max(1, 8192 // tokens), batch)  # 1008 -> 1, 672 -> 3, 560 -> 5, 448 -> 8
+    # Only chunks of at least half the budget: smaller ones would leave the GPU under-filled.
+    candidates = range(budget, (budget + 1) // 2 - 1, -1)
+    return min(candidates, key=lambda chunk: -(-batch // chunk) * chunk)
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -171,7 +178,7 @@ class TorchBackend:
 
         from sam3stream.model.parts import split_model
         from sam3stream.model.roi_align import install_into_transformers
-        from sam3stream.runtime.vit_rewrite import fuse_qkv
+        from sam3stream.runtime.vit_rewrite import fuse_mlp_gelu, fuse_qkv
 
         install_into_transformers()
         m = self._manifest
@@ -195,6 +202,8 @@ class TorchBackend:
             sub._attn_implementation = "sdpa"
         parts: Parts = split_model(model, m.queries)
         fuse_qkv(parts.vision.backbone)
+        if opts.fused_gelu:
+            fuse_mlp_gelu(parts.vision.backbone)
         # The text encoder stays on the host in float32: it runs once per prompt set.
         self._text = parts.text.float().to("cpu")
         self._vision, self._geometry, self._decoder = parts.vision, parts.geometry, parts.decoder
@@ -266,6 +275,7 @@ class TorchBackend:
             compile=opts.compile and on_cuda,
             cuda_graphs=opts.cuda_graphs and on_cuda,
             overlap=overlap,
+            fused_gelu=opts.fused_gelu,
         )
 
     def _maybe_compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:

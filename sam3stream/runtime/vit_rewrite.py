@@ -1,6 +1,12 @@
-"""Rewrite of the ViT backbone for the torch backend: one [3D, D] projection per attention layer
-instead of three [D, D] ones. The same dot products in one larger GEMM (three launches and three
-reads of the input become one); numerically the same computation.
+"""Rewrites of the ViT backbone for the torch backend.
+
+- :func:`fuse_qkv`: one [3D, D] projection per attention layer instead of three [D, D] ones. The
+  same dot products in one larger GEMM (three launches and three reads of the input become one);
+  numerically the same computation. Always applied.
+- :func:`fuse_mlp_gelu`: the MLP's first GEMM with its GELU in the GEMM's epilogue (cuBLASLt), so
+  the [tokens, 4736] activation is written once instead of written, read and written again.
+  cuBLASLt's epilogue is the tanh form of GELU (|difference| < 5e-4, well below bf16's rounding
+  of the same values); opt-in through ``TorchOptions.fused_gelu``.
 
 (FP8 GEMMs with row-wise scales were measured here too and dropped: slower at these shapes once
 the activations are quantized on the fly, and masks off the float32 reference; docs/bench.)
@@ -14,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FusedQKVAttention", "fuse_qkv"]
+__all__ = ["FusedGeluMLP", "FusedQKVAttention", "fuse_mlp_gelu", "fuse_qkv", "linear_gelu"]
 
 
 class FusedQKVAttention(nn.Module):
@@ -49,6 +55,46 @@ class FusedQKVAttention(nn.Module):
         out = F.scaled_dot_product_attention(query, key, value, scale=self.scaling)
         out = out.transpose(1, 2).reshape(batch, height, width, -1)
         return self.o_proj(out), None
+
+
+@torch.library.custom_op("sam3stream::linear_gelu", mutates_args=())
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x @ weight.T + bias) in one cuBLASLt call on CUDA (an opaque op, so that
+    torch.compile keeps the epilogue instead of decomposing it into a GEMM and a GELU kernel)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch._addmm_activation(bias, flat, weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@linear_gelu.register_fake
+def _linear_gelu_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+class FusedGeluMLP(nn.Module):
+    """Sam3MLP (fc1, GELU, fc2) with fc1 and the GELU in one GEMM."""
+
+    def __init__(self, mlp: Any) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = mlp.fc1, mlp.fc2
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden: torch.Tensor = self.fc2(linear_gelu(hidden_states, self.fc1.weight, self.fc1.bias))
+        return hidden
+
+
+def fuse_mlp_gelu(backbone: nn.Module) -> int:
+    """Replace every ViT layer's MLP with :class:`FusedGeluMLP`; returns the count."""
+    count = 0
+    for layer in _vit_layers(backbone):
+        if isinstance(layer.mlp, FusedGeluMLP):
+            continue
+        act = getattr(layer.mlp, "activation_fn", None)
+        if "GELU" not in type(act).__name__:
+            raise TypeError(f"expected a GELU MLP in the ViT, got {type(act).__name__}")
+        layer.mlp = FusedGeluMLP(layer.mlp)
+        count += 1
+    return count
 
 
 def fuse_qkv(backbone: nn.Module) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuMemoryError
 from sam3stream.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from sam3stream.runtime.torch_backend import TorchBackend, TorchOptions
+from sam3stream.runtime.torch_backend import TorchBackend, TorchOptions, default_vision_chunk
 
 PROMPTS = ["person", "hand"]
 
@@ -75,3 +75,22 @@ def test_out_of_gpu_memory_says_what_to_change(
         GpuMemoryError, match=r"batch 4 at 490x490.*lower batching\.max_batch.*sam3stream plan"
     ):
         backend.infer(frames, backend.encode_text(PROMPTS), 0.3)
+
+
+@pytest.mark.parametrize("resolution", [1008, 840, 672, 560, 448])
+@pytest.mark.parametrize("batch", range(1, 9))
+def test_vision_chunk_stays_in_budget_and_pads_as_little_as_a_full_budget_chunk(
+    resolution: int, batch: int
+) -> None:
+    tokens = (resolution // 14) ** 2
+    budget = min(max(1, 8192 // tokens), batch)
+    chunk = default_vision_chunk(resolution, batch)
+    assert 1 <= chunk <= budget
+    assert 2 * chunk >= budget  # never a chunk that leaves the GPU half empty
+
+    def slots(c: int) -> int:
+        return -(-batch // c) * c
+
+    assert slots(chunk) <= slots(budget)
+    if batch == 8:  # the 8-camera deployments: no padding frame at any of the table's resolutions
+        assert slots(chunk) == 8
