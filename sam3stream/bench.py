@@ -42,7 +42,7 @@ class BenchArgs:
     decoder_frames: int = 1
     query_precision: str = "same"
     overlap: bool = False
-    fused_gelu: bool = False
+    fused_gelu: bool | None = None  # None: the backend times both forms
     device: str = "cuda"
     out: str = "docs/bench/results"
     extra: dict[str, Any] = field(default_factory=dict)

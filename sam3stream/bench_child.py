@@ -193,7 +193,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             "queries": args.queries,
             "precision": args.precision,
             "overlap": args.overlap,
-            "fused_gelu": args.fused_gelu,
+            "fused_gelu": getattr(backend, "fused_gelu", None),
             "vision_chunk": getattr(backend, "vision_chunk", None),
             "query_precision": args.query_precision,
             "batch_ms": batch_ms,

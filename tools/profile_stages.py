@@ -112,7 +112,7 @@ def main() -> int:
     parser.add_argument("--eager", action="store_true", help="also time the stages uncompiled")
     parser.add_argument("--no-kernels", action="store_true", help="skip the compiled kernel table")
     parser.add_argument("--kernels-only", action="store_true", help="skip the stage split")
-    parser.add_argument("--fused-gelu", action="store_true", help="TorchOptions(fused_gelu=True)")
+    parser.add_argument("--fused-gelu", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/profile"))
     args = parser.parse_args()
 
@@ -140,7 +140,8 @@ def main() -> int:
             options=options,
         )
 
-    plain = TorchOptions(compile=False, cuda_graphs=False, fused_gelu=args.fused_gelu)
+    gelu = {"auto": None, "on": True, "off": False}[args.fused_gelu]
+    plain = TorchOptions(compile=False, cuda_graphs=False, fused_gelu=gelu)
     staged = backend(plain)
     text = staged.encode_text(PROMPTS[: args.classes])
     if args.eager:
@@ -157,7 +158,7 @@ def main() -> int:
     if args.no_kernels:
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         return 0
-    compiled = backend(TorchOptions(cuda_graphs=False, fused_gelu=args.fused_gelu))
+    compiled = backend(TorchOptions(cuda_graphs=False, fused_gelu=gelu))
     for _ in range(3):
         compiled.infer(frames, text, 0.3)
     torch.cuda.synchronize()

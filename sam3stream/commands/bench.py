@@ -41,8 +41,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--fused-gelu",
-        action="store_true",
-        help="the ViT MLP's GELU (tanh form) in its first GEMM's epilogue",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the ViT MLP's GELU (tanh form) in its first GEMM's epilogue; auto: timed at start",
     )
     p.add_argument(
         "--out", type=Path, default=Path("docs/bench/results"), help="output stem (.json/.md/.png)"
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         decoder_frames=args.decoder_frames,
         query_precision=args.query_precision,
         overlap=args.overlap,
-        fused_gelu=args.fused_gelu,
+        fused_gelu={"auto": None, "on": True, "off": False}[args.fused_gelu],
         device=args.device,
         out=str(args.out),
     )

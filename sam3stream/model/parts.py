@@ -94,7 +94,8 @@ class GeometryEncoder(nn.Module):
     def __init__(self, model: Sam3Model) -> None:
         super().__init__()
         self.geo = model.geometry_encoder
-        self.position_encoding = model.vision_encoder.neck.position_encoding
+        # nn.Module, not the transformers class: the torch backend swaps in a precomputed table.
+        self.position_encoding: nn.Module = model.vision_encoder.neck.position_encoding
 
     def forward(
         self, fpn2: torch.Tensor, boxes: torch.Tensor, box_labels: torch.Tensor
@@ -158,7 +159,8 @@ class Decoder(nn.Module):
         if not 1 <= queries <= total:
             raise InputError(f"queries must be between 1 and {total} (the decoder's queries), got {queries}")
         self.queries = queries
-        self.position_encoding = model.vision_encoder.neck.position_encoding
+        # nn.Module, not the transformers class: the torch backend swaps in a precomputed table.
+        self.position_encoding: nn.Module = model.vision_encoder.neck.position_encoding
         self.detr_encoder = model.detr_encoder
         self.detr_decoder = model.detr_decoder
         self.scoring = model.dot_product_scoring

@@ -63,9 +63,9 @@ class TorchOptions:
     # the gaps the decoder's small kernels leave (+4-5% on the H200 at 1008 and 672; the decoder
     # is mostly compute-bound). Costs a second CUDA graph memory pool (~150 MiB at 1008 x 8).
     overlap: bool = False
-    # The ViT MLP's GELU in the first GEMM's epilogue (cuBLASLt, tanh form of GELU); see
-    # runtime/vit_rewrite.py.
-    fused_gelu: bool = False
+    # The ViT MLP's GELU in the first GEMM's epilogue (cuBLASLt, tanh form of GELU; see
+    # runtime/vit_rewrite.py). None: on CUDA, time both forms at the vision step's shape at start.
+    fused_gelu: bool | None = None
 
 
 def default_vision_chunk(resolution: int, batch: int) -> int:
@@ -178,6 +178,7 @@ class TorchBackend:
 
         from sam3stream.model.parts import split_model
         from sam3stream.model.roi_align import install_into_transformers
+        from sam3stream.runtime.precomputed import PrecomputedPositions, precompute_rotary
         from sam3stream.runtime.vit_rewrite import fuse_mlp_gelu, fuse_qkv
 
         install_into_transformers()
@@ -202,8 +203,6 @@ class TorchBackend:
             sub._attn_implementation = "sdpa"
         parts: Parts = split_model(model, m.queries)
         fuse_qkv(parts.vision.backbone)
-        if opts.fused_gelu:
-            fuse_mlp_gelu(parts.vision.backbone)
         # The text encoder stays on the host in float32: it runs once per prompt set.
         self._text = parts.text.float().to("cpu")
         self._vision, self._geometry, self._decoder = parts.vision, parts.geometry, parts.decoder
@@ -220,7 +219,13 @@ class TorchBackend:
             for param in module.parameters():
                 if id(param) not in wide:
                     param.data = param.data.to(self.dtype)
+        precompute_rotary(self._vision.backbone)
+        positions = PrecomputedPositions(self._decoder.position_encoding, m.grid, self.device, self.dtype)
+        self._decoder.position_encoding = self._geometry.position_encoding = positions
         self.vision_chunk = opts.vision_chunk or default_vision_chunk(m.resolution, m.batch)
+        self.fused_gelu = self._choose_fused_gelu(m.grid**2 * self.vision_chunk)
+        if self.fused_gelu:
+            fuse_mlp_gelu(self._vision.backbone)
         self.decoder_frames = min(opts.decoder_frames, m.batch)
         slots = -(-m.batch // self.vision_chunk) * self.vision_chunk
         dec_slots = -(-m.batch // self.decoder_frames) * self.decoder_frames
@@ -275,8 +280,21 @@ class TorchBackend:
             compile=opts.compile and on_cuda,
             cuda_graphs=opts.cuda_graphs and on_cuda,
             overlap=overlap,
-            fused_gelu=opts.fused_gelu,
+            fused_gelu=self.fused_gelu,
         )
+
+    def _choose_fused_gelu(self, tokens: int) -> bool:
+        from sam3stream.runtime.vit_rewrite import fused_gelu_pays
+
+        if self.options.fused_gelu is not None:
+            return self.options.fused_gelu
+        if self.device.type != "cuda":
+            return False  # the epilogue is a cuBLASLt feature; on the CPU the op is plain addmm + GELU
+        pays, plain_ms, fused_ms = fused_gelu_pays(self._vision.backbone, tokens)
+        log.info(
+            "ViT MLP timed", tokens=tokens, exact_gelu_ms=round(plain_ms, 4), fused_gelu_ms=round(fused_ms, 4)
+        )
+        return pays
 
     def _maybe_compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         if not (self.options.compile and self.device.type == "cuda"):

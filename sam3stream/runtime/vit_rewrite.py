@@ -6,7 +6,9 @@
 - :func:`fuse_mlp_gelu`: the MLP's first GEMM with its GELU in the GEMM's epilogue (cuBLASLt), so
   the [tokens, 4736] activation is written once instead of written, read and written again.
   cuBLASLt's epilogue is the tanh form of GELU (|difference| < 5e-4, well below bf16's rounding
-  of the same values); opt-in through ``TorchOptions.fused_gelu``.
+  of the same values). Whether it pays depends on the GEMM shape (cuBLASLt picks other kernels
+  than cuBLAS: on the H200 6% faster at 5184 tokens, equal at 4608, 16% slower at 6400), so
+  :func:`fused_gelu_pays` times both on the layer's own weights when the backend starts.
 
 (FP8 GEMMs with row-wise scales were measured here too and dropped: slower at these shapes once
 the activations are quantized on the fly, and masks off the float32 reference; docs/bench.)
@@ -14,13 +16,23 @@ the activations are quantized on the fly, and masks off the float32 reference; d
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import register_flop_formula
 
-__all__ = ["FusedGeluMLP", "FusedQKVAttention", "fuse_mlp_gelu", "fuse_qkv", "linear_gelu"]
+__all__ = [
+    "FusedGeluMLP",
+    "FusedQKVAttention",
+    "fuse_mlp_gelu",
+    "fuse_qkv",
+    "fused_gelu_pays",
+    "linear_gelu",
+]
 
 
 class FusedQKVAttention(nn.Module):
@@ -71,6 +83,14 @@ def _linear_gelu_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+@register_flop_formula(torch.ops.sam3stream.linear_gelu)
+def _linear_gelu_flops(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:
+    tokens = 1
+    for size in x_shape[:-1]:
+        tokens *= size
+    return 2 * tokens * int(x_shape[-1]) * int(w_shape[0])
+
+
 class FusedGeluMLP(nn.Module):
     """Sam3MLP (fc1, GELU, fc2) with fc1 and the GELU in one GEMM."""
 
@@ -95,6 +115,33 @@ def fuse_mlp_gelu(backbone: nn.Module) -> int:
         layer.mlp = FusedGeluMLP(layer.mlp)
         count += 1
     return count
+
+
+def fused_gelu_pays(backbone: nn.Module, tokens: int, repeats: int = 20) -> tuple[bool, float, float]:
+    """Time one ViT layer's MLP as it is and with the fused GELU on ``tokens`` tokens (CUDA).
+
+    Returns (fused is faster, median ms as is, median ms fused)."""
+    mlp = _vit_layers(backbone)[0].mlp
+    like = mlp.fc1.weight
+    x = torch.randn(tokens, like.shape[1], device=like.device, dtype=like.dtype)
+    fused = FusedGeluMLP(mlp)
+    with torch.no_grad():
+        plain_ms, fused_ms = (_median_ms(fn, x, repeats) for fn in (mlp, fused))
+    return fused_ms < plain_ms, plain_ms, fused_ms
+
+
+def _median_ms(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int) -> float:
+    for _ in range(3):
+        fn(x)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start.record()
+        fn(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(statistics.median(times))
 
 
 def fuse_qkv(backbone: nn.Module) -> int:

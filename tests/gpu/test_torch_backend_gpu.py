@@ -29,8 +29,13 @@ R, B, K = 1008, 2, 50
 PROMPTS = ["person", "hand", "blow gun", "counter"]
 
 
-@pytest.mark.parametrize(("query_precision", "overlap"), [("fp32", False), ("same", False), ("same", True)])
-def test_bf16_backend_matches_fp32_reference_query_by_query(query_precision: str, overlap: bool) -> None:
+@pytest.mark.parametrize(
+    ("query_precision", "overlap", "fused_gelu"),
+    [("fp32", False, False), ("same", False, True), ("same", True, False)],
+)
+def test_bf16_backend_matches_fp32_reference_query_by_query(
+    query_precision: str, overlap: bool, fused_gelu: bool
+) -> None:
     install_into_transformers()
     model = random_model("full", R, seed=0, device="cuda")
     reference = split_model(copy.deepcopy(model), 200)
@@ -44,7 +49,9 @@ def test_bf16_backend_matches_fp32_reference_query_by_query(query_precision: str
         resolution=R,
         batch=B,
         queries=K,
-        options=TorchOptions(precision="bf16", query_precision=query_precision, overlap=overlap),
+        options=TorchOptions(
+            precision="bf16", query_precision=query_precision, overlap=overlap, fused_gelu=fused_gelu
+        ),
     )
     text = backend.encode_text(PROMPTS)
     rng = np.random.default_rng(0)

@@ -10,7 +10,13 @@ import torch
 
 from sam3stream.model.build import random_model
 from sam3stream.model.parts import VisionEncoder
-from sam3stream.runtime.vit_rewrite import FusedQKVAttention, fuse_mlp_gelu, fuse_qkv, linear_gelu
+from sam3stream.runtime.vit_rewrite import (
+    FusedGeluMLP,
+    FusedQKVAttention,
+    fuse_mlp_gelu,
+    fuse_qkv,
+    linear_gelu,
+)
 
 R = 448
 
@@ -73,3 +79,16 @@ def test_fuse_mlp_gelu_refuses_an_mlp_without_gelu(vision: VisionEncoder) -> Non
     other.backbone.layers[0].mlp.activation_fn = torch.nn.ReLU()
     with pytest.raises(TypeError, match="expected a GELU MLP in the ViT, got ReLU"):
         fuse_mlp_gelu(other.backbone)
+
+
+def test_flop_counter_counts_the_fused_gemm_like_the_plain_one(vision: VisionEncoder) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mlp = vision.backbone.layers[0].mlp
+    x = torch.randn(2, 7, mlp.fc1.in_features)
+    counts = []
+    for module in (mlp, FusedGeluMLP(mlp)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
