@@ -60,7 +60,7 @@ class TorchOptions:
     # (25% faster at 1008 on the H200, boxes within 0.65 px), "fp32" runs all of it in float32.
     query_precision: str = "same"
     # Run each frame's decoder on a second stream while the next frames' vision steps run, filling
-    # the gaps the decoder's small kernels leave (+4-5% on the H200 at 1008 and 672; the decoder
+    # the gaps the decoder's small kernels leave (+5% on the H200 at 1008 and 672; the decoder
     # is mostly compute-bound). Costs a second CUDA graph memory pool (~150 MiB at 1008 x 8).
     overlap: bool = False
     # The ViT MLP's GELU in the first GEMM's epilogue (cuBLASLt, tanh form of GELU; see
