@@ -41,8 +41,9 @@ class BenchArgs:
     vision_chunk: int | None = None
     decoder_frames: int = 1
     query_precision: str = "same"
-    overlap: bool = False
+    overlap: bool = True
     fused_gelu: bool | None = None  # None: the backend times both forms
+    channels_last: bool = True
     device: str = "cuda"
     out: str = "docs/bench/results"
     extra: dict[str, Any] = field(default_factory=dict)

@@ -143,6 +143,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             query_precision=args.query_precision,
             overlap=args.overlap,
             fused_gelu=args.fused_gelu,
+            channels_last=args.channels_last,
         )
         loaded = _random_loaded(args, resolution, device)
         backend = TorchBackend.from_model(
@@ -194,6 +195,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             "precision": args.precision,
             "overlap": args.overlap,
             "fused_gelu": getattr(backend, "fused_gelu", None),
+            "channels_last": args.channels_last,
             "vision_chunk": getattr(backend, "vision_chunk", None),
             "query_precision": args.query_precision,
             "batch_ms": batch_ms,

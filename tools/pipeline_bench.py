@@ -119,7 +119,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each synthetic clip")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--overlap", action="store_true", help="TorchOptions(overlap=True)")
+    parser.add_argument(
+        "--overlap", action=argparse.BooleanOptionalAction, default=True, help="TorchOptions(overlap=...)"
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/bench/pipeline"))
     args = parser.parse_args()
 

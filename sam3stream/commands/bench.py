@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--overlap",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="run each frame's decoder on a second CUDA stream beside the next frames' vision steps",
     )
     p.add_argument(
@@ -44,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         choices=["auto", "on", "off"],
         default="auto",
         help="the ViT MLP's GELU (tanh form) in its first GEMM's epilogue; auto: timed at start",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="convolutions and FPN buffers in channels-last layout",
     )
     p.add_argument(
         "--out", type=Path, default=Path("docs/bench/results"), help="output stem (.json/.md/.png)"
@@ -78,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         query_precision=args.query_precision,
         overlap=args.overlap,
         fused_gelu={"auto": None, "on": True, "off": False}[args.fused_gelu],
+        channels_last=args.channels_last,
         device=args.device,
         out=str(args.out),
     )

@@ -30,11 +30,11 @@ PROMPTS = ["person", "hand", "blow gun", "counter"]
 
 
 @pytest.mark.parametrize(
-    ("query_precision", "overlap", "fused_gelu"),
-    [("fp32", False, False), ("same", False, True), ("same", True, False)],
+    ("query_precision", "overlap", "fused_gelu", "channels_last"),
+    [("fp32", False, False, False), ("same", False, True, True), ("same", True, False, True)],
 )
 def test_bf16_backend_matches_fp32_reference_query_by_query(
-    query_precision: str, overlap: bool, fused_gelu: bool
+    query_precision: str, overlap: bool, fused_gelu: bool, channels_last: bool
 ) -> None:
     install_into_transformers()
     model = random_model("full", R, seed=0, device="cuda")
@@ -50,7 +50,11 @@ def test_bf16_backend_matches_fp32_reference_query_by_query(
         batch=B,
         queries=K,
         options=TorchOptions(
-            precision="bf16", query_precision=query_precision, overlap=overlap, fused_gelu=fused_gelu
+            precision="bf16",
+            query_precision=query_precision,
+            overlap=overlap,
+            fused_gelu=fused_gelu,
+            channels_last=channels_last,
         ),
     )
     text = backend.encode_text(PROMPTS)

@@ -94,3 +94,21 @@ def test_vision_chunk_stays_in_budget_and_pads_as_little_as_a_full_budget_chunk(
     assert slots(chunk) <= slots(budget)
     if batch == 8:  # the 8-camera deployments: no padding frame at any of the table's resolutions
         assert slots(chunk) == 8
+
+
+def test_channels_last_layout_gives_the_same_outputs(tiny_engines: Path) -> None:
+    text = None
+    outputs = []
+    frames = np.random.default_rng(3).integers(0, 256, (2, 490, 490, 3), dtype=np.uint8)
+    for channels_last in (False, True):
+        backend = TorchBackend(
+            tiny_engines, device="cpu", options=TorchOptions("fp32", channels_last=channels_last)
+        )
+        assert backend._fpn0.is_contiguous(memory_format=torch.channels_last) == channels_last
+        text = text or backend.encode_text(["person", "hand"])
+        outputs.append(backend.infer(frames, text, 0.0))
+        backend.close()
+    plain, last = outputs
+    np.testing.assert_allclose(last.scores, plain.scores, atol=1e-5)
+    np.testing.assert_allclose(last.boxes, plain.boxes, atol=1e-5)
+    np.testing.assert_allclose(last.masks, plain.masks, atol=1e-3)
