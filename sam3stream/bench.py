@@ -19,7 +19,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BenchArgs", "format_table", "run_bench", "summarize_ms"]
+__all__ = ["FUSED_GELU_CHOICES", "BenchArgs", "format_table", "run_bench", "summarize_ms"]
+
+
+# --fused-gelu on the command line -> TorchOptions.fused_gelu (None: the backend times both forms).
+FUSED_GELU_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 
 
 @dataclass

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ def main() -> int:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from sam3stream.runtime.cuda_timing import median_cuda_ms
+
     backends = {
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "flash": SDPBackend.FLASH_ATTENTION,
@@ -60,20 +62,13 @@ def main() -> int:
         for label, backend in backends.items():
             try:
                 with sdpa_kernel([backend]):
-                    out = F.scaled_dot_product_attention(q, k, v)
-                    times = []
-                    for _ in range(args.iters):
-                        start = torch.cuda.Event(enable_timing=True)
-                        end = torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        F.scaled_dot_product_attention(q, k, v)
-                        end.record()
-                        end.synchronize()
-                        times.append(start.elapsed_time(end))
+                    out = F.scaled_dot_product_attention(q, k, v)  # also the warm-up call
+                    ms = median_cuda_ms(
+                        partial(F.scaled_dot_product_attention, q, k, v), args.iters, warmup=0
+                    )
             except RuntimeError as exc:
                 row[label] = {"error": str(exc).splitlines()[0][:120]}
                 continue
-            ms = statistics.median(times)
             reference = out if reference is None else reference
             row[label] = {
                 "ms": ms,

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from sam3stream.bench import FUSED_GELU_CHOICES
+
 
 def stage_modules(backend: Any) -> dict[str, Any]:
     """The modules whose calls are timed, by stage name (ModuleLists: every member)."""
@@ -112,7 +114,7 @@ def main() -> int:
     parser.add_argument("--eager", action="store_true", help="also time the stages uncompiled")
     parser.add_argument("--no-kernels", action="store_true", help="skip the compiled kernel table")
     parser.add_argument("--kernels-only", action="store_true", help="skip the stage split")
-    parser.add_argument("--fused-gelu", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--fused-gelu", choices=list(FUSED_GELU_CHOICES), default="auto")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/profile"))
     args = parser.parse_args()
 
@@ -140,7 +142,7 @@ def main() -> int:
             options=options,
         )
 
-    gelu = {"auto": None, "on": True, "off": False}[args.fused_gelu]
+    gelu = FUSED_GELU_CHOICES[args.fused_gelu]
     plain = TorchOptions(compile=False, cuda_graphs=False, fused_gelu=gelu)
     staged = backend(plain)
     text = staged.encode_text(PROMPTS[: args.classes])

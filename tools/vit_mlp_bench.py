@@ -9,26 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
-
-
-def time_ms(fn: Any, x: Any, iters: int) -> float:
-    import torch
-
-    for _ in range(3):
-        fn(x)
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -45,6 +29,7 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
+    from sam3stream.runtime.cuda_timing import median_cuda_ms
     from sam3stream.runtime.vit_rewrite import linear_gelu
 
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -64,7 +49,7 @@ def main() -> int:
             x = torch.randn(tokens, args.dim, device=dev, dtype=dt)
             row: dict[str, Any] = {"tokens": tokens}
             for name, fn in variants.items():
-                row[f"{name}_ms"] = time_ms(fn, x, args.iters)
+                row[f"{name}_ms"] = median_cuda_ms(partial(fn, x), args.iters)
             row["max_abs_diff"] = float((variants["exact_gelu"](x) - variants["fused_gelu"](x)).abs().max())
             row["speedup"] = row["exact_gelu_ms"] / row["fused_gelu_ms"]
             rows.append(row)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sam3stream.bench import FUSED_GELU_CHOICES
 from sam3stream.resolution import check_resolution
 
 
@@ -42,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--fused-gelu",
-        choices=["auto", "on", "off"],
+        choices=list(FUSED_GELU_CHOICES),
         default="auto",
         help="the ViT MLP's GELU (tanh form) in its first GEMM's epilogue; auto: timed at start",
     )
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         decoder_frames=args.decoder_frames,
         query_precision=args.query_precision,
         overlap=args.overlap,
-        fused_gelu={"auto": None, "on": True, "off": False}[args.fused_gelu],
+        fused_gelu=FUSED_GELU_CHOICES[args.fused_gelu],
         channels_last=args.channels_last,
         device=args.device,
         out=str(args.out),

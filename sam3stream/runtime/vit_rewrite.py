@@ -16,14 +16,15 @@ the activations are quantized on the fly, and masks off the float32 reference; d
 
 from __future__ import annotations
 
-import statistics
-from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
+
+from sam3stream.runtime.cuda_timing import median_cuda_ms
 
 __all__ = [
     "FusedGeluMLP",
@@ -126,22 +127,8 @@ def fused_gelu_pays(backbone: nn.Module, tokens: int, repeats: int = 20) -> tupl
     x = torch.randn(tokens, like.shape[1], device=like.device, dtype=like.dtype)
     fused = FusedGeluMLP(mlp)
     with torch.no_grad():
-        plain_ms, fused_ms = (_median_ms(fn, x, repeats) for fn in (mlp, fused))
+        plain_ms, fused_ms = (median_cuda_ms(partial(fn, x), repeats) for fn in (mlp, fused))
     return fused_ms < plain_ms, plain_ms, fused_ms
-
-
-def _median_ms(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, repeats: int) -> float:
-    for _ in range(3):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        start.record()
-        fn(x)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(statistics.median(times))
 
 
 def fuse_qkv(backbone: nn.Module) -> int:
