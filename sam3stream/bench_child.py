@@ -144,6 +144,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             overlap=args.overlap,
             fused_gelu=args.fused_gelu,
             channels_last=args.channels_last,
+            fused_decoder=args.fused_decoder,
         )
         loaded = _random_loaded(args, resolution, device)
         backend = TorchBackend.from_model(
@@ -196,6 +197,8 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             "overlap": args.overlap,
             "fused_gelu": getattr(backend, "fused_gelu", None),
             "channels_last": args.channels_last,
+            "fused_decoder": getattr(backend, "fused_decoder", None),
+            "fused_relu": getattr(backend, "fused_relu", None),
             "vision_chunk": getattr(backend, "vision_chunk", None),
             "query_precision": args.query_precision,
             "batch_ms": batch_ms,

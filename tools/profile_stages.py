@@ -1,15 +1,20 @@
 """Where the GPU time goes: per-stage times (each stage compiled on its own, CUDA events on module
 hooks; ``--eager`` adds the uncompiled split) and the top kernels of the compiled backend
-(torch.profiler, CUDA graphs off so kernels are visible).
+(torch.profiler, CUDA graphs off so kernels are visible). ``--graphs`` instead times the default
+backend's captured vision and decoder graphs alone and lists each step's kernels by category.
 
     python tools/profile_stages.py --resolution 1008 --cameras 8 --out docs/bench/profile_1008
+    python tools/profile_stages.py --resolution 1008 --cameras 8 --graphs --out docs/bench/graphs_1008
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -104,6 +109,90 @@ def kernel_rows(prof: Any, limit: int = 60) -> list[dict[str, Any]]:
     return rows[:limit]
 
 
+# Kernel families by name; the first match wins (inductor's own kernels carry op names such as
+# "scaled_dot_product_cudnn_attention" in theirs, so they are matched first).
+CATEGORIES = [
+    ("triton (fused pointwise/reductions)", re.compile(r"^triton_")),
+    ("attention", re.compile(r"fmha|flash|sdpa|attention", re.I)),
+    ("gemm", re.compile(r"nvjet|gemm|cublas", re.I)),
+    ("convolution", re.compile(r"conv|fprop|dgrad|implicit", re.I)),
+    ("layout", re.compile(r"nchwToNhwc|nhwcToNchw|transpose", re.I)),
+]
+
+
+def categorize(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Milliseconds per kernel family."""
+    totals: dict[str, float] = defaultdict(float)
+    for row in rows:
+        family = next((name for name, rx in CATEGORIES if rx.search(row["name"])), "other")
+        totals[family] += row["ms"]
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def graph_split(backend: Any, text: Any, frames: np.ndarray, repeats: int = 10) -> dict[str, Any]:
+    """The captured graphs timed alone (median ms per batch over ``repeats``), then each step's
+    compiled kernels outside the graphs (one call each, torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from sam3stream.runtime.cuda_timing import median_cuda_ms
+
+    batch = frames.shape[0]
+    for _ in range(3):  # both frame buffers' graphs captured
+        backend.infer(frames, text, 0.3)
+    torch.cuda.synchronize()
+
+    def vision() -> None:
+        for start in range(0, batch, backend.vision_chunk):
+            backend._vision_graphs[(backend._turn, start)].replay()
+
+    def decoder() -> None:
+        for start in range(0, batch, backend.decoder_frames):
+            backend._decoder_graphs[start].replay()
+
+    def whole() -> None:
+        backend.infer(frames, text, 0.3)
+
+    def pipelined() -> None:  # as the worker runs: batch n+1 queued before n is collected
+        pending = backend.submit(frames, text, 0.3)
+        for _ in range(repeats - 1):
+            nxt = backend.submit(frames, text, 0.3)
+            pending.result()
+            pending = nxt
+        pending.result()
+
+    with torch.no_grad():
+        report: dict[str, Any] = {
+            "vision_graphs_ms": median_cuda_ms(vision, repeats),
+            "decoder_graphs_ms": median_cuda_ms(decoder, repeats),
+            "infer_ms": median_cuda_ms(whole, repeats),
+        }
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            pipelined()
+            times.append((time.perf_counter() - t) * 1e3 / repeats)
+        report["pipelined_ms"] = statistics.median(times)
+        for name, step in (
+            ("vision_step", lambda: backend._run_vision_slot(0)),
+            ("decoder_step", lambda: backend._run_decoder_slot(0)),
+        ):
+            step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            rows = kernel_rows(prof, limit=400)
+            report[name] = {
+                "frames": backend.vision_chunk if name == "vision_step" else backend.decoder_frames,
+                "kernel_ms": sum(row["ms"] for row in rows),
+                "kernel_count": sum(row["calls"] for row in rows),
+                "by_family_ms": categorize(rows),
+                "top": rows[:40],
+            }
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,7 +203,11 @@ def main() -> int:
     parser.add_argument("--eager", action="store_true", help="also time the stages uncompiled")
     parser.add_argument("--no-kernels", action="store_true", help="skip the compiled kernel table")
     parser.add_argument("--kernels-only", action="store_true", help="skip the stage split")
+    parser.add_argument(
+        "--graphs", action="store_true", help="time the default backend's captured graphs by step, then exit"
+    )
     parser.add_argument("--fused-gelu", choices=list(FUSED_GELU_CHOICES), default="auto")
+    parser.add_argument("--fused-decoder", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/profile"))
     args = parser.parse_args()
 
@@ -143,6 +236,15 @@ def main() -> int:
         )
 
     gelu = FUSED_GELU_CHOICES[args.fused_gelu]
+    if args.graphs:
+        default = backend(TorchOptions(fused_gelu=gelu, fused_decoder=args.fused_decoder))
+        report.update(graph_split(default, default.encode_text(PROMPTS[: args.classes]), frames))
+        report["vision_chunk"], report["fused_gelu"] = default.vision_chunk, default.fused_gelu
+        report["fused_decoder"], report["fused_relu"] = default.fused_decoder, default.fused_relu
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
+        return 0
     plain = TorchOptions(compile=False, cuda_graphs=False, fused_gelu=gelu)
     staged = backend(plain)
     text = staged.encode_text(PROMPTS[: args.classes])

@@ -30,7 +30,7 @@ def main() -> int:
     import torch.nn.functional as F
 
     from sam3stream.runtime.cuda_timing import median_cuda_ms
-    from sam3stream.runtime.vit_rewrite import linear_gelu
+    from sam3stream.runtime.fused_mlp import linear_gelu
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     fc1 = torch.nn.Linear(args.dim, args.hidden, device=dev, dtype=dt)

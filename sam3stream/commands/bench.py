@@ -54,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="convolutions and FPN buffers in channels-last layout",
     )
     p.add_argument(
+        "--fused-decoder",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decoder GroupNorms, box-RPB MLPs and encoder ReLUs in fewer kernels (compiled CUDA)",
+    )
+    p.add_argument(
         "--out", type=Path, default=Path("docs/bench/results"), help="output stem (.json/.md/.png)"
     )
     p.set_defaults(func=run)
@@ -87,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         fused_gelu=FUSED_GELU_CHOICES[args.fused_gelu],
         channels_last=args.channels_last,
+        fused_decoder=args.fused_decoder,
         device=args.device,
         out=str(args.out),
     )

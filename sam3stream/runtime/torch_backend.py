@@ -70,6 +70,9 @@ class TorchOptions:
     # channels-last layout: the ViT's tokens already are, and cuDNN's kernels want it (no layout
     # conversions: +3% and 262 MiB less at 1008 x 8 on the H200).
     channels_last: bool = True
+    # The decoder's GroupNorms, box-RPB MLPs and DETR encoder ReLUs in fewer kernels
+    # (runtime/decoder_rewrite.py; the ReLU epilogue only where it times faster). Compiled CUDA only.
+    fused_decoder: bool = True
 
 
 def default_vision_chunk(resolution: int, batch: int) -> int:
@@ -182,6 +185,7 @@ class TorchBackend:
 
         from sam3stream.model.parts import split_model
         from sam3stream.model.roi_align import install_into_transformers
+        from sam3stream.runtime.decoder_rewrite import fuse_encoder_relu, rewrite_decoder
         from sam3stream.runtime.precomputed import PrecomputedPositions, precompute_rotary
         from sam3stream.runtime.vit_rewrite import fuse_mlp_gelu, fuse_qkv
 
@@ -227,10 +231,22 @@ class TorchBackend:
         positions = PrecomputedPositions(self._decoder.position_encoding, m.grid, self.device, self.dtype)
         self._decoder.position_encoding = self._geometry.position_encoding = positions
         self.vision_chunk = opts.vision_chunk or default_vision_chunk(m.resolution, m.batch)
-        self.fused_gelu = self._choose_fused_gelu(m.grid**2 * self.vision_chunk)
+        self.fused_gelu = self._choose_epilogue(
+            opts.fused_gelu, self._vision.backbone.layers[0].mlp, "gelu", m.grid**2 * self.vision_chunk
+        )
         if self.fused_gelu:
             fuse_mlp_gelu(self._vision.backbone)
         self.decoder_frames = min(opts.decoder_frames, m.batch)
+        self.fused_decoder = opts.fused_decoder and on_cuda and opts.compile
+        self.fused_relu = False
+        if self.fused_decoder:
+            rewrite_decoder(self._decoder)
+            # Timed for 4 classes, the common prompt count; the choice does not change later.
+            tokens = self.decoder_frames * 4 * m.grid**2
+            encoder = self._decoder.detr_encoder
+            self.fused_relu = self._choose_epilogue(None, encoder.layers[0].mlp, "relu", tokens)
+            if self.fused_relu:
+                fuse_encoder_relu(encoder)
         slots = -(-m.batch // self.vision_chunk) * self.vision_chunk
         dec_slots = -(-m.batch // self.decoder_frames) * self.decoder_frames
         r, g, d = m.resolution, m.grid, m.model.hidden_size
@@ -293,18 +309,26 @@ class TorchBackend:
             overlap=overlap,
             fused_gelu=self.fused_gelu,
             channels_last=opts.channels_last,
+            fused_decoder=self.fused_decoder,
+            fused_relu=self.fused_relu,
         )
 
-    def _choose_fused_gelu(self, tokens: int) -> bool:
-        from sam3stream.runtime.vit_rewrite import fused_gelu_pays
+    def _choose_epilogue(self, forced: bool | None, mlp: Any, activation: str, tokens: int) -> bool:
+        """Whether an MLP's activation goes into its first GEMM's epilogue: as forced, else by
+        timing both forms on ``tokens`` tokens (CUDA; on the CPU the op is plain addmm + act)."""
+        from sam3stream.runtime.fused_mlp import fused_mlp_pays
 
-        if self.options.fused_gelu is not None:
-            return self.options.fused_gelu
+        if forced is not None:
+            return forced
         if self.device.type != "cuda":
-            return False  # the epilogue is a cuBLASLt feature; on the CPU the op is plain addmm + GELU
-        pays, plain_ms, fused_ms = fused_gelu_pays(self._vision.backbone, tokens)
+            return False
+        pays, plain_ms, fused_ms = fused_mlp_pays(mlp, activation, tokens)
         log.info(
-            "ViT MLP timed", tokens=tokens, exact_gelu_ms=round(plain_ms, 4), fused_gelu_ms=round(fused_ms, 4)
+            "MLP epilogue timed",
+            activation=activation,
+            tokens=tokens,
+            separate_ms=round(plain_ms, 4),
+            fused_ms=round(fused_ms, 4),
         )
         return pays
 

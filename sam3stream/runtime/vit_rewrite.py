@@ -3,12 +3,10 @@
 - :func:`fuse_qkv`: one [3D, D] projection per attention layer instead of three [D, D] ones. The
   same dot products in one larger GEMM (three launches and three reads of the input become one);
   numerically the same computation. Always applied.
-- :func:`fuse_mlp_gelu`: the MLP's first GEMM with its GELU in the GEMM's epilogue (cuBLASLt), so
-  the [tokens, 4736] activation is written once instead of written, read and written again.
-  cuBLASLt's epilogue is the tanh form of GELU (|difference| < 5e-4, well below bf16's rounding
-  of the same values). Whether it pays depends on the GEMM shape (cuBLASLt picks other kernels
-  than cuBLAS: on the H200 6% faster at 5184 tokens, equal at 4608, 16% slower at 6400), so
-  :func:`fused_gelu_pays` times both on the layer's own weights when the backend starts.
+- :func:`fuse_mlp_gelu`: the MLP's first GEMM with its GELU in the GEMM's epilogue
+  (runtime/fused_mlp.py), so the [tokens, 4736] activation is written once. Whether it pays
+  depends on the GEMM shape (on the H200 6% faster at 5184 tokens, equal at 4608, 16% slower at
+  6400), so the backend times both on the layer's own weights when it starts.
 
 (FP8 GEMMs with row-wise scales were measured here too and dropped: slower at these shapes once
 the activations are quantized on the fly, and masks off the float32 reference; docs/bench.)
@@ -16,24 +14,15 @@ the activations are quantized on the fly, and masks off the float32 reference; d
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import register_flop_formula
 
-from sam3stream.runtime.cuda_timing import median_cuda_ms
+from sam3stream.runtime.fused_mlp import FusedMLP
 
-__all__ = [
-    "FusedGeluMLP",
-    "FusedQKVAttention",
-    "fuse_mlp_gelu",
-    "fuse_qkv",
-    "fused_gelu_pays",
-    "linear_gelu",
-]
+__all__ = ["FusedQKVAttention", "fuse_mlp_gelu", "fuse_qkv"]
 
 
 class FusedQKVAttention(nn.Module):
@@ -70,65 +59,14 @@ class FusedQKVAttention(nn.Module):
         return self.o_proj(out), None
 
 
-@torch.library.custom_op("sam3stream::linear_gelu", mutates_args=())
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(x @ weight.T + bias) in one cuBLASLt call on CUDA (an opaque op, so that
-    torch.compile keeps the epilogue instead of decomposing it into a GEMM and a GELU kernel)."""
-    flat = x.reshape(-1, x.shape[-1])
-    out = torch._addmm_activation(bias, flat, weight.t(), use_gelu=True)
-    return out.view(*x.shape[:-1], weight.shape[0])
-
-
-@linear_gelu.register_fake
-def _linear_gelu_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@register_flop_formula(torch.ops.sam3stream.linear_gelu)
-def _linear_gelu_flops(x_shape: Any, w_shape: Any, *args: Any, **kwargs: Any) -> int:
-    tokens = 1
-    for size in x_shape[:-1]:
-        tokens *= size
-    return 2 * tokens * int(x_shape[-1]) * int(w_shape[0])
-
-
-class FusedGeluMLP(nn.Module):
-    """Sam3MLP (fc1, GELU, fc2) with fc1 and the GELU in one GEMM."""
-
-    def __init__(self, mlp: Any) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = mlp.fc1, mlp.fc2
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden: torch.Tensor = self.fc2(linear_gelu(hidden_states, self.fc1.weight, self.fc1.bias))
-        return hidden
-
-
 def fuse_mlp_gelu(backbone: nn.Module) -> int:
-    """Replace every ViT layer's MLP with :class:`FusedGeluMLP`; returns the count."""
+    """Replace every ViT layer's MLP with a GELU :class:`FusedMLP`; returns the count."""
     count = 0
     for layer in _vit_layers(backbone):
-        if isinstance(layer.mlp, FusedGeluMLP):
-            continue
-        act = getattr(layer.mlp, "activation_fn", None)
-        if "GELU" not in type(act).__name__:
-            raise TypeError(f"expected a GELU MLP in the ViT, got {type(act).__name__}")
-        layer.mlp = FusedGeluMLP(layer.mlp)
-        count += 1
+        if not isinstance(layer.mlp, FusedMLP):
+            layer.mlp = FusedMLP(layer.mlp, "gelu")
+            count += 1
     return count
-
-
-def fused_gelu_pays(backbone: nn.Module, tokens: int, repeats: int = 20) -> tuple[bool, float, float]:
-    """Time one ViT layer's MLP as it is and with the fused GELU on ``tokens`` tokens (CUDA).
-
-    Returns (fused is faster, median ms as is, median ms fused)."""
-    mlp = _vit_layers(backbone)[0].mlp
-    like = mlp.fc1.weight
-    x = torch.randn(tokens, like.shape[1], device=like.device, dtype=like.dtype)
-    fused = FusedGeluMLP(mlp)
-    with torch.no_grad():
-        plain_ms, fused_ms = (median_cuda_ms(partial(fn, x), repeats) for fn in (mlp, fused))
-    return fused_ms < plain_ms, plain_ms, fused_ms
 
 
 def fuse_qkv(backbone: nn.Module) -> int:

@@ -30,11 +30,16 @@ PROMPTS = ["person", "hand", "blow gun", "counter"]
 
 
 @pytest.mark.parametrize(
-    ("query_precision", "overlap", "fused_gelu", "channels_last"),
-    [("fp32", False, False, False), ("same", False, True, True), ("same", True, False, True)],
+    ("query_precision", "overlap", "fused_gelu", "channels_last", "fused_decoder"),
+    [
+        ("fp32", False, False, False, False),
+        ("same", False, True, True, False),
+        ("same", True, False, True, False),
+        ("same", True, False, True, True),
+    ],
 )
 def test_bf16_backend_matches_fp32_reference_query_by_query(
-    query_precision: str, overlap: bool, fused_gelu: bool, channels_last: bool
+    query_precision: str, overlap: bool, fused_gelu: bool, channels_last: bool, fused_decoder: bool
 ) -> None:
     install_into_transformers()
     model = random_model("full", R, seed=0, device="cuda")
@@ -55,6 +60,7 @@ def test_bf16_backend_matches_fp32_reference_query_by_query(
             overlap=overlap,
             fused_gelu=fused_gelu,
             channels_last=channels_last,
+            fused_decoder=fused_decoder,
         ),
     )
     text = backend.encode_text(PROMPTS)

@@ -10,13 +10,8 @@ import torch
 
 from sam3stream.model.build import random_model
 from sam3stream.model.parts import VisionEncoder
-from sam3stream.runtime.vit_rewrite import (
-    FusedGeluMLP,
-    FusedQKVAttention,
-    fuse_mlp_gelu,
-    fuse_qkv,
-    linear_gelu,
-)
+from sam3stream.runtime.fused_mlp import FusedMLP, linear_gelu
+from sam3stream.runtime.vit_rewrite import FusedQKVAttention, fuse_mlp_gelu, fuse_qkv
 
 R = 448
 
@@ -77,7 +72,7 @@ def test_linear_gelu_compiles_as_one_op_with_the_right_shape() -> None:
 def test_fuse_mlp_gelu_refuses_an_mlp_without_gelu(vision: VisionEncoder) -> None:
     other = copy.deepcopy(vision)
     other.backbone.layers[0].mlp.activation_fn = torch.nn.ReLU()
-    with pytest.raises(TypeError, match="expected a GELU MLP in the ViT, got ReLU"):
+    with pytest.raises(TypeError, match="expected a GELU MLP, got ReLU"):
         fuse_mlp_gelu(other.backbone)
 
 
@@ -87,7 +82,7 @@ def test_flop_counter_counts_the_fused_gemm_like_the_plain_one(vision: VisionEnc
     mlp = vision.backbone.layers[0].mlp
     x = torch.randn(2, 7, mlp.fc1.in_features)
     counts = []
-    for module in (mlp, FusedGeluMLP(mlp)):
+    for module in (mlp, FusedMLP(mlp, "gelu")):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             module(x)
         counts.append(counter.get_total_flops())
