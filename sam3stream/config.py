@@ -82,6 +82,8 @@ class EnginesConfig(_Section, frozen=True, kw_only=True):
     device: str = "cpu"  # cpu | cuda | cuda:N
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # torch only; the others ignore it
     overlap: bool = True  # torch only: decoder on a second CUDA stream (+5% frames/s, ~150 MiB)
+    # torch only: the ViT's GELU in its GEMM's epilogue; unset: both forms timed at start.
+    fused_gelu: bool | None = None
     export: ExportConfig | None = None
 
 

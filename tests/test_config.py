@@ -49,6 +49,14 @@ def test_minimal_config_gets_defaults_and_absolute_paths() -> None:
     assert config.lifecycle.drain_timeout_s == 10
 
 
+def test_gelu_epilogue_is_timed_unless_the_config_pins_it() -> None:
+    assert parse_config(MINIMAL, source="t.toml", base_dir=Path("/base")).engines.fused_gelu is None
+    pinned = MINIMAL.replace('dir = "engines/x"', 'dir = "engines/x"\nfused_gelu = true')
+    assert parse_config(pinned, source="t.toml", base_dir=Path("/base")).engines.fused_gelu is True
+    found = problems(MINIMAL.replace('dir = "engines/x"', 'dir = "engines/x"\nfused_gelu = "auto"'))
+    assert "engines.fused_gelu" in found
+
+
 def test_unknown_key_is_reported_with_its_path() -> None:
     found = problems(MINIMAL + "foo = 1\n[batching]\nmax_wait = 3\n")
     assert found["cameras[0].foo"] == "unknown key"

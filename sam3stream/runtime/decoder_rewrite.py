@@ -1,22 +1,24 @@
 """Rewrites of the decoder for the torch backend: the same arithmetic in fewer, cheaper kernels.
 
-Measured on the H200 at 1008 (tools/profile_stages.py --graphs, one frame x 4 classes), these
-three spots cost ~1.4 ms of the decoder's 8.5 ms while doing almost no arithmetic:
+From the kernel profile of one decoder step on the H200 at 1008 (tools/profile_stages.py
+--graphs, one frame x 4 classes; docs/bench/graphs_1008.json, graphs_fused_1008.json):
 
 - :class:`ChannelsLastGroupNorm`: inductor reduced the pixel decoder's GroupNorm (8 groups of
   32 channels over a channels-last [C, 256, 288, 288] map) group by group, reading 64-byte
   pieces 512 bytes apart: 0.55 ms for one 170 MB read. Per-channel moments are an outer
   reduction that reads the map in order; the group statistics follow from them exactly
   (equal channel counts: group mean = mean of channel means, group E[x^2] likewise).
-- :class:`PointwiseRpbMLP`: the box relative-position MLPs (2 -> 256 -> 8, per query and grid
-  line, 12 per frame) ran as a K=2 GEMM, a ReLU pass over its [C, 200, 72, 256] output and a
-  second GEMM. Written as broadcasts and a sum over the 256 hidden units, inductor makes them
-  one kernel that never stores the hidden layer.
+  GroupNorm kernels per frame: 0.95 -> 0.49 ms.
 - :func:`fuse_encoder_relu`: the DETR encoder MLP's ReLU in its first GEMM's epilogue
-  (runtime/fused_mlp.py), sparing a pass over the [C, 5184, 2048] activation per layer; kept
-  only where timing says it pays.
+  (runtime/fused_mlp.py), sparing a pass over the [C, 5184, 2048] activation per layer
+  (0.42 ms per frame); kept only where timing at start says it pays.
 
-The rewrites are meant for compiled CUDA graphs; the eager CPU path keeps transformers' modules.
+The box-RPB MLPs (2 -> 256 -> 8 per query and grid line) were rewritten too, as broadcasts and a
+sum, so that inductor would not store the hidden layer: its two looped reductions took 1.69 ms per
+frame where the K=2 GEMM and ReLU pass they replace took 0.49 ms, so that rewrite was dropped.
+
+Opt-in (TorchOptions.fused_decoder, bench --fused-decoder) until this pair has its own
+throughput run; meant for compiled CUDA graphs, the eager CPU path keeps transformers' modules.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 
 from sam3stream.runtime.fused_mlp import FusedMLP
 
-__all__ = ["ChannelsLastGroupNorm", "PointwiseRpbMLP", "fuse_encoder_relu", "rewrite_decoder"]
+__all__ = ["ChannelsLastGroupNorm", "fuse_encoder_relu", "rewrite_decoder"]
 
 
 class ChannelsLastGroupNorm(nn.Module):
@@ -58,23 +60,6 @@ class ChannelsLastGroupNorm(nn.Module):
         return out.to(x.dtype)
 
 
-class PointwiseRpbMLP(nn.Module):
-    """Sam3DecoderMLP with two inputs and two layers (Linear(2, H), ReLU, Linear(H, heads)),
-    written as broadcasts and a reduction instead of GEMMs."""
-
-    def __init__(self, mlp: Any) -> None:
-        super().__init__()
-        if getattr(mlp, "layer3", None) is not None or mlp.layer1.in_features != 2:
-            raise TypeError("expected a two-layer MLP with two inputs (the box RPB embedding)")
-        self.layer1, self.layer2 = mlp.layer1, mlp.layer2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w1, b1 = self.layer1.weight, self.layer1.bias  # [H, 2], [H]
-        hidden = torch.relu(x[..., :1] * w1[:, 0] + x[..., 1:] * w1[:, 1] + b1)  # [..., H]
-        out: torch.Tensor = (hidden.unsqueeze(-2) * self.layer2.weight).sum(-1) + self.layer2.bias
-        return out  # [..., heads]
-
-
 def fuse_encoder_relu(detr_encoder: nn.Module) -> int:
     """Give every DETR encoder layer a ReLU :class:`FusedMLP`; returns the count."""
     count = 0
@@ -85,18 +70,13 @@ def fuse_encoder_relu(detr_encoder: nn.Module) -> int:
     return count
 
 
-def rewrite_decoder(decoder: Any) -> dict[str, int]:
-    """Swap in :class:`ChannelsLastGroupNorm` (pixel decoder) and :class:`PointwiseRpbMLP` (DETR
-    decoder) on a :class:`~sam3stream.model.parts.Decoder`; returns what was replaced."""
+def rewrite_decoder(decoder: Any) -> int:
+    """Swap in :class:`ChannelsLastGroupNorm` for the pixel decoder's GroupNorms of a
+    :class:`~sam3stream.model.parts.Decoder`; returns the count."""
     norms = decoder.pixel_decoder.norms
-    done = {"group_norms": 0, "rpb_mlps": 0}
+    count = 0
     for index, norm in enumerate(norms):
         if isinstance(norm, nn.GroupNorm):
             norms[index] = ChannelsLastGroupNorm(norm)
-            done["group_norms"] += 1
-    detr = decoder.detr_decoder
-    for name in ("box_rpb_embed_x", "box_rpb_embed_y"):
-        if not isinstance(getattr(detr, name), PointwiseRpbMLP):
-            setattr(detr, name, PointwiseRpbMLP(getattr(detr, name)))
-            done["rpb_mlps"] += 1
-    return done
+            count += 1
+    return count

@@ -30,13 +30,18 @@ _CLASSES = {
 
 
 def open_backend(
-    kind: str, engine_dir: Path, device: str = "cpu", precision: str | None = None, overlap: bool = False
+    kind: str,
+    engine_dir: Path,
+    device: str = "cpu",
+    precision: str | None = None,
+    overlap: bool = False,
+    fused_gelu: bool | None = None,
 ) -> Backend:
     """Load the engines in ``engine_dir`` with the ``kind`` runtime on ``device``.
 
     ``precision`` (bf16, fp16, fp32) goes to backends that take it (torch: as
     ``TorchOptions(precision=...)``); the others run at the precision their engines
-    were made with. ``overlap`` is the torch backend's ``TorchOptions(overlap=...)``.
+    were made with. ``overlap`` and ``fused_gelu`` are the torch backend's ``TorchOptions``.
     """
     engine_dir = Path(engine_dir)
     if kind == "fake":
@@ -62,6 +67,6 @@ def open_backend(
         extra["precision"] = precision
     elif "options" in params and hasattr(module, "TorchOptions"):
         chosen = {"precision": precision} if precision is not None else {}
-        extra["options"] = module.TorchOptions(**chosen, overlap=overlap)
+        extra["options"] = module.TorchOptions(**chosen, overlap=overlap, fused_gelu=fused_gelu)
     backend: Backend = cls(engine_dir, **kwargs, **extra)
     return backend

@@ -70,9 +70,10 @@ class TorchOptions:
     # channels-last layout: the ViT's tokens already are, and cuDNN's kernels want it (no layout
     # conversions: +3% and 262 MiB less at 1008 x 8 on the H200).
     channels_last: bool = True
-    # The decoder's GroupNorms, box-RPB MLPs and DETR encoder ReLUs in fewer kernels
-    # (runtime/decoder_rewrite.py; the ReLU epilogue only where it times faster). Compiled CUDA only.
-    fused_decoder: bool = True
+    # The decoder's GroupNorm statistics and DETR encoder ReLUs in fewer kernels
+    # (runtime/decoder_rewrite.py; the ReLU epilogue only where it times faster). Compiled CUDA
+    # only; opt-in until measured end to end (its kernels: -0.86 ms per frame at 1008).
+    fused_decoder: bool = False
 
 
 def default_vision_chunk(resolution: int, batch: int) -> int:

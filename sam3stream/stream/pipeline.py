@@ -221,6 +221,7 @@ class Pipeline:
             engines.device,
             precision=engines.precision,
             overlap=engines.overlap,
+            fused_gelu=engines.fused_gelu,
         )
         backend = await loop.run_in_executor(infer_pool, load)
         return backend
