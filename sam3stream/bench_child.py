@@ -100,6 +100,22 @@ def _random_loaded(args: BenchArgs, resolution: int, device: str) -> Any:
     )
 
 
+def submit_ahead_ms(backend: Any, frames: npt.NDArray[np.uint8], text: Any, iters: int) -> list[float]:
+    """Milliseconds between results with each batch submitted before the previous one is collected,
+    as the GPU worker runs: ``iters`` intervals."""
+    intervals = []
+    pending = backend.submit(frames, text, MIN_SCORE)
+    last = time.perf_counter()
+    for _ in range(iters):
+        nxt = backend.submit(frames, text, MIN_SCORE)
+        pending.result()
+        now = time.perf_counter()
+        intervals.append((now - last) * 1e3)
+        last, pending = now, nxt
+    pending.result()
+    return intervals
+
+
 def _flops_per_frame(backend: Any, text: Any) -> float | None:
     """FLOPs of one frame through vision, geometry and the decoder (all classes), counted by torch."""
     import torch
@@ -173,18 +189,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             t = time.perf_counter()
             backend.infer(frames, text, MIN_SCORE)
             latency.append((time.perf_counter() - t) * 1e3)
-        # Throughput with the next batch submitted before the previous one is collected.
-        intervals = []
-        if hasattr(backend, "submit"):
-            pending = backend.submit(frames, text, MIN_SCORE)
-            last = time.perf_counter()
-            for _ in range(args.iters):
-                nxt = backend.submit(frames, text, MIN_SCORE)
-                pending.result()
-                now = time.perf_counter()
-                intervals.append((now - last) * 1e3)
-                last, pending = now, nxt
-            pending.result()
+        intervals = submit_ahead_ms(backend, frames, text, args.iters) if hasattr(backend, "submit") else []
         batch_ms = summarize_ms(intervals or latency)
         row: dict[str, Any] = {
             "kind": "ours",

@@ -14,7 +14,6 @@ import json
 import re
 import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -135,6 +134,7 @@ def graph_split(backend: Any, text: Any, frames: np.ndarray, repeats: int = 10) 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from sam3stream.bench_child import submit_ahead_ms
     from sam3stream.runtime.cuda_timing import median_cuda_ms
 
     batch = frames.shape[0]
@@ -153,26 +153,14 @@ def graph_split(backend: Any, text: Any, frames: np.ndarray, repeats: int = 10) 
     def whole() -> None:
         backend.infer(frames, text, 0.3)
 
-    def pipelined() -> None:  # as the worker runs: batch n+1 queued before n is collected
-        pending = backend.submit(frames, text, 0.3)
-        for _ in range(repeats - 1):
-            nxt = backend.submit(frames, text, 0.3)
-            pending.result()
-            pending = nxt
-        pending.result()
-
     with torch.no_grad():
         report: dict[str, Any] = {
             "vision_graphs_ms": median_cuda_ms(vision, repeats),
             "decoder_graphs_ms": median_cuda_ms(decoder, repeats),
             "infer_ms": median_cuda_ms(whole, repeats),
         }
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            pipelined()
-            times.append((time.perf_counter() - t) * 1e3 / repeats)
-        report["pipelined_ms"] = statistics.median(times)
+        # As the worker runs: batch n+1 queued before batch n is collected.
+        report["pipelined_ms"] = statistics.median(submit_ahead_ms(backend, frames, text, 3 * repeats))
         for name, step in (
             ("vision_step", lambda: backend._run_vision_slot(0)),
             ("decoder_step", lambda: backend._run_decoder_slot(0)),

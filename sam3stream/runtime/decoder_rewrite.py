@@ -52,10 +52,9 @@ class ChannelsLastGroupNorm(nn.Module):
         mean_g = mean_c.view(grouped).mean(-1, keepdim=True)
         square_g = (var_c + mean_c.square()).view(grouped).mean(-1, keepdim=True)
         inv_std = torch.rsqrt((square_g - mean_g.square()).clamp_min(0) + self.eps)
-        scale = (inv_std * self.weight.float().view(1, self.groups, -1)).view(n, c)
-        shift = self.bias.float() - (mean_g * inv_std * self.weight.float().view(1, self.groups, -1)).view(
-            n, c
-        )
+        scale_g = inv_std * self.weight.float().view(1, self.groups, -1)  # [N, groups, C/groups]
+        scale = scale_g.view(n, c)
+        shift = self.bias.float() - (mean_g * scale_g).view(n, c)
         out = x.float() * scale[:, :, None, None] + shift[:, :, None, None]
         return out.to(x.dtype)
 

@@ -69,7 +69,6 @@ class FusedMLP(nn.Module):
         if expected not in found:
             raise TypeError(f"expected a {expected} MLP, got {found}")
         self.fc1, self.fc2 = mlp.fc1, mlp.fc2
-        self.activation = activation
         self._first = linear_gelu if activation == "gelu" else linear_relu
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
