@@ -294,7 +294,13 @@ class TorchBackend:
         # Graphs that may run at the same time must not share a pool.
         separate = overlap and self._pool is not None
         self._decoder_pool = torch.cuda.graph_pool_handle() if separate else self._pool
-        self._capture_stream: Any = None
+        # Graph pool -> the stream its graphs are captured on (see _capture); made here, one
+        # after the other, so that two pools never draw the same stream from torch's pool.
+        self._capture_streams: dict[Any, Any] = {
+            pool: torch.cuda.Stream(dev)  # type: ignore[no-untyped-call]
+            for pool in dict.fromkeys((self._pool, self._decoder_pool))
+            if pool is not None
+        }
         self.last_timings: dict[str, float] = {}
         log.info(
             "torch backend ready",
@@ -399,11 +405,13 @@ class TorchBackend:
         import torch
 
         stream = torch.cuda.current_stream(self.device)
-        # One capture stream for every graph: the caching allocator keeps blocks per stream, so a
-        # fresh stream per capture would strand each warm-up's activations in its own cache.
-        if self._capture_stream is None:
-            self._capture_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
-        side = self._capture_stream
+        # One capture stream per graph pool. Per pool, not per graph: the caching allocator keeps
+        # blocks per stream, so a fresh stream per capture would strand each warm-up's activations
+        # in its own cache. Not one for all: cuBLAS(Lt) keeps one workspace per stream and a graph
+        # bakes in the workspace of the stream it was captured on, so vision and decoder graphs
+        # captured on one stream would share a workspace while they run side by side (overlap),
+        # and corrupt each other's GEMMs. Graphs of one pool never run at the same time.
+        side = self._capture_streams[pool]
         side.wait_stream(stream)
         with torch.cuda.stream(side):
             for _ in range(2):  # warm up: compile, autotune, allocator settles
