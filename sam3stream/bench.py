@@ -48,7 +48,7 @@ class BenchArgs:
     overlap: bool = True
     fused_gelu: bool | None = None  # None: the backend times both forms
     channels_last: bool = True
-    fused_decoder: bool = False
+    fused_decoder: bool = True
     device: str = "cuda"
     out: str = "docs/bench/results"
     extra: dict[str, Any] = field(default_factory=dict)

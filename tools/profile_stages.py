@@ -195,7 +195,7 @@ def main() -> int:
         "--graphs", action="store_true", help="time the default backend's captured graphs by step, then exit"
     )
     parser.add_argument("--fused-gelu", choices=list(FUSED_GELU_CHOICES), default="auto")
-    parser.add_argument("--fused-decoder", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--fused-decoder", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/profile"))
     args = parser.parse_args()
 

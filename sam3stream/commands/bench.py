@@ -56,8 +56,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--fused-decoder",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="decoder GroupNorm statistics and encoder ReLUs in fewer kernels (compiled CUDA; opt-in)",
+        default=True,
+        help="decoder GroupNorm statistics and encoder ReLUs in fewer kernels (compiled CUDA)",
     )
     p.add_argument(
         "--out", type=Path, default=Path("docs/bench/results"), help="output stem (.json/.md/.png)"

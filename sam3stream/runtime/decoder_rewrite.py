@@ -17,8 +17,10 @@ The box-RPB MLPs (2 -> 256 -> 8 per query and grid line) were rewritten too, as 
 sum, so that inductor would not store the hidden layer: its two looped reductions took 1.69 ms per
 frame where the K=2 GEMM and ReLU pass they replace took 0.49 ms, so that rewrite was dropped.
 
-Opt-in (TorchOptions.fused_decoder, bench --fused-decoder) until this pair has its own
-throughput run; meant for compiled CUDA graphs, the eager CPU path keeps transformers' modules.
+On by default (TorchOptions.fused_decoder; bench --no-fused-decoder to compare): at 1008 x 8
+on the H200, with the GELU form pinned on both sides, 48.6 -> 50.0 frames/s and, in the
+reverse order, 48.5 -> 49.7, in the same memory. Meant for compiled CUDA graphs; the eager CPU
+path keeps transformers' modules.
 """
 
 from __future__ import annotations
