@@ -4,7 +4,6 @@ progress to stderr. Not a public entry point: run by :mod:`sam3stream.bench`."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
@@ -15,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sam3stream.bench import BenchArgs, summarize_ms
+from sam3stream.gpu_memory import process_gpu_memory
 
 PROMPTS = [
     "person",
@@ -43,22 +43,10 @@ def _emit(row: dict[str, Any]) -> None:
 
 
 def nvml_process_mib() -> float | None:
-    """This process's GPU memory as the driver sees it (CUDA context included)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("SAM3_BENCH_GPU", "0")))
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == os.getpid() and proc.usedGpuMemory:
-                    return float(proc.usedGpuMemory) / MIB
-            # Some virtualised drivers hide process ids: fall back to the device's used memory.
-            return float(pynvml.nvmlDeviceGetMemoryInfo(handle).used) / MIB
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no driver, no pynvml: the allocator figures still stand
-        return None
+    """This process's GPU memory as the driver sees it (CUDA context included), in MiB; the
+    bench has the GPU to itself, so the device's used memory stands in where NVML hides pids."""
+    used = process_gpu_memory(device_used_fallback=True)
+    return None if used is None else used / MIB
 
 
 def matmul_tflops(device: Any) -> float:

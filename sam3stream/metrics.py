@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -20,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from sam3stream.gpu_memory import process_gpu_memory
 from sam3stream.stream.frames import FrameResult
 
 __all__ = [
@@ -228,42 +228,6 @@ class Metrics:
             "latency_ms_p50": percentile(latencies, 50),
             "latency_ms_p95": percentile(latencies, 95),
         }
-
-
-# --------------------------------------------------------------------------- GPU memory
-
-_nvml_state: dict[str, bool] = {}
-
-
-def process_gpu_memory() -> int | None:
-    """Bytes of GPU memory this process holds over all NVIDIA devices, or None.
-
-    None when there is no driver, pynvml is missing, or the driver does not show
-    this process (in a container NVML may report host PIDs that never match).
-    """
-    if _nvml_state.get("failed"):
-        return None
-    try:
-        import pynvml
-
-        if not _nvml_state.get("ready"):
-            pynvml.nvmlInit()
-            _nvml_state["ready"] = True
-        pid = os.getpid()
-        total = 0
-        found = False
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == pid and proc.usedGpuMemory is not None:
-                    total += int(proc.usedGpuMemory)
-                    found = True
-        return total if found else None
-    except Exception as exc:
-        # No driver is the normal case on CPU hosts: say so once, then stop asking.
-        _nvml_state["failed"] = True
-        log.info("gpu_memory_unavailable", error=repr(exc))
-        return None
 
 
 # --------------------------------------------------------------------------- reporter

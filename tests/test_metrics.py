@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import structlog
 
-from sam3stream.metrics import Metrics, Reporter, log_fields, percentile, process_gpu_memory
+from sam3stream.metrics import Metrics, Reporter, log_fields, percentile
 from sam3stream.stream.frames import FrameResult, StageTimes
 
 
@@ -107,11 +107,6 @@ def test_latency_drops_batches_sinks_and_state() -> None:
     }
     assert snap["sinks"] == {"mqtt": {"errors": 1, "dropped": 10}}
     assert snap["gpu_memory_bytes"] is None
-
-
-def test_gpu_memory_never_raises() -> None:
-    value = process_gpu_memory()
-    assert value is None or (isinstance(value, int) and value >= 0)
 
 
 def test_log_fields_are_flat_key_values() -> None:

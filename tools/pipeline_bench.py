@@ -43,17 +43,31 @@ def make_clips(folder: Path, count: int, seconds: float) -> list[Path]:
     return paths
 
 
-def bare_throughput(backend: Any, text: Any, frames: np.ndarray, iters: int, min_score: float) -> float:
+def bare_throughput(backend: Any, text: Any, frames: np.ndarray, iters: int) -> float:
+    """Frames/s of the backend alone, each batch submitted before the previous one is collected
+    (as the GPU worker runs it; the same loop as `sam3stream bench`)."""
+    from sam3stream.bench_child import MIN_SCORE, submit_ahead_ms
+
     for _ in range(3):
-        backend.infer(frames, text, min_score)
-    start = time.perf_counter()
-    pending = backend.submit(frames, text, min_score)
-    for _ in range(iters - 1):
-        nxt = backend.submit(frames, text, min_score)
-        pending.result()
-        pending = nxt
-    pending.result()
-    return iters * frames.shape[0] / (time.perf_counter() - start)
+        backend.infer(frames, text, MIN_SCORE)
+    intervals = submit_ahead_ms(backend, frames, text, iters)
+    return len(intervals) * frames.shape[0] / (sum(intervals) / 1e3)
+
+
+def memory_mib(device: str) -> dict[str, float | None]:
+    """The process's GPU memory now (NVML, context included) and the allocator's peaks so far."""
+    from sam3stream.bench_child import nvml_process_mib
+
+    if not device.startswith("cuda"):
+        return {"nvml_mib": None, "alloc_peak_mib": None, "reserved_peak_mib": None}
+    import torch
+
+    mib = float(1 << 20)
+    return {
+        "nvml_mib": nvml_process_mib(),
+        "alloc_peak_mib": torch.cuda.max_memory_allocated() / mib,
+        "reserved_peak_mib": torch.cuda.max_memory_reserved() / mib,
+    }
 
 
 def config_text(clips: list[Path], cameras: int, classes: list[str], out: Path, batch: int, res: int) -> str:
@@ -151,13 +165,18 @@ def main() -> int:
     frames = np.random.default_rng(0).integers(
         0, 256, (args.cameras, args.resolution, args.resolution, 3), dtype=np.uint8
     )
-    bare = bare_throughput(backend, text, frames, args.iters, 0.3)
-    _say(f"bare GPU worker: {bare:.1f} frames/s")
+    bare = bare_throughput(backend, text, frames, args.iters)
+    bare_memory = memory_mib(args.device)
+    _say(f"bare GPU worker: {bare:.1f} frames/s, memory {bare_memory}")
     toml = config_text(clips, args.cameras, classes, work, args.cameras, args.resolution)
     config = parse_config(toml, source="pipeline-bench.toml", base_dir=work)
     count, pipeline_fps = asyncio.run(run_pipeline(config, backend))
     ratio = pipeline_fps / bare if bare else 0.0
+    # Measured after the pipeline ran in the same process: its threads, decode and sinks add to
+    # what the bare worker held (a deployment's figure, not the bench's).
+    pipeline_memory = memory_mib(args.device)
     _say(f"pipeline: {count} results, {pipeline_fps:.1f} frames/s = {ratio:.1%} of the bare worker")
+    _say(f"memory after the pipeline: {pipeline_memory}")
     result = {
         "command": "python tools/pipeline_bench.py " + " ".join(sys.argv[1:]),
         "resolution": args.resolution,
@@ -169,6 +188,8 @@ def main() -> int:
         "bare_fps": bare,
         "pipeline_fps": pipeline_fps,
         "ratio": ratio,
+        "memory_after_bare": bare_memory,
+        "memory_after_pipeline": pipeline_memory,
         "cpu_count": os.cpu_count(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
