@@ -262,15 +262,19 @@ class CameraSource:
                 except _STREAM_ERRORS as exc:
                     raise _SourceFailure(f"read error after {self._session_frames} frames: {exc}") from exc
                 self._session_frames += 1
-                self._metrics.frame_decoded(self.name)
                 await self._deliver(decoded, loop.time())
         finally:
             stop.set()
             await close_executor(pool, _THREAD_CLOSE_S, decoder.close)
 
     async def _deliver(self, decoded: _Decoded, now: float) -> None:
+        live = self.mode == "live"
+        if live:
+            # Every decoded frame counts, also those the sampling below skips (its inbox never
+            # waits: a full one drops its oldest frame and counts that).
+            self._metrics.frame_decoded(self.name)
         if self._period is not None:
-            if self.mode == "live":
+            if live:
                 # Sample down to the target rate on the stream's own clock when it has one.
                 t = decoded.stream_time if decoded.stream_time is not None else now
                 if t < self._next_due - 10 * self._period:
@@ -300,5 +304,8 @@ class CameraSource:
             image=decoded.image,
         )
         await self._inbox.put(frame)
-        # Counted once accepted: a frame cancelled while waiting for room was never read.
+        # Counted once accepted: a file frame cancelled at stop while it waited for its pacing time
+        # or for room in the inbox was never read, so that decoded = processed + dropped.
         self.seq += 1
+        if not live:
+            self._metrics.frame_decoded(self.name)

@@ -33,6 +33,10 @@ async def test_stop_drains_every_frame_read_exactly_once(tmp_path: Path, video: 
         # Looping keeps counting: seq runs past the file's 10 frames with no gap or repeat.
         assert source.seq > 10
         assert sink.seqs(name) == list(range(source.seq))
+        # Every frame counted as decoded is accounted for: processed or dropped. A frame held back
+        # for pacing when the camera stops was not due yet, so it is not counted.
+        cam = p.metrics.snapshot()["cameras"][name]
+        assert cam["frames_decoded"] == cam["frames_processed"] + cam["frames_dropped"] == source.seq
     assert backend.closed is False  # an injected backend stays the caller's to close
     assert not worker_threads()
 
