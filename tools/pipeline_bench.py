@@ -56,17 +56,16 @@ def bare_throughput(backend: Any, text: Any, frames: np.ndarray, iters: int) -> 
 
 def memory_mib(device: str) -> dict[str, float | None]:
     """The process's GPU memory now (NVML, context included) and the allocator's peaks so far."""
-    from sam3stream.bench_child import nvml_process_mib
+    from sam3stream.bench_child import MIB, nvml_process_mib
 
     if not device.startswith("cuda"):
         return {"nvml_mib": None, "alloc_peak_mib": None, "reserved_peak_mib": None}
     import torch
 
-    mib = float(1 << 20)
     return {
         "nvml_mib": nvml_process_mib(),
-        "alloc_peak_mib": torch.cuda.max_memory_allocated() / mib,
-        "reserved_peak_mib": torch.cuda.max_memory_reserved() / mib,
+        "alloc_peak_mib": torch.cuda.max_memory_allocated() / MIB,
+        "reserved_peak_mib": torch.cuda.max_memory_reserved() / MIB,
     }
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sam3stream.runtime.fused_mlp import FusedMLP
+from sam3stream.runtime.fused_mlp import fuse_layer_mlps
 
 __all__ = ["ChannelsLastGroupNorm", "fuse_encoder_relu", "rewrite_decoder"]
 
@@ -63,12 +63,7 @@ class ChannelsLastGroupNorm(nn.Module):
 
 def fuse_encoder_relu(detr_encoder: nn.Module) -> int:
     """Give every DETR encoder layer a ReLU :class:`FusedMLP`; returns the count."""
-    count = 0
-    for layer in getattr(detr_encoder, "layers", ()):
-        if not isinstance(layer.mlp, FusedMLP):
-            layer.mlp = FusedMLP(layer.mlp, "relu")
-            count += 1
-    return count
+    return fuse_layer_mlps(getattr(detr_encoder, "layers", ()), "relu")
 
 
 def rewrite_decoder(decoder: Any) -> int:

@@ -10,6 +10,7 @@ times both forms on the layer's own weights, and the backend keeps the faster.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from sam3stream.runtime.cuda_timing import median_cuda_ms
 
-__all__ = ["ACTIVATIONS", "FusedMLP", "fused_mlp_pays", "linear_gelu", "linear_relu"]
+__all__ = ["ACTIVATIONS", "FusedMLP", "fuse_layer_mlps", "fused_mlp_pays", "linear_gelu", "linear_relu"]
 
 # Activation name -> the class name transformers' ACT2FN gives that activation.
 ACTIVATIONS = {"gelu": "GELU", "relu": "ReLU"}
@@ -74,6 +75,17 @@ class FusedMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden: torch.Tensor = self.fc2(self._first(hidden_states, self.fc1.weight, self.fc1.bias))
         return hidden
+
+
+def fuse_layer_mlps(layers: Iterable[Any], activation: str) -> int:
+    """Give every layer (with an ``mlp``) an ``activation`` :class:`FusedMLP`; returns how many
+    were replaced (0 when all already were)."""
+    count = 0
+    for layer in layers:
+        if not isinstance(layer.mlp, FusedMLP):
+            layer.mlp = FusedMLP(layer.mlp, activation)
+            count += 1
+    return count
 
 
 def fused_mlp_pays(

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam3stream.runtime.fused_mlp import FusedMLP
+from sam3stream.runtime.fused_mlp import fuse_layer_mlps
 
 __all__ = ["FusedQKVAttention", "fuse_mlp_gelu", "fuse_qkv"]
 
@@ -61,12 +61,7 @@ class FusedQKVAttention(nn.Module):
 
 def fuse_mlp_gelu(backbone: nn.Module) -> int:
     """Replace every ViT layer's MLP with a GELU :class:`FusedMLP`; returns the count."""
-    count = 0
-    for layer in _vit_layers(backbone):
-        if not isinstance(layer.mlp, FusedMLP):
-            layer.mlp = FusedMLP(layer.mlp, "gelu")
-            count += 1
-    return count
+    return fuse_layer_mlps(_vit_layers(backbone), "gelu")
 
 
 def fuse_qkv(backbone: nn.Module) -> int:
