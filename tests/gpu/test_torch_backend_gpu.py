@@ -18,6 +18,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
+from transformers import Sam3Model  # noqa: E402
+
 from sam3stream.model.build import random_model  # noqa: E402
 from sam3stream.model.checkpoint import LoadedModel  # noqa: E402
 from sam3stream.model.parts import padding_boxes, split_model  # noqa: E402
@@ -27,6 +29,20 @@ from sam3stream.runtime.torch_backend import TorchBackend, TorchOptions  # noqa:
 
 R, B, K = 1008, 2, 50
 PROMPTS = ["person", "hand", "blow gun", "counter"]
+
+
+def torch_backend(
+    model: Sam3Model, size: str, resolution: int, batch: int, queries: int, options: TorchOptions
+) -> TorchBackend:
+    """The torch backend over ``model`` (random weights of ``size``, seed 0), with a tiny tokenizer."""
+    tok = Path(tempfile.mkdtemp())
+    write_tiny_tokenizer(tok)
+    loaded = LoadedModel(
+        model=model, tokenizer_dir=tok, checkpoint_sha256="random", source=f"random:{size}:seed=0"
+    )
+    return TorchBackend.from_model(
+        loaded, resolution=resolution, batch=batch, queries=queries, options=options
+    )
 
 
 @pytest.mark.parametrize(
@@ -44,25 +60,15 @@ def test_bf16_backend_matches_fp32_reference_query_by_query(
     install_into_transformers()
     model = random_model("full", R, seed=0, device="cuda")
     reference = split_model(copy.deepcopy(model), 200)
-    tok = Path(tempfile.mkdtemp())
-    write_tiny_tokenizer(tok)
-    loaded = LoadedModel(
-        model=model, tokenizer_dir=tok, checkpoint_sha256="random", source="random:full:seed=0"
+    options = TorchOptions(
+        precision="bf16",
+        query_precision=query_precision,
+        overlap=overlap,
+        fused_gelu=fused_gelu,
+        channels_last=channels_last,
+        fused_decoder=fused_decoder,
     )
-    backend = TorchBackend.from_model(
-        loaded,
-        resolution=R,
-        batch=B,
-        queries=K,
-        options=TorchOptions(
-            precision="bf16",
-            query_precision=query_precision,
-            overlap=overlap,
-            fused_gelu=fused_gelu,
-            channels_last=channels_last,
-            fused_decoder=fused_decoder,
-        ),
-    )
+    backend = torch_backend(model, "full", R, B, K, options)
     text = backend.encode_text(PROMPTS)
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (B, R, R, 3), dtype=np.uint8)
@@ -110,15 +116,8 @@ def test_bf16_backend_matches_fp32_reference_query_by_query(
 @pytest.mark.parametrize("overlap", [False, True])
 def test_partial_batch_needs_no_recapture_and_matches_full_batch(overlap: bool) -> None:
     install_into_transformers()
-    tok = Path(tempfile.mkdtemp())
-    write_tiny_tokenizer(tok)
     model = random_model("tiny", 448, seed=0, device="cuda")
-    loaded = LoadedModel(
-        model=model, tokenizer_dir=tok, checkpoint_sha256="random", source="random:tiny:seed=0"
-    )
-    backend = TorchBackend.from_model(
-        loaded, resolution=448, batch=4, queries=20, options=TorchOptions("fp32", overlap=overlap)
-    )
+    backend = torch_backend(model, "tiny", 448, 4, 20, TorchOptions("fp32", overlap=overlap))
     text = backend.encode_text(PROMPTS[:2])
     frames = np.random.default_rng(1).integers(0, 256, (4, 448, 448, 3), dtype=np.uint8)
     full = backend.infer(frames, text, 0.0)
@@ -139,28 +138,18 @@ def test_overlap_gives_the_serial_outputs_bit_for_bit() -> None:
     the overlapped backend reuses the compiled steps, so its very first batch already runs both
     streams at once (graphs that shared a cuBLAS workspace across the two streams broke this)."""
     install_into_transformers()
-    tok = Path(tempfile.mkdtemp())
-    write_tiny_tokenizer(tok)
     rng = np.random.default_rng(2)
     batches = [rng.integers(0, 256, (n, R, R, 3), dtype=np.uint8) for n in (B, B, 1, B)]
     results = {}
     for overlap in (False, True):
         model = random_model("full", R, seed=0, device="cuda")
-        loaded = LoadedModel(
-            model=model, tokenizer_dir=tok, checkpoint_sha256="random", source="random:full:seed=0"
-        )
-        backend = TorchBackend.from_model(
-            loaded,
-            resolution=R,
-            batch=B,
-            queries=K,
-            # The epilogue forms are pinned: left to the start-up timings, the two could differ.
-            options=TorchOptions(overlap=overlap, fused_gelu=False, fused_decoder=False),
-        )
+        # The epilogue forms are pinned: left to the start-up timings, the two could differ.
+        options = TorchOptions(overlap=overlap, fused_gelu=False, fused_decoder=False)
+        backend = torch_backend(model, "full", R, B, K, options)
         text = backend.encode_text(PROMPTS)
         results[overlap] = [backend.infer(frames, text, min_score=0.0) for frames in batches]
         backend.close()
-        del backend, model, loaded
+        del backend, model
     for n, (serial, overlapped) in enumerate(zip(results[False], results[True], strict=True)):
         for field in ("scores", "boxes", "presence", "query_index", "masks", "mask_index"):
             np.testing.assert_array_equal(
