@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FUSED_GELU_CHOICES", "BenchArgs", "format_table", "run_bench", "summarize_ms"]
+__all__ = ["AUTO_CHOICES", "BenchArgs", "format_table", "run_bench", "summarize_ms"]
 
 
-# --fused-gelu on the command line -> TorchOptions.fused_gelu (None: the backend times both forms).
-FUSED_GELU_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+# --fused-gelu and --attention-kernel on the command line -> TorchOptions (None: the backend
+# times both forms at start and keeps the faster).
+AUTO_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 
 
 @dataclass
@@ -49,6 +50,7 @@ class BenchArgs:
     fused_gelu: bool | None = None  # None: the backend times both forms
     channels_last: bool = True
     fused_decoder: bool = True
+    attention_kernel: bool | None = None  # None: the backend times it against SDPA
     device: str = "cuda"
     out: str = "docs/bench/results"
     extra: dict[str, Any] = field(default_factory=dict)

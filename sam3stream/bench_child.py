@@ -149,6 +149,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             fused_gelu=args.fused_gelu,
             channels_last=args.channels_last,
             fused_decoder=args.fused_decoder,
+            attention_kernel=args.attention_kernel,
         )
         loaded = _random_loaded(args, resolution, device)
         backend = TorchBackend.from_model(
@@ -192,6 +193,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             "channels_last": args.channels_last,
             "fused_decoder": getattr(backend, "fused_decoder", None),
             "fused_relu": getattr(backend, "fused_relu", None),
+            "attention_kernel": getattr(backend, "attention_kernel", None),
             "vision_chunk": getattr(backend, "vision_chunk", None),
             "query_precision": args.query_precision,
             "batch_ms": batch_ms,

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.stream.videos import make_video
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# Without a GPU, Triton kernels run in Triton's interpreter (tests/runtime/test_attention_kernel.py).
+# Triton reads the switch when it is first imported, and torch._dynamo imports it, so it is set
+# here, before any test module loads.
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sam3stream.bench import FUSED_GELU_CHOICES
+from sam3stream.bench import AUTO_CHOICES
 
 
 def stage_modules(backend: Any) -> dict[str, Any]:
@@ -194,7 +194,7 @@ def main() -> int:
     parser.add_argument(
         "--graphs", action="store_true", help="time the default backend's captured graphs by step, then exit"
     )
-    parser.add_argument("--fused-gelu", choices=list(FUSED_GELU_CHOICES), default="auto")
+    parser.add_argument("--fused-gelu", choices=list(AUTO_CHOICES), default="auto")
     parser.add_argument("--fused-decoder", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/profile"))
     args = parser.parse_args()
@@ -223,7 +223,7 @@ def main() -> int:
             options=options,
         )
 
-    gelu = FUSED_GELU_CHOICES[args.fused_gelu]
+    gelu = AUTO_CHOICES[args.fused_gelu]
     if args.graphs:
         default = backend(TorchOptions(fused_gelu=gelu, fused_decoder=args.fused_decoder))
         report.update(graph_split(default, default.encode_text(PROMPTS[: args.classes]), frames))

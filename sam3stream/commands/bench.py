@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sam3stream.bench import FUSED_GELU_CHOICES
+from sam3stream.bench import AUTO_CHOICES
 from sam3stream.resolution import check_resolution
 
 
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--fused-gelu",
-        choices=list(FUSED_GELU_CHOICES),
+        choices=list(AUTO_CHOICES),
         default="auto",
         help="the ViT MLP's GELU (tanh form) in its first GEMM's epilogue; auto: timed at start",
     )
@@ -58,6 +58,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action=argparse.BooleanOptionalAction,
         default=True,
         help="decoder GroupNorm statistics and encoder ReLUs in fewer kernels (compiled CUDA)",
+    )
+    p.add_argument(
+        "--attention-kernel",
+        choices=list(AUTO_CHOICES),
+        default="auto",
+        help="the DETR encoder's self-attention through the Triton kernel; auto: timed at start",
     )
     p.add_argument(
         "--out", type=Path, default=Path("docs/bench/results"), help="output stem (.json/.md/.png)"
@@ -91,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
         decoder_frames=args.decoder_frames,
         query_precision=args.query_precision,
         overlap=args.overlap,
-        fused_gelu=FUSED_GELU_CHOICES[args.fused_gelu],
+        fused_gelu=AUTO_CHOICES[args.fused_gelu],
         channels_last=args.channels_last,
         fused_decoder=args.fused_decoder,
+        attention_kernel=AUTO_CHOICES[args.attention_kernel],
         device=args.device,
         out=str(args.out),
     )

@@ -13,6 +13,10 @@ From the kernel profile of one decoder step on the H200 at 1008 (tools/profile_s
   (runtime/fused_mlp.py), sparing a pass over the [C, 5184, 2048] activation per layer
   (0.42 ms per frame); kept only where timing at start says it pays.
 
+- :class:`KernelAttention`: the DETR encoder's self-attention (8 heads of 32 over all image
+  tokens) through our Triton kernel (runtime/attention_kernel.py), 1.38x cuDNN's time at 1008
+  (docs/bench/attention_kernel_1008.json); kept only where timing at start says it pays.
+
 The box-RPB MLPs (2 -> 256 -> 8 per query and grid line) were rewritten too, as broadcasts and a
 sum, so that inductor would not store the hidden layer: its two looped reductions took 1.69 ms per
 frame where the K=2 GEMM and ReLU pass they replace took 0.49 ms, so that rewrite was dropped.
@@ -30,9 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from sam3stream.runtime import attention_kernel
 from sam3stream.runtime.fused_mlp import fuse_layer_mlps
 
-__all__ = ["ChannelsLastGroupNorm", "fuse_encoder_relu", "rewrite_decoder"]
+__all__ = [
+    "ChannelsLastGroupNorm",
+    "KernelAttention",
+    "fuse_encoder_relu",
+    "rewrite_decoder",
+    "use_attention_kernel",
+]
 
 
 class ChannelsLastGroupNorm(nn.Module):
@@ -59,6 +70,53 @@ class ChannelsLastGroupNorm(nn.Module):
         shift = self.bias.float() - (mean_g * scale_g).view(n, c)
         out = x.float() * scale[:, :, None, None] + shift[:, :, None, None]
         return out.to(x.dtype)
+
+
+class KernelAttention(nn.Module):
+    """transformers' Sam3Attention with the unmasked case through ``sam3stream::attention``
+    (a masked call goes through SDPA, as before)."""
+
+    def __init__(self, attention: Any) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj = attention.q_proj, attention.k_proj
+        self.v_proj, self.o_proj = attention.v_proj, attention.o_proj
+        self.heads, self.head_dim = int(attention.num_attention_heads), int(attention.head_dim)
+        self.scaling = float(attention.scaling)
+        attention_kernel.config_for(self.head_dim)  # fails here, not mid-graph, on another size
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        batch, seq_q, seq_k = query.shape[0], query.shape[1], key.shape[1]
+
+        def heads(x: torch.Tensor, tokens: int) -> torch.Tensor:
+            return x.view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
+
+        q = heads(self.q_proj(query), seq_q)
+        k = heads(self.k_proj(key), seq_k)
+        v = heads(self.v_proj(value), seq_k)
+        if attention_mask is None:
+            out: torch.Tensor = torch.ops.sam3stream.attention(q, k, v, self.scaling)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention_mask, scale=self.scaling
+            ).transpose(1, 2)
+        return self.o_proj(out.reshape(batch, seq_q, self.heads * self.head_dim)), None
+
+
+def use_attention_kernel(detr_encoder: nn.Module) -> int:
+    """Give every DETR encoder layer a :class:`KernelAttention` self-attention; returns the count."""
+    count = 0
+    for layer in getattr(detr_encoder, "layers", ()):
+        if not isinstance(layer.self_attn, KernelAttention):
+            layer.self_attn = KernelAttention(layer.self_attn)
+            count += 1
+    return count
 
 
 def fuse_encoder_relu(detr_encoder: nn.Module) -> int:

@@ -74,6 +74,10 @@ class TorchOptions:
     # (runtime/decoder_rewrite.py; the ReLU epilogue only where it times faster). Compiled CUDA
     # only (+2.5-2.9% at 1008 x 8 on the H200, same memory; docs/bench).
     fused_decoder: bool = True
+    # The DETR encoder's self-attention through our Triton kernel (runtime/attention_kernel.py).
+    # None: on CUDA with Triton installed, time it against SDPA at the encoder's shape at start
+    # and keep the faster; True requires Triton.
+    attention_kernel: bool | None = None
 
 
 def default_vision_chunk(resolution: int, batch: int) -> int:
@@ -186,7 +190,11 @@ class TorchBackend:
 
         from sam3stream.model.parts import split_model
         from sam3stream.model.roi_align import install_into_transformers
-        from sam3stream.runtime.decoder_rewrite import fuse_encoder_relu, rewrite_decoder
+        from sam3stream.runtime.decoder_rewrite import (
+            fuse_encoder_relu,
+            rewrite_decoder,
+            use_attention_kernel,
+        )
         from sam3stream.runtime.precomputed import PrecomputedPositions, precompute_rotary
         from sam3stream.runtime.vit_rewrite import fuse_mlp_gelu, fuse_qkv
 
@@ -248,6 +256,12 @@ class TorchBackend:
             self.fused_relu = self._choose_epilogue(None, encoder.layers[0].mlp, "relu", tokens)
             if self.fused_relu:
                 fuse_encoder_relu(encoder)
+        attention = self._decoder.detr_encoder.layers[0].self_attn
+        self.attention_kernel = self._choose_attention_kernel(
+            opts.attention_kernel, self.decoder_frames * 4, attention, m.grid**2
+        )
+        if self.attention_kernel:
+            use_attention_kernel(self._decoder.detr_encoder)
         slots = -(-m.batch // self.vision_chunk) * self.vision_chunk
         dec_slots = -(-m.batch // self.decoder_frames) * self.decoder_frames
         r, g, d = m.resolution, m.grid, m.model.hidden_size
@@ -318,7 +332,39 @@ class TorchBackend:
             channels_last=opts.channels_last,
             fused_decoder=self.fused_decoder,
             fused_relu=self.fused_relu,
+            attention_kernel=self.attention_kernel,
         )
+
+    def _choose_attention_kernel(self, forced: bool | None, rows: int, attention: Any, tokens: int) -> bool:
+        """Whether the DETR encoder's self-attention runs through our Triton kernel: as forced,
+        else by timing it against SDPA on ``rows`` x heads x ``tokens`` (CUDA with Triton)."""
+        import torch
+
+        from sam3stream.runtime import attention_kernel
+
+        usable = self.device.type == "cuda" and attention_kernel.available()
+        if forced and not usable:
+            raise BackendUnavailableError(
+                "attention_kernel=True needs Triton and a CUDA device: `pip install triton` on a "
+                "CUDA machine, or leave attention_kernel unset to use it only where it is faster"
+            )
+        if forced and self.dtype == torch.float32:
+            raise InputError("attention_kernel=True needs precision bf16 or fp16, not fp32")
+        heads, dim = int(attention.num_attention_heads), int(attention.head_dim)
+        if forced and not attention_kernel.supports(dim):
+            raise InputError(f"attention_kernel=True: the DETR encoder's head dim {dim} is not 32 or 64")
+        if forced is not None:
+            return forced
+        if not usable or self.dtype == torch.float32 or not attention_kernel.supports(dim):
+            return False
+        pays, sdpa_ms, kernel_ms = attention_kernel.kernel_pays(rows, heads, tokens, dim, self.dtype)
+        log.info(
+            "attention kernel timed",
+            shape=[rows, heads, tokens, dim],
+            sdpa_ms=round(sdpa_ms, 4),
+            kernel_ms=round(kernel_ms, 4),
+        )
+        return pays
 
     def _choose_epilogue(self, forced: bool | None, mlp: Any, activation: str, tokens: int) -> bool:
         """Whether an MLP's activation goes into its first GEMM's epilogue: as forced, else by

@@ -46,16 +46,21 @@ def torch_backend(
 
 
 @pytest.mark.parametrize(
-    ("query_precision", "overlap", "fused_gelu", "channels_last", "fused_decoder"),
+    ("query_precision", "overlap", "fused_gelu", "channels_last", "fused_decoder", "attention_kernel"),
     [
-        ("fp32", False, False, False, False),
-        ("same", False, True, True, False),
-        ("same", True, False, True, False),
-        ("same", True, False, True, True),
+        ("fp32", False, False, False, False, False),
+        ("same", False, True, True, False, False),
+        ("same", True, False, True, False, False),
+        ("same", True, False, True, True, True),
     ],
 )
 def test_bf16_backend_matches_fp32_reference_query_by_query(
-    query_precision: str, overlap: bool, fused_gelu: bool, channels_last: bool, fused_decoder: bool
+    query_precision: str,
+    overlap: bool,
+    fused_gelu: bool,
+    channels_last: bool,
+    fused_decoder: bool,
+    attention_kernel: bool,
 ) -> None:
     install_into_transformers()
     model = random_model("full", R, seed=0, device="cuda")
@@ -67,8 +72,10 @@ def test_bf16_backend_matches_fp32_reference_query_by_query(
         fused_gelu=fused_gelu,
         channels_last=channels_last,
         fused_decoder=fused_decoder,
+        attention_kernel=attention_kernel,
     )
     backend = torch_backend(model, "full", R, B, K, options)
+    assert backend.attention_kernel is attention_kernel
     text = backend.encode_text(PROMPTS)
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (B, R, R, 3), dtype=np.uint8)

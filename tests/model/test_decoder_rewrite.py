@@ -11,7 +11,12 @@ import torch
 
 from sam3stream.model.checkpoint import load_checkpoint
 from sam3stream.model.parts import padding_boxes, split_model
-from sam3stream.runtime.decoder_rewrite import ChannelsLastGroupNorm, fuse_encoder_relu, rewrite_decoder
+from sam3stream.runtime.decoder_rewrite import (
+    ChannelsLastGroupNorm,
+    fuse_encoder_relu,
+    rewrite_decoder,
+    use_attention_kernel,
+)
 from sam3stream.runtime.fused_mlp import FusedMLP
 
 R, B, K = 448, 2, 20
@@ -62,6 +67,12 @@ def model(tiny_checkpoint: Path) -> torch.nn.Module:
 def test_fused_relu_refuses_a_gelu_mlp(model: torch.nn.Module) -> None:
     with pytest.raises(TypeError, match="expected a ReLU MLP, got GELU"):
         FusedMLP(model.vision_encoder.backbone.layers[0].mlp, "relu")
+
+
+def test_attention_kernel_refuses_a_head_dim_it_has_no_tiles_for(model: torch.nn.Module) -> None:
+    # The tiny model's DETR encoder has 4 heads of 8; the kernel is tuned for 32 and 64.
+    with pytest.raises(ValueError, match="head dim 8 is not supported"):
+        use_attention_kernel(split_model(model, K).decoder.detr_encoder)
 
 
 def test_rewritten_decoder_gives_the_same_outputs(model: torch.nn.Module) -> None:

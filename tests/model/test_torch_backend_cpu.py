@@ -53,6 +53,18 @@ def test_cuda_without_a_device_says_what_to_do(tiny_engines: Path) -> None:
         TorchBackend(tiny_engines, device="cuda")
 
 
+def test_attention_kernel_forced_where_it_cannot_run_says_what_to_do(tiny_engines: Path) -> None:
+    # On the CPU: no CUDA device to run it on, whether or not Triton is installed.
+    with pytest.raises(BackendUnavailableError, match=r"attention_kernel=True needs Triton and a CUDA"):
+        TorchBackend(
+            tiny_engines, device="cpu", options=TorchOptions(precision="fp32", attention_kernel=True)
+        )
+
+
+def test_attention_kernel_left_to_the_backend_stays_off_on_the_cpu(backend: TorchBackend) -> None:
+    assert backend.attention_kernel is False
+
+
 def test_engine_directory_from_other_weights_is_refused(tiny_engines: Path, tmp_path: Path) -> None:
     other = tmp_path / "b4_q20_r490"
     shutil.copytree(tiny_engines, other)
