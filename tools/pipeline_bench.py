@@ -139,9 +139,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from sam3stream.bench import BenchArgs
-    from sam3stream.bench_child import PROMPTS, _random_loaded
+    from sam3stream.bench_child import PROMPTS, random_torch_backend
     from sam3stream.config import parse_config
-    from sam3stream.runtime.torch_backend import TorchBackend, TorchOptions
+    from sam3stream.runtime.torch_backend import TorchOptions
 
     work = Path(tempfile.mkdtemp(prefix="sam3-pipeline-bench-"))
     t = time.perf_counter()
@@ -150,15 +150,7 @@ def main() -> int:
     bargs = BenchArgs(
         resolutions=[args.resolution], cameras=[args.cameras], random=args.random, device=args.device
     )
-    loaded = _random_loaded(bargs, args.resolution, args.device)
-    backend = TorchBackend.from_model(
-        loaded,
-        resolution=args.resolution,
-        batch=args.cameras,
-        queries=50,
-        device=args.device,
-        options=TorchOptions(overlap=args.overlap),
-    )
+    backend = random_torch_backend(bargs, args.resolution, args.cameras, TorchOptions(overlap=args.overlap))
     classes = PROMPTS[: args.classes]
     text = backend.encode_text(classes)
     frames = np.random.default_rng(0).integers(
