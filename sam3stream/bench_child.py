@@ -253,7 +253,9 @@ def run_peer(args: BenchArgs, resolution: int) -> None:
         ).pooler_output
     mask_t = torch.from_numpy(mask).to(device)
     rng = np.random.default_rng(resolution)
-    torch.cuda.empty_cache()
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.empty_cache()
     for cams in sorted(args.cameras):
         frames = rng.integers(0, 256, (cams, resolution, resolution, 3), dtype=np.uint8)
 
@@ -272,12 +274,14 @@ def run_peer(args: BenchArgs, resolution: int) -> None:
                     )
                     scores = out.pred_logits.sigmoid() * out.presence_logits.sigmoid()
                     (scores > MIN_SCORE).nonzero().cpu()
-            torch.cuda.synchronize()
+            if on_cuda:
+                torch.cuda.synchronize()
 
         try:
             for _ in range(min(args.warmup, 2)):
                 step()
-            torch.cuda.reset_peak_memory_stats()
+            if on_cuda:
+                torch.cuda.reset_peak_memory_stats()
             ms = []
             for _ in range(args.peer_iters):
                 t = time.perf_counter()
@@ -287,7 +291,8 @@ def run_peer(args: BenchArgs, resolution: int) -> None:
             _emit(
                 {"kind": "peer", "resolution": resolution, "cameras": cams, "error": f"out of memory: {exc}"}
             )
-            torch.cuda.empty_cache()
+            if on_cuda:
+                torch.cuda.empty_cache()
             continue
         batch_ms = summarize_ms(ms)
         _emit(
@@ -301,8 +306,8 @@ def run_peer(args: BenchArgs, resolution: int) -> None:
                 "fps_per_camera": 1e3 / batch_ms["avg"],
                 "total_fps": cams * 1e3 / batch_ms["avg"],
                 "frames": cams * (min(args.warmup, 2) + args.peer_iters),
-                "alloc_peak_mib": torch.cuda.max_memory_allocated() / MIB,
-                "nvml_peak_mib": nvml_process_mib(),
+                "alloc_peak_mib": torch.cuda.max_memory_allocated() / MIB if on_cuda else 0.0,
+                "nvml_peak_mib": nvml_process_mib() if on_cuda else None,
                 "buffer_mib": 0.0,
             }
         )
