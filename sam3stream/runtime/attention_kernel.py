@@ -51,7 +51,7 @@ class KernelConfig:
     block_n: int = 64
     warps: int = 4
     stages: int = 3
-    fast_exp: bool = True
+    fast_exp: bool = False
     sum_by_dot: bool = False
 
 
@@ -97,7 +97,7 @@ def launch(
     cfg = config or config_for(dim)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(batch, seq_q, heads, dim, device=q.device, dtype=q.dtype)
-    grid = (triton_cdiv(seq_q, cfg.block_m), batch * heads)
+    grid = (-(-seq_q // cfg.block_m), batch * heads)
     width = 2 * dim if cfg.sum_by_dot else dim
     from sam3stream.runtime.attention_triton import attention_fwd
 
@@ -113,10 +113,6 @@ def launch(
         num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @torch.library.custom_op("sam3stream::attention", mutates_args=())
@@ -148,16 +144,11 @@ def kernel_pays(
     batch: int, heads: int, tokens: int, dim: int, dtype: torch.dtype, rounds: int = 5, repeats: int = 10
 ) -> tuple[bool, float, float]:
     """Time PyTorch's SDPA and the kernel on random inputs of this shape (CUDA), alternating the
-    two for ``rounds`` rounds so that clocks still ramping up favour neither; each one's time is
-    its best round's median. Returns (the kernel is faster, SDPA ms, kernel ms)."""
-    from sam3stream.runtime.cuda_timing import median_cuda_ms
+    two (cuda_timing.best_alternating_ms). Returns (the kernel is faster, SDPA ms, kernel ms)."""
+    from sam3stream.runtime.cuda_timing import best_alternating_ms
 
     q, k, v = (torch.randn(batch, heads, tokens, dim, device="cuda", dtype=dtype) for _ in range(3))
     scale = dim**-0.5
     forms = (partial(attention_reference, q, k, v, scale), partial(launch, q, k, v, scale))
-    best = [float("inf"), float("inf")]
-    for _ in range(rounds):
-        for index, form in enumerate(forms):
-            best[index] = min(best[index], median_cuda_ms(form, repeats))
-    sdpa_ms, kernel_ms = best
+    sdpa_ms, kernel_ms = best_alternating_ms(forms, rounds, repeats)
     return kernel_ms < sdpa_ms, sdpa_ms, kernel_ms

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
-from sam3stream.runtime.cuda_timing import median_cuda_ms
+from sam3stream.runtime.cuda_timing import best_alternating_ms
 
 __all__ = ["ACTIVATIONS", "FusedMLP", "fuse_layer_mlps", "fused_mlp_pays", "linear_gelu", "linear_relu"]
 
@@ -99,10 +99,6 @@ def fused_mlp_pays(
     like = mlp.fc1.weight
     x = torch.randn(tokens, like.shape[1], device=like.device, dtype=like.dtype)
     forms = (partial(mlp, x), partial(FusedMLP(mlp, activation), x))
-    best = [float("inf"), float("inf")]
     with torch.no_grad():
-        for _ in range(rounds):
-            for index, form in enumerate(forms):
-                best[index] = min(best[index], median_cuda_ms(form, repeats))
-    plain_ms, fused_ms = best
+        plain_ms, fused_ms = best_alternating_ms(forms, rounds, repeats)
     return fused_ms < plain_ms, plain_ms, fused_ms

@@ -1,8 +1,10 @@
-"""median_cuda_ms: warm-up calls untimed, the median of the timed ones (CUDA events stood in for)."""
+"""median_cuda_ms: warm-up calls untimed, the median of the timed ones; best_alternating_ms: forms
+timed in turn, each keeping its best round (CUDA events stood in for)."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -45,3 +47,26 @@ def test_median_of_timed_calls_after_untimed_warmup(monkeypatch: pytest.MonkeyPa
     assert calls == [100, 1, 5, 2, 9, 3]
     # elapsed = cost + 1 (the end event's own tick); median of 2, 6, 3, 10, 4
     assert ms == 4.0
+
+
+def test_alternating_rounds_keep_each_forms_best_median(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    order: list[str] = []
+    # Per round each form has 3 untimed warm-up calls and 3 timed ones; their cost varies by
+    # round, and each form keeps its best round.
+    costs = {
+        "a": iter([n for n in (9, 5, 7) for _ in range(6)]),
+        "b": iter([n for n in (8, 6, 2) for _ in range(6)]),
+    }
+
+    def form(name: str) -> Callable[[], None]:
+        def run() -> None:
+            order.append(name)
+            for _ in range(next(costs[name])):
+                next(_Event.clock)
+
+        return run
+
+    best = cuda_timing.best_alternating_ms([form("a"), form("b")], rounds=3, repeats=3)
+    assert order == (["a"] * 6 + ["b"] * 6) * 3
+    assert best == [6.0, 3.0]  # cost + 1 (the end event's tick) of each form's best round
