@@ -342,14 +342,14 @@ class TorchBackend:
 
         from sam3stream.runtime import attention_kernel
 
+        if forced and self.dtype == torch.float32:
+            raise InputError("attention_kernel=True needs precision bf16 or fp16, not fp32")
         usable = self.device.type == "cuda" and attention_kernel.available()
         if forced and not usable:
             raise BackendUnavailableError(
                 "attention_kernel=True needs Triton and a CUDA device: `pip install triton` on a "
                 "CUDA machine, or leave attention_kernel unset to use it only where it is faster"
             )
-        if forced and self.dtype == torch.float32:
-            raise InputError("attention_kernel=True needs precision bf16 or fp16, not fp32")
         heads, dim = int(attention.num_attention_heads), int(attention.head_dim)
         if forced and not attention_kernel.supports(dim):
             raise InputError(f"attention_kernel=True: the DETR encoder's head dim {dim} is not 32 or 64")

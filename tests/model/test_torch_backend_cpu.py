@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuMemoryError
+from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuMemoryError, InputError
 from sam3stream.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from sam3stream.runtime.torch_backend import TorchBackend, TorchOptions, default_vision_chunk
 
@@ -56,6 +56,13 @@ def test_cuda_without_a_device_says_what_to_do(tiny_engines: Path) -> None:
 def test_attention_kernel_forced_where_it_cannot_run_says_what_to_do(tiny_engines: Path) -> None:
     # On the CPU: no CUDA device to run it on, whether or not Triton is installed.
     with pytest.raises(BackendUnavailableError, match=r"attention_kernel=True needs Triton and a CUDA"):
+        TorchBackend(
+            tiny_engines, device="cpu", options=TorchOptions(precision="bf16", attention_kernel=True)
+        )
+
+
+def test_attention_kernel_forced_in_float32_names_the_precision(tiny_engines: Path) -> None:
+    with pytest.raises(InputError, match=r"attention_kernel=True needs precision bf16 or fp16, not fp32"):
         TorchBackend(
             tiny_engines, device="cpu", options=TorchOptions(precision="fp32", attention_kernel=True)
         )
