@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ import structlog
 from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuMemoryError, InputError
 from sam3stream.runtime.contract import PAD_BOX_LABEL, check_frames
 from sam3stream.runtime.manifest import EngineManifest, read_manifest
+from sam3stream.runtime.stream_lease import StreamLease
 from sam3stream.runtime.tokenize import PromptTokenizer
 from sam3stream.runtime.types import RawOutputs, TextFeatures
 
@@ -291,8 +293,10 @@ class TorchBackend:
             torch.zeros(m.batch, r, r, 3, dtype=torch.uint8, pin_memory=on_cuda) for _ in range(2)
         ]
         # torch.cuda.Stream / Event constructors are unannotated in torch.
-        self._copy_stream = torch.cuda.Stream(dev) if on_cuda else None  # type: ignore[no-untyped-call]
-        self._compute_stream = torch.cuda.Stream(dev) if on_cuda else None  # type: ignore[no-untyped-call]
+        self._streams = StreamLease(dev, lambda: torch.cuda.Stream(dev))  # type: ignore[no-untyped-call]
+        weakref.finalize(self, self._streams.release)
+        self._copy_stream = self._streams.draw() if on_cuda else None
+        self._compute_stream = self._streams.draw() if on_cuda else None
         self._vision_step = self._maybe_compile(self._vision_fn)
         self._decoder_step = self._maybe_compile(self._decoder_fn)
         self._vision_graphs: dict[tuple[int, int], Any] = {}
@@ -304,14 +308,14 @@ class TorchBackend:
         self._inflight: Pending | None = None
         self._pool = torch.cuda.graph_pool_handle() if on_cuda and opts.cuda_graphs else None
         overlap = on_cuda and opts.overlap
-        self._decoder_stream = torch.cuda.Stream(dev) if overlap else None  # type: ignore[no-untyped-call]
+        self._decoder_stream = self._streams.draw() if overlap else None
         # Graphs that may run at the same time must not share a pool.
         separate = overlap and self._pool is not None
         self._decoder_pool = torch.cuda.graph_pool_handle() if separate else self._pool
-        # Graph pool -> the stream its graphs are captured on (see _capture); made here, one
-        # after the other, so that two pools never draw the same stream from torch's pool.
+        # Graph pool -> the stream its graphs are captured on (see _capture); leased, so that no
+        # two pools, of this backend or another, capture on the same stream.
         self._capture_streams: dict[Any, Any] = {
-            pool: torch.cuda.Stream(dev)  # type: ignore[no-untyped-call]
+            pool: self._streams.draw()
             for pool in dict.fromkeys((self._pool, self._decoder_pool))
             if pool is not None
         }
@@ -659,6 +663,7 @@ class TorchBackend:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
+        self._streams.release()
 
 
 def _resolve_source(

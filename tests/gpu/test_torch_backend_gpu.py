@@ -162,3 +162,33 @@ def test_overlap_gives_the_serial_outputs_bit_for_bit() -> None:
             np.testing.assert_array_equal(
                 getattr(overlapped, field), getattr(serial, field), err_msg=f"batch {n}: {field}"
             )
+
+
+def test_live_backends_never_share_a_stream() -> None:
+    """torch's stream pool wraps after 32 streams; each backend takes five. Six live backends get
+    30 distinct streams, a seventh is refused with a clear error, and closing one frees its share."""
+    import gc
+
+    from sam3stream.errors import BackendUnavailableError
+
+    gc.collect()  # backends of earlier tests give their streams back when collected
+    install_into_transformers()
+    model = random_model("tiny", 448, seed=0, device="cuda")
+    options = TorchOptions("fp32", overlap=True, fused_gelu=False, attention_kernel=False)
+    backends = [torch_backend(model, "tiny", 448, 2, 20, options) for _ in range(6)]
+    ids = [
+        s.cuda_stream
+        for b in backends
+        for s in (b._copy_stream, b._compute_stream, b._decoder_stream, *b._capture_streams.values())
+    ]
+    assert len(ids) == 30
+    assert len(set(ids)) == 30
+    with pytest.raises(BackendUnavailableError, match="separate processes"):
+        torch_backend(model, "tiny", 448, 2, 20, options)
+    backends.pop().close()
+    extra = torch_backend(model, "tiny", 448, 2, 20, options)
+    text = extra.encode_text(PROMPTS[:2])
+    frames = np.random.default_rng(3).integers(0, 256, (2, 448, 448, 3), dtype=np.uint8)
+    assert extra.infer(frames, text, 0.0).scores.shape[0] == 2
+    for backend in [*backends, extra]:
+        backend.close()
