@@ -176,7 +176,7 @@ def graph_split(backend: Any, text: Any, frames: np.ndarray, repeats: int = 10) 
                 "kernel_ms": sum(row["ms"] for row in rows),
                 "kernel_count": sum(row["calls"] for row in rows),
                 "by_family_ms": categorize(rows),
-                "top": rows[:40],
+                "top": rows[:60],
             }
     return report
 
@@ -229,6 +229,7 @@ def main() -> int:
         report.update(graph_split(default, default.encode_text(PROMPTS[: args.classes]), frames))
         report["vision_chunk"], report["fused_gelu"] = default.vision_chunk, default.fused_gelu
         report["fused_decoder"], report["fused_relu"] = default.fused_decoder, default.fused_relu
+        report["attention_kernel"] = default.attention_kernel
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
