@@ -71,10 +71,7 @@ def _child(kind: str, args: BenchArgs, resolution: int) -> list[dict[str, Any]]:
     """Run one resolution in a child process; rows come back as JSON lines on stdout."""
     payload = json.dumps({"kind": kind, "args": asdict(args), "resolution": resolution})
     cmd = [sys.executable, "-m", "sam3stream.bench_child", payload]
-    # The child builds the model on the GPU before the backend exists, so the allocator setting the
-    # torch backend would choose has to be in the environment from the start.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, check=False)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 and not rows:

@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from sam3stream.bench import BenchArgs, summarize_ms
 from sam3stream.gpu_memory import process_gpu_memory
+from sam3stream.runtime.allocator import prefer_expandable_segments
 
 PROMPTS = [
     "person",
@@ -77,6 +78,9 @@ def _random_loaded(args: BenchArgs, resolution: int, device: str) -> Any:
     from sam3stream.model.tokenizer_files import write_tiny_tokenizer
 
     assert args.random is not None
+    # The model goes to the GPU before any backend exists: ask for the allocator setting the
+    # torch backend would, while CUDA is still untouched (ours, the peer and the tools alike).
+    prefer_expandable_segments(device)
     tok = Path(tempfile.mkdtemp(prefix="sam3bench-tok-"))
     write_tiny_tokenizer(tok)
     model = random_model(args.random, resolution, args.seed, device=device)

@@ -18,7 +18,6 @@ What makes it fast and small (docs/design.md has the reasoning):
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ import numpy.typing as npt
 import structlog
 
 from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuMemoryError, InputError
+from sam3stream.runtime.allocator import prefer_expandable_segments
 from sam3stream.runtime.contract import PAD_BOX_LABEL, check_frames
 from sam3stream.runtime.manifest import EngineManifest, read_manifest
 from sam3stream.runtime.stream_lease import StreamLease
@@ -137,11 +137,7 @@ class TorchBackend:
             ) from exc
         self.options = options or TorchOptions()
         self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-            # Expandable segments cut the allocator's fragmentation around CUDA graph pools:
-            # at 1008 with 8 cameras the process peak fell from 4054 to 3374 MiB (docs/bench).
-            # Read when CUDA initialises, so it only applies if nothing used CUDA before us.
-            os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        prefer_expandable_segments(str(self.device))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError(
                 "the torch backend was asked for CUDA but this PyTorch sees no CUDA device "
