@@ -131,3 +131,25 @@ def test_channels_last_layout_gives_the_same_outputs(tiny_engines: Path) -> None
     np.testing.assert_allclose(last.scores, plain.scores, atol=1e-5)
     np.testing.assert_allclose(last.boxes, plain.boxes, atol=1e-5)
     np.testing.assert_allclose(last.masks, plain.masks, atol=1e-3)
+
+
+def test_two_frames_per_decoder_step_give_the_one_frame_outputs(tiny_engines: Path) -> None:
+    """`decoder_frames=2` runs the decoder on frame pairs; an odd partial batch leaves the last
+    pair half-filled with a stale frame, whose outputs must not leak into the result."""
+    rng = np.random.default_rng(5)
+    batches = [rng.integers(0, 256, (n, 490, 490, 3), dtype=np.uint8) for n in (4, 3, 1)]
+    results = {}
+    for frames_per_step in (1, 2):
+        backend = TorchBackend(
+            tiny_engines, device="cpu", options=TorchOptions("fp32", decoder_frames=frames_per_step)
+        )
+        assert backend.decoder_frames == frames_per_step
+        text = backend.encode_text(PROMPTS)
+        results[frames_per_step] = [backend.infer(frames, text, 0.0) for frames in batches]
+        backend.close()
+    for n, (one, two) in enumerate(zip(results[1], results[2], strict=True)):
+        assert two.scores.shape == one.scores.shape, f"batch {n}"
+        np.testing.assert_allclose(two.scores, one.scores, atol=1e-5, err_msg=f"batch {n}")
+        np.testing.assert_allclose(two.boxes, one.boxes, atol=1e-5, err_msg=f"batch {n}")
+        assert np.array_equal(two.mask_index, one.mask_index), f"batch {n}"
+        np.testing.assert_allclose(two.masks, one.masks, atol=1e-3, err_msg=f"batch {n}")
