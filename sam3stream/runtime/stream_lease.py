@@ -48,7 +48,7 @@ class StreamLease:
         # The backend cannot be built without it: give back what this lease drew so far.
         self.release()
         raise BackendUnavailableError(
-            f"every one of the {self._pool_size} CUDA streams of {self._device} is held by a "
+            f"every one of the {self._pool_size} CUDA streams of GPU {self._device} is held by a "
             "backend of this process; close a backend first, or run the extra engines in "
             "separate processes"
         )

@@ -288,8 +288,10 @@ class TorchBackend:
         self._pinned = [
             torch.zeros(m.batch, r, r, 3, dtype=torch.uint8, pin_memory=on_cuda) for _ in range(2)
         ]
+        # Leases are per GPU: "cuda" and "cuda:0" may name the same one.
+        gpu = (torch.cuda.current_device() if dev.index is None else dev.index) if on_cuda else -1
         # torch.cuda.Stream / Event constructors are unannotated in torch.
-        self._streams = StreamLease(dev, lambda: torch.cuda.Stream(dev))  # type: ignore[no-untyped-call]
+        self._streams = StreamLease(gpu, lambda: torch.cuda.Stream(dev))  # type: ignore[no-untyped-call]
         weakref.finalize(self, self._streams.release)
         self._copy_stream = self._streams.draw() if on_cuda else None
         self._compute_stream = self._streams.draw() if on_cuda else None
