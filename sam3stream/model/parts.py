@@ -57,9 +57,10 @@ class VisionEncoder(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # uint8 RGB in, normalisation inside the graph: (x / 255 - 0.5) / 0.5, as Sam3Processor does.
+        # Cast before the permute: TensorRT's ONNX parser refuses uint8 intermediate tensors.
         proj1: Any = self.fpn_layers[0].proj1  # nn.Module.__getattr__ is typed Tensor | Module
         dtype = proj1.weight.dtype
-        pixels = frames.permute(0, 3, 1, 2).to(dtype) * (1.0 / 127.5) - 1.0
+        pixels = frames.to(dtype).permute(0, 3, 1, 2) * (1.0 / 127.5) - 1.0
         hidden = self.backbone(pixels).last_hidden_state
         batch, grid = pixels.shape[0], pixels.shape[-1] // self.patch
         spatial = hidden.view(batch, grid, grid, -1).permute(0, 3, 1, 2)

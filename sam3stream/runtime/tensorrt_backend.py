@@ -90,8 +90,8 @@ __all__ = ["CudaError", "TensorRTBackend", "TensorRTBuildError", "build_engine_d
 log = structlog.get_logger(__name__)
 
 INSTALL_HINT = (
-    "install it on a machine with an NVIDIA GPU and driver: pip install tensorrt cuda-python "
-    "(TensorRT 10.14 or later in the 10.x series: the exported graphs use ONNX's Attention operator)"
+    "install it on a machine with an NVIDIA GPU and driver: pip install 'tensorrt>=10.14,<11' "
+    "cuda-python (10.14 or later for ONNX's Attention operator; TensorRT 11 has no FP16 builder flag)"
 )
 BUILD_ORDER = ("vision", "geometry", "decoder", "text")
 _DECODER_TO_HOST = ("scores", "boxes", "presence", "query_index")
@@ -226,7 +226,9 @@ class _Cuda:
         self.check("cudaFreeHost", self.rt.cudaFreeHost(ptr))
 
     def stream(self) -> Any:
-        return self.check("cudaStreamCreate", self.rt.cudaStreamCreate())
+        # Non-blocking: a stream that never waits on work others queue on the legacy default stream.
+        flags = self.rt.cudaStreamNonBlocking
+        return self.check("cudaStreamCreateWithFlags", self.rt.cudaStreamCreateWithFlags(flags))
 
     def destroy_stream(self, stream: Any) -> None:
         self.check("cudaStreamDestroy", self.rt.cudaStreamDestroy(stream))
@@ -350,11 +352,12 @@ class TensorRTBackend:
 
     def _load_plans(self) -> None:
         trt = self._trt
-        self._runtime = trt.Runtime(_trt_logger(trt))
-        if self._runtime is None:
+        try:  # a failed factory raises (pybind11's TypeError), never returns None
+            self._runtime = trt.Runtime(_trt_logger(trt))
+        except Exception as exc:
             raise BackendUnavailableError(
-                "TensorRT could not create a runtime on this GPU (see its messages above)"
-            )
+                f"TensorRT could not create a runtime on this GPU (see its messages above): {exc}"
+            ) from exc
         if str(trt.__version__) != self._record.tensorrt_version:
             log.warning(
                 "plans built by another TensorRT version; loading them may fail",
@@ -685,8 +688,6 @@ def build_engine_dir(
         raise BackendUnavailableError(
             f"TensorRT could not start a builder (no usable NVIDIA GPU?): {exc}"
         ) from exc
-    if builder is None:
-        raise BackendUnavailableError("TensorRT could not start a builder (no usable NVIDIA GPU?)")
     workspace = int(workspace_gb * (1 << 30)) if workspace_gb is not None else 0
 
     def say(message: str) -> None:
@@ -781,7 +782,13 @@ def _build_plan(
         config.set_flag(trt.BuilderFlag.FP16)
     opt_profile = builder.create_optimization_profile()
     for name, shape in profile.items():
-        opt_profile.set_shape(name, tuple(shape.min), tuple(shape.opt), tuple(shape.max))
+        try:  # set_shape raises RuntimeError on inconsistent shapes; it returns nothing
+            opt_profile.set_shape(name, tuple(shape.min), tuple(shape.opt), tuple(shape.max))
+        except RuntimeError as exc:
+            raise TensorRTBuildError(
+                f"TensorRT refused the profile of input {name!r} of {onnx_path} "
+                f"(min {shape.min}, opt {shape.opt}, max {shape.max}): {exc}"
+            ) from exc
     if config.add_optimization_profile(opt_profile) < 0:
         raise TensorRTBuildError(
             f"TensorRT refused the optimization profile for {onnx_path}: {dict(profile)}"

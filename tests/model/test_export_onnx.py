@@ -112,3 +112,22 @@ def test_export_arguments_are_checked_before_any_work(
     assert main(["export", "--random", "tiny", "--resolution", "448", "--batch", "0", "--out", str(out)]) == 1
     assert "--batch must be >= 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("graph", ["vision", "text", "geometry", "decoder"])
+def test_no_intermediate_tensor_is_uint8(tiny_engines: Path, graph: str) -> None:
+    """TensorRT's ONNX parser takes UINT8 only as a network input or output and refuses any node
+    that makes an intermediate UINT8 tensor (the frames must be cast before they are permuted)."""
+    import onnx
+
+    manifest = read_manifest(tiny_engines)
+    path = tiny_engines / manifest.graphs[graph].file
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    io = {v.name for v in (*model.graph.input, *model.graph.output)}
+    uint8 = onnx.TensorProto.UINT8
+    inner = [v.name for v in model.graph.value_info if v.type.tensor_type.elem_type == uint8]
+    assert not [name for name in inner if name not in io], f"{path}: uint8 intermediates {inner}"
+    # Shape inference can miss tensors; the nodes that read a uint8 input must be casts.
+    inputs = {v.name for v in model.graph.input if v.type.tensor_type.elem_type == uint8}
+    readers = [n.op_type for n in model.graph.node if inputs.intersection(n.input)]
+    assert all(op == "Cast" for op in readers), f"{path}: uint8 inputs read by {readers}"

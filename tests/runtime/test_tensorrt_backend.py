@@ -347,7 +347,11 @@ class FakeCudart:
         self.handles += 1
         return self.handles
 
-    def cudaStreamCreate(self) -> tuple[Any, ...]:
+    cudaStreamNonBlocking = 1
+
+    def cudaStreamCreateWithFlags(self, flags: int) -> tuple[Any, ...]:
+        # Non-blocking: the backend's stream must not wait on the legacy default stream.
+        assert flags == self.cudaStreamNonBlocking
         stream = self._handle()
         self.streams.add(stream)
         return self._ok(stream)
@@ -741,7 +745,7 @@ def test_backend_matches_onnxruntime(onnx_engine: Path, built: Path, cuda_rt: Co
     assert calls["cudaMalloc"] == calls["cudaFree"] > 0
     assert calls["cudaMallocHost"] == calls["cudaFreeHost"] == 1
     assert calls["cudaEventCreate"] == calls["cudaEventDestroy"] == 3
-    assert calls["cudaStreamCreate"] == calls["cudaStreamDestroy"] == 1
+    assert calls["cudaStreamCreateWithFlags"] == calls["cudaStreamDestroy"] == 1
 
 
 def test_device_buffers_are_chained(built: Path, cuda_rt: Counting, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -879,14 +883,13 @@ def test_without_tensorrt_the_errors_say_how_to_install(
     onnx_engine: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt fails
-    with pytest.raises(
-        BackendUnavailableError, match=r"TensorRT, which is not installed here .*pip install tensorrt"
-    ):
+    pin = r"pip install 'tensorrt>=10.14,<11'"
+    with pytest.raises(BackendUnavailableError, match=r"TensorRT, which is not installed here .*" + pin):
         open_backend("tensorrt", tmp_path, device="cuda")
     assert main(["build", str(onnx_engine), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: the tensorrt backend needs TensorRT, which is not installed here")
-    assert "pip install tensorrt" in err and "NVIDIA GPU" in err
+    assert "pip install 'tensorrt>=10.14,<11'" in err and "NVIDIA GPU" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
 
