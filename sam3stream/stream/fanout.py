@@ -10,6 +10,7 @@ raises is logged and counted, and its runner carries on with the next result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable
 from typing import TypeAlias
@@ -57,6 +58,7 @@ class SinkRoute:
         self.dropped = 0
         self._errors_unlogged = 0
         self._last_logged = float("-inf")
+        self._publishing: asyncio.Future[None] | None = None
 
     @property
     def wants_images(self) -> bool:
@@ -73,8 +75,7 @@ class SinkRoute:
         if self.queue.full():
             self.queue.get_nowait()
             self.queue.task_done()
-            self.dropped += 1
-            self._metrics.sink_dropped(self.name, 1)
+            self._count_dropped(1)
         self.queue.put_nowait(item)
 
     async def start(self) -> None:
@@ -89,14 +90,50 @@ class SinkRoute:
         try:
             while True:
                 result, image = await self.queue.get()
-                try:
-                    await self.sink.publish(result, image)
-                except Exception as exc:
-                    self.record_error("sink_publish_failed", exc)
-                finally:
-                    self.queue.task_done()
+                # Shielded: a stop lands between results, and _settle_rest decides what becomes
+                # of the one being published (finished for block routes, dropped otherwise).
+                self._publishing = asyncio.ensure_future(self._deliver(result, image))
+                await asyncio.shield(self._publishing)
         finally:
+            await self._settle_rest()
             await self.close()
+
+    async def _deliver(self, result: FrameResult, image: Image) -> None:
+        try:
+            await self.sink.publish(result, image)
+        except asyncio.CancelledError:
+            self._count_dropped(1)
+            raise
+        except Exception as exc:
+            self.record_error("sink_publish_failed", exc)
+        finally:
+            self.queue.task_done()
+
+    async def _settle_rest(self) -> None:
+        """After a stop that did not drain (the engine died, or the drain timed out): a ``block``
+        route still hands its sink what it holds, within the close timeout; whatever is left then
+        is counted as dropped and logged, never lost without a word."""
+        publishing, self._publishing = self._publishing, None
+        undelivered_before = self.dropped
+        block = self.on_full == "block"
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(self._close_timeout_s if block else 0.0):
+                if publishing is not None:
+                    await publishing  # cancelled by the timeout: _deliver counts it
+                while block and not self.queue.empty():
+                    await self._deliver(*self.queue.get_nowait())
+        left = self.queue.qsize()
+        for _ in range(left):
+            self.queue.get_nowait()
+            self.queue.task_done()
+        self._count_dropped(left)
+        if self.dropped > undelivered_before:
+            log.warning("sink_undelivered", sink=self.name, results=self.dropped - undelivered_before)
+
+    def _count_dropped(self, n: int) -> None:
+        if n:
+            self.dropped += n
+            self._metrics.sink_dropped(self.name, n)
 
     async def close(self) -> None:
         """Close the sink (bounded in time); errors are logged and counted."""

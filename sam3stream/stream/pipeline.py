@@ -7,8 +7,11 @@
 All actors run in one TaskGroup with named tasks, so one failing actor (the
 engine dying) stops all of them and the error reaches whoever awaits the
 pipeline. Stopping drains: sources stop, frames already accepted get their
-results, sinks get everything queued for them, then the rest is cancelled;
-all of it within ``lifecycle.drain_timeout_s``.
+results, sinks get everything queued for them, then the rest is cancelled.
+The drain waits at most ``lifecycle.drain_timeout_s``; after it, each sink has
+as long again to finish what it holds (``block`` sinks; the rest count it as
+dropped) and as long again to close, so a stuck sink bounds a stop at about
+three times the timeout.
 
 The pipeline never touches the event loop policy or signal handlers: it can
 run inside any application's loop. The CLI adds those (commands/run.py).

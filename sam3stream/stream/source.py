@@ -13,6 +13,7 @@ Live cameras reconnect forever with jittered exponential backoff; files end
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
@@ -37,7 +38,9 @@ __all__ = ["Backoff", "CameraSource", "CameraState", "StateListener"]
 
 log = structlog.get_logger(__name__)
 
-CameraState = Literal["connecting", "running", "reconnecting", "ended"]
+CameraState = Literal["connecting", "running", "reconnecting", "ended", "stopped"]
+# How long a stopping source may spend telling the sinks it stopped (an MQTT status message).
+_STOPPED_NOTICE_S = 1.0
 # on_state(camera, state, error or None): e.g. MQTT's retained status topic
 StateListener = Callable[[str, str, str | None], Awaitable[None]]
 
@@ -177,6 +180,7 @@ class CameraSource:
         self._period = 1.0 / camera.fps if camera.fps else None
         self._next_due = 0.0
         self.state: CameraState = "connecting"
+        self._announced = False  # the first state is news even though it equals the initial one
         self.error: str | None = None
         self.seq = 0  # the next frame's number: keeps counting across reconnects and loops
         self.reconnects = 0
@@ -184,7 +188,8 @@ class CameraSource:
         self._log = log.bind(camera=self.name)
 
     async def _set_state(self, state: CameraState, error: str | None = None, **fields: Any) -> None:
-        changed = state != self.state or error is not None
+        changed = state != self.state or error is not None or not self._announced
+        self._announced = True
         if error is not None:
             fields["error"] = error
         if changed or fields:
@@ -195,6 +200,18 @@ class CameraSource:
             await self._on_state(self.name, state, error)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            # Stopped by the pipeline: say so, or the last state ("running") would stay on the
+            # status topic and in the metrics. Bounded: the pipeline is waiting for this task.
+            if self.state != "ended":
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    async with asyncio.timeout(_STOPPED_NOTICE_S):
+                        await self._set_state("stopped", frames=self.seq)
+            raise
+
+    async def _run(self) -> None:
         await self._set_state("connecting", url=self.camera.url, mode=self.mode)
         attempt = 0
         while True:

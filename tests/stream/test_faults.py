@@ -99,3 +99,28 @@ async def test_engine_death_stops_everything_loudly(tmp_path: Path, video: Calla
     # wait() keeps reporting the failure: nothing looks alive afterwards.
     with pytest.raises(EngineDeadError):
         await p.wait()
+
+
+async def test_engine_death_still_delivers_what_was_computed(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    """Results computed before the engine died but still queued for a slow lossless sink reach
+    it before it closes; a lossy sink's leftovers are counted as dropped, not lost silently."""
+    cams = camera_toml("a", video("a.mp4", frames=30), loop=True) + camera_toml(
+        "b", video("b.mp4", frames=30), loop=True
+    )
+    config = make_config(tmp_path, cams, max_batch=2)
+    slow = MemorySink("slow", delay_s=0.05)
+    lossy = MemorySink("lossy", lossless=False, delay_s=10.0)
+    p = Pipeline(config, backend=FakeBackend(fail_after=4), sinks=[slow, lossy], postprocess=stub_postprocess)
+    with pytest.raises(EngineDeadError):
+        async with p:
+            await p.wait()
+    processed = sum(c["frames_processed"] for c in p.metrics.snapshot()["cameras"].values())
+    assert processed >= 4
+    assert sum(len(v) for v in slow.results.values()) == processed
+    assert slow.closed and lossy.closed
+    lossy_route = next(r for r in p.routes if r.name == "lossy")
+    # The lossy sink was stuck on its first result: nothing reached it, and all of it is counted.
+    assert not lossy.results
+    assert lossy_route.dropped == processed

@@ -100,6 +100,9 @@ async def test_camera_down_at_start_is_retried_until_it_comes_up(
     assert p.sources["remote"].reconnects >= 2
     states = [s for cam, s, _ in sink.states if cam == "remote"]
     assert "reconnecting" in states and "running" in states
+    # The first state is announced too, and a stop replaces the last one on the status topic.
+    assert states[0] == "connecting"
+    assert states[-1] == "stopped" and p.camera_states()["remote"] == "stopped"
     assert "cannot open" in next(d for cam, s, d in sink.states if cam == "remote" and d)
 
 
