@@ -62,6 +62,12 @@ async def serve(config: Config) -> int:
     def on_signal(sig: signal.Signals) -> None:
         nonlocal signals_seen
         signals_seen += 1
+        if not pipeline.running:
+            # The engine is still being exported or loaded, neither of which can be interrupted,
+            # and nothing has run yet: leave at once (an export writes to a .partial folder that
+            # only becomes the engine directory when complete).
+            log.warning("signal_received", signal=sig.name, action="exiting while the engine loads")
+            _exit_now(sig, None)
         if signals_seen == 1:
             log.info("signal_received", signal=sig.name, action="draining")
             pipeline.request_stop()
@@ -87,9 +93,18 @@ async def serve(config: Config) -> int:
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
+            if signals_seen:
+                # The process may still wait for a thread that cannot be interrupted (a stuck
+                # engine call is joined at exit): a further signal ends it at once.
+                signal.signal(sig, _exit_now)
     errors = pipeline.camera_errors()
     if errors and len(errors) == len(config.cameras):
         for name, error in errors.items():
             print(f"error: camera {name}: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    print("error: stopped by a signal before the pipeline could drain", file=sys.stderr, flush=True)
+    os._exit(1)

@@ -64,6 +64,7 @@ class FakeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     queries: int = 4
     delay_s: float = 0.0
     fail_after: int | None = None
+    load_s: float = 0.0  # how long opening the directory takes (a slow engine load)
 
 
 class FakeBackend:
@@ -93,8 +94,8 @@ class FakeBackend:
         """Shapes from ``engine_dir/manifest.json``, behaviour from ``engine_dir/fake.json``.
 
         Either file may be missing (then the defaults hold). ``fake.json`` holds any of
-        ``resolution``, ``batch``, ``queries``, ``delay_s`` and ``fail_after``, so that a
-        config run from the command line can simulate a slow or dying engine.
+        ``resolution``, ``batch``, ``queries``, ``delay_s``, ``fail_after`` and ``load_s``, so
+        that a config run from the command line can simulate a slow, dying or slow-to-load engine.
         """
         settings = FakeSettings()
         manifest_path = Path(engine_dir) / MANIFEST_NAME
@@ -106,6 +107,8 @@ class FakeBackend:
         if fake_path.is_file():
             overrides = msgspec.json.decode(fake_path.read_bytes(), type=dict[str, object])
             settings = msgspec.convert({**msgspec.structs.asdict(settings), **overrides}, FakeSettings)
+        if settings.load_s > 0:
+            time.sleep(settings.load_s)
         return cls(
             resolution=settings.resolution,
             batch=settings.batch,

@@ -176,6 +176,11 @@ class Pipeline:
                 yield getter.result()
 
     @property
+    def running(self) -> bool:
+        """Whether the engine is loaded and the actors started (and not finished)."""
+        return self._started.is_set() and self._main is not None and not self._main.done()
+
+    @property
     def results_dropped(self) -> int:
         return self._subscriber.dropped if self._subscriber is not None else 0
 
@@ -202,22 +207,42 @@ class Pipeline:
 
     async def _run(self) -> None:
         infer_pool = single_thread("sam3-infer")
-        backend: Backend | None = None
-        try:
-            backend = self._given_backend or await self._open_backend(infer_pool)
-            await self._run_with(backend, infer_pool)
-        finally:
-            # A backend we opened is closed on its own thread, after any call still running there.
-            owned = backend is not None and self._given_backend is None
-            await close_executor(infer_pool, _BACKEND_CLOSE_S, backend.close if owned and backend else None)
+        opened: list[Backend] = []  # filled on the infer thread, even after a cancelled load
 
-    async def _open_backend(self, infer_pool: ThreadPoolExecutor) -> Backend:
+        def close_opened() -> None:
+            for backend in opened:
+                backend.close()
+
+        loading, interrupted_load = self._given_backend is None, False
+        try:
+            backend = self._given_backend or await self._open_backend(infer_pool, opened)
+            loading = False
+            await self._run_with(backend, infer_pool)
+        except asyncio.CancelledError:
+            interrupted_load = loading
+            raise
+        finally:
+            if interrupted_load:
+                # Stopped while the engine was exported or loaded: neither can be interrupted.
+                # The backend it makes is closed on its thread; the process exits after that.
+                log.warning(
+                    "engine_load_interrupted",
+                    detail="the export or load cannot be interrupted; the process exits when it "
+                    "ends and closes the engine (signal again to exit now)",
+                )
+                infer_pool.submit(close_opened)
+                infer_pool.shutdown(wait=False)
+            else:
+                # A backend we opened is closed on its own thread, after any call still running.
+                await close_executor(infer_pool, _BACKEND_CLOSE_S, close_opened)
+
+    async def _open_backend(self, infer_pool: ThreadPoolExecutor, opened: list[Backend]) -> Backend:
         engines = self.config.engines
         engine_dir = await self._engine_dir()
         log.info("engine_loading", backend=engines.backend, dir=str(engine_dir), device=engines.device)
         loop = asyncio.get_running_loop()
         # Loaded on the thread that will run it: device contexts and streams stay on one thread.
-        load = functools.partial(
+        open_it = functools.partial(
             open_backend,
             engines.backend,
             engine_dir,
@@ -226,8 +251,13 @@ class Pipeline:
             overlap=engines.overlap,
             fused_gelu=engines.fused_gelu,
         )
-        backend = await loop.run_in_executor(infer_pool, load)
-        return backend
+
+        def load() -> Backend:
+            backend = open_it()
+            opened.append(backend)  # before the caller may have given up: see _run
+            return backend
+
+        return await loop.run_in_executor(infer_pool, load)
 
     async def _engine_dir(self) -> Path:
         engines = self.config.engines

@@ -183,3 +183,35 @@ def test_every_camera_failing_exits_1(tmp_path: Path) -> None:
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 1
     assert stderr.strip().splitlines()[-1].startswith("error: camera gone: cannot open")
+
+
+def read_until_event(proc: subprocess.Popen[str], name: str) -> list[dict[str, object]]:
+    """stderr's JSON log events up to and including the first ``name`` (EOF: the process ended)."""
+    assert proc.stderr is not None
+    seen: list[dict[str, object]] = []
+    for line in proc.stderr:
+        if line.startswith("{"):
+            seen.append(json.loads(line))
+            if seen[-1].get("event") == name:
+                return seen
+    raise AssertionError(f"no {name} event before the process ended: {seen}")
+
+
+def test_a_signal_during_the_engine_load_exits_at_once(tmp_path: Path, video: Callable[..., Path]) -> None:
+    cams = camera_toml("a", video("a.mp4", frames=10))
+    # A load that takes 60 s and cannot be interrupted: the process must not wait for it.
+    proc = start(write_config(tmp_path, cams, fake='{"load_s": 60}'))
+    try:
+        read_until_event(proc, "engine_loading")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1
+    assert took < 10
+    assert "exiting while the engine loads" in stderr
+    assert "before the pipeline could drain" in stderr.strip().splitlines()[-1]

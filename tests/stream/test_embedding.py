@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from sam3stream.runtime.fake import FakeBackend
 from sam3stream.stream.frames import FrameResult
 from sam3stream.stream.pipeline import Pipeline
@@ -126,3 +128,37 @@ async def test_cancelled_while_starting_leaves_nothing_behind(
     assert task.cancelled() and not entered
     assert asyncio.all_tasks() == before
     assert not worker_threads()
+
+
+async def test_stop_while_the_engine_loads_returns_and_closes_it_once_loaded(
+    tmp_path: Path, video: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load cannot be interrupted: a stop during it returns without waiting for it, and the
+    backend it makes afterwards is closed on its thread instead of leaking."""
+    import sam3stream.stream.pipeline as pipeline_module
+
+    release, loading = threading.Event(), threading.Event()
+    made: list[FakeBackend] = []
+
+    def slow_open(*args: object, **kwargs: object) -> FakeBackend:
+        loading.set()
+        release.wait(30)
+        made.append(FakeBackend())
+        return made[-1]
+
+    monkeypatch.setattr(pipeline_module, "open_backend", slow_open)
+    config = make_config(tmp_path, looping_cameras(video, 1))
+    p = Pipeline(config, postprocess=stub_postprocess)
+    starting = asyncio.create_task(p.start())
+    await asyncio.wait_for(asyncio.to_thread(loading.wait, 10), 15)
+    p.request_stop()
+    # Returns while the load is still blocked (it would wait 30 s otherwise).
+    await asyncio.wait_for(asyncio.wait({starting}), 10)
+    await asyncio.wait_for(p.wait(), 10)
+    assert not made
+    release.set()
+    for _ in range(200):
+        if made and made[0].closed:
+            break
+        await asyncio.sleep(0.05)
+    assert made and made[0].closed
