@@ -9,6 +9,7 @@ rates can be tested without sleeping.
 from __future__ import annotations
 
 import asyncio
+import errno
 import math
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from sam3stream.errors import ConfigError
 from sam3stream.gpu_memory import process_gpu_memory
 from sam3stream.stream.frames import FrameResult
 
@@ -262,7 +264,11 @@ class Reporter:
     """Every ``interval_s``: one ``stats`` log line, then each registered publisher.
 
     With ``prometheus_port`` set it also serves ``/metrics`` (0 picks a free
-    port; the bound one is in :attr:`prometheus_port` once :meth:`run` started).
+    port; the bound one is in :attr:`prometheus_port` once bound). Bind it with
+    ``with reporter:`` (or :meth:`open`) before anything else starts, so that a
+    taken port fails at once as a :class:`ConfigError` naming the key, not in
+    the middle of a run; :meth:`run` then serves on that server (it binds
+    itself if nobody did) and closes it when it ends.
     """
 
     def __init__(
@@ -278,25 +284,47 @@ class Reporter:
         self.prometheus_port = prometheus_port
         self.prometheus_host = prometheus_host
         self._publishers: list[tuple[str, Publisher]] = []
+        self._server: Any = None
         self.serving = asyncio.Event()
 
     def add_publisher(self, name: str, publish: Publisher) -> None:
         """``publish(snapshot)`` is awaited every interval; ``name`` is for error counts."""
         self._publishers.append((name, publish))
 
+    def open(self) -> None:
+        """Bind and serve ``/metrics`` now (nothing without a port, or when already open).
+
+        Raises :class:`ConfigError` at ``metrics.prometheus_port`` when the port cannot be
+        bound or prometheus-client is missing.
+        """
+        if self.prometheus_port is not None and self._server is None:
+            self._server = self._serve_prometheus(self.prometheus_port)
+
+    def close(self) -> None:
+        """Stop serving ``/metrics`` (idempotent)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    def __enter__(self) -> Reporter:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Also covers a run() task cancelled before its first step, whose own finally never runs.
+        self.close()
+
     async def run(self) -> None:
-        server = None
-        if self.prometheus_port is not None:
-            server = await asyncio.to_thread(self._serve_prometheus, self.prometheus_port)
-        self.serving.set()
         try:
+            # Binding is quick and not awaited: a cancel cannot leave a server nobody closes.
+            self.open()
+            self.serving.set()
             while True:
                 await asyncio.sleep(self.interval_s)
                 await self.report()
         finally:
-            if server is not None:
-                server.shutdown()
-                server.server_close()
+            self.close()
 
     async def report(self) -> dict[str, Any]:
         """Log and publish one snapshot now (also what each tick of :meth:`run` does)."""
@@ -312,15 +340,37 @@ class Reporter:
         return snap
 
     def _serve_prometheus(self, port: int) -> Any:
-        # Imported here: prometheus-client is an optional dependency.
-        from prometheus_client import CollectorRegistry, start_http_server
+        try:
+            # Imported here: prometheus-client is an optional dependency.
+            from prometheus_client import CollectorRegistry, start_http_server
+        except ImportError:
+            problem = "serving metrics needs prometheus-client: pip install 'sam3stream[prometheus]'"
+            raise ConfigError([(_PORT_KEY, f"{problem}, or remove the key")]) from None
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(SnapshotCollector(self.metrics))
-        server, _thread = start_http_server(port, addr=self.prometheus_host, registry=registry)
+        try:
+            server, _thread = start_http_server(port, addr=self.prometheus_host, registry=registry)
+        except OSError as exc:
+            # Not a traceback: the fix is in the config (or in whatever else holds the port).
+            raise ConfigError([(_PORT_KEY, _bind_problem(port, self.prometheus_host, exc))]) from exc
         self.prometheus_port = int(server.server_port)
         log.info("prometheus_serving", host=self.prometheus_host, port=self.prometheus_port)
         return server
+
+
+_PORT_KEY = "metrics.prometheus_port"
+
+
+def _bind_problem(port: int, host: str, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"{port}: address already in use on {host}; choose a free port, or stop the process "
+            f"that holds it (`ss -ltnp 'sport = :{port}'` names it)"
+        )
+    if exc.errno == errno.EACCES:
+        return f"{port}: permission denied on {host}; ports below 1024 need privileges, choose a higher one"
+    return f"{port}: cannot listen on {host}: {exc.strerror or exc}"
 
 
 class SnapshotCollector:

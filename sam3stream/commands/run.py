@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from sam3stream.commands.validate import config_warnings
 from sam3stream.config import Config, load_config
 from sam3stream.log import configure_logging
 
@@ -37,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure_logging(config.logging.level, config.logging.format)
+    for key, message in config_warnings(config):
+        log.warning("config_warning", key=key, detail=message)
     return run_loop(lambda: serve(config))
 
 

@@ -400,29 +400,32 @@ class Pipeline:
             if publish_stats is not None:
                 reporter.add_publisher(route.name, publish_stats)
 
-        await self._start_routes(self.routes)
-        log.info(
-            "pipeline_started",
-            cameras=len(self.sources),
-            sinks=len(self.routes),
-            resolution=manifest.resolution,
-            max_batch=cfg.batching.max_batch,
-        )
-        try:
-            async with asyncio.TaskGroup() as tg:
-                sources = [tg.create_task(s.run(), name=f"source-{n}") for n, s in self.sources.items()]
-                rest = [
-                    tg.create_task(batcher.run(), name="batcher"),
-                    tg.create_task(worker.run(), name="gpu-worker"),
-                    tg.create_task(reporter.run(), name="metrics-reporter"),
-                    *(tg.create_task(r.run(), name=f"sink-{r.name}") for r in self.routes),
-                ]
-                self._started.set()
-                tg.create_task(self._supervise(sources, rest, fanout), name="supervisor")
-        except BaseExceptionGroup as group:
-            # Callers match on the error (EngineDeadError), not on a group wrapping it.
-            raise first_error(group) from None
-        await reporter.report()
+        # Binds the metrics port now: a taken one fails here, naming the config key, before any
+        # sink or camera starts. run() serves on it; leaving the block closes it in any case.
+        with reporter:
+            await self._start_routes(self.routes)
+            log.info(
+                "pipeline_started",
+                cameras=len(self.sources),
+                sinks=len(self.routes),
+                resolution=manifest.resolution,
+                max_batch=cfg.batching.max_batch,
+            )
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    sources = [tg.create_task(s.run(), name=f"source-{n}") for n, s in self.sources.items()]
+                    rest = [
+                        tg.create_task(batcher.run(), name="batcher"),
+                        tg.create_task(worker.run(), name="gpu-worker"),
+                        tg.create_task(reporter.run(), name="metrics-reporter"),
+                        *(tg.create_task(r.run(), name=f"sink-{r.name}") for r in self.routes),
+                    ]
+                    self._started.set()
+                    tg.create_task(self._supervise(sources, rest, fanout), name="supervisor")
+            except BaseExceptionGroup as group:
+                # Callers match on the error (EngineDeadError), not on a group wrapping it.
+                raise first_error(group) from None
+            await reporter.report()
         log.info("pipeline_stopped", drained=self.drained, in_flight=self.in_flight.count)
 
     async def _supervise(

@@ -1,0 +1,128 @@
+"""The Prometheus port: bound before the pipeline runs, a taken one is a config error naming the key."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from sam3stream.errors import ConfigError
+from sam3stream.metrics import Metrics, Reporter
+from sam3stream.runtime.fake import FakeBackend
+from sam3stream.stream.pipeline import Pipeline
+from tests.stream.helpers import camera_toml, make_config, stub_postprocess
+
+pytest.importorskip("prometheus_client")
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port another socket is listening on (on loopback: binding 0.0.0.0 to it fails too)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+def can_bind(port: int) -> bool:
+    """Whether nothing listens on ``port`` (connections left in TIME_WAIT do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def no_gpu() -> int | None:
+    return None
+
+
+def test_taken_port_is_a_config_error_naming_the_key(taken_port: int) -> None:
+    reporter = Reporter(Metrics(gpu_memory=no_gpu), prometheus_port=taken_port, prometheus_host="127.0.0.1")
+    with pytest.raises(ConfigError) as info:
+        reporter.open()
+    [(key, message)] = info.value.problems
+    assert key == "metrics.prometheus_port"
+    assert message.startswith(f"{taken_port}: address already in use")
+    assert "choose a free port" in message
+    assert str(info.value).startswith(f"metrics.prometheus_port: {taken_port}: address already in use")
+
+
+async def test_run_reports_a_taken_port_the_same_way(taken_port: int) -> None:
+    # What a pipeline that does not open the reporter first still gets: no raw OSError.
+    reporter = Reporter(Metrics(gpu_memory=no_gpu), prometheus_port=taken_port, prometheus_host="127.0.0.1")
+    with pytest.raises(ConfigError, match="address already in use"):
+        await asyncio.wait_for(reporter.run(), 5)
+    assert not reporter.serving.is_set()
+
+
+async def test_run_serves_on_the_port_open_bound() -> None:
+    reporter = Reporter(Metrics(gpu_memory=no_gpu), prometheus_port=0, prometheus_host="127.0.0.1")
+    with reporter:
+        port = reporter.prometheus_port
+        assert port and not can_bind(port)  # bound before run() starts
+        task = asyncio.create_task(reporter.run())
+        try:
+            await asyncio.wait_for(reporter.serving.wait(), 5)
+            assert reporter.prometheus_port == port  # the same server, not a second bind
+            url = f"http://127.0.0.1:{port}/metrics"
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+            assert "# TYPE sam3stream_fps gauge" in body
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+        assert can_bind(port)  # run() closed it when it ended
+    assert can_bind(port)
+
+
+def test_leaving_the_with_block_closes_a_server_run_never_used() -> None:
+    # A run() task cancelled before its first step never reaches its finally: the with block closes.
+    with Reporter(Metrics(gpu_memory=no_gpu), prometheus_port=0, prometheus_host="127.0.0.1") as reporter:
+        port = reporter.prometheus_port
+        assert port and not can_bind(port)
+    assert can_bind(port)
+
+
+def test_missing_prometheus_client_names_the_key_and_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # makes the import fail
+    reporter = Reporter(Metrics(gpu_memory=no_gpu), prometheus_port=0)
+    with pytest.raises(ConfigError) as info:
+        reporter.open()
+    [(key, message)] = info.value.problems
+    assert key == "metrics.prometheus_port" and "sam3stream[prometheus]" in message
+
+
+def port_config(tmp_path: Path, video: Callable[..., Path], port: int) -> Pipeline:
+    cams = camera_toml("cam0", video("c0.mp4", frames=10), loop=True, fps=40)
+    config = make_config(tmp_path, cams, extra=f"[metrics]\nprometheus_port = {port}\n")
+    return Pipeline(config, backend=FakeBackend(), postprocess=stub_postprocess)
+
+
+async def test_pipeline_with_a_taken_port_fails_with_the_config_error(
+    tmp_path: Path, video: Callable[..., Path], taken_port: int
+) -> None:
+    pipeline = port_config(tmp_path, video, taken_port)
+    with pytest.raises(ConfigError, match=rf"metrics\.prometheus_port: {taken_port}: address already in use"):
+        async with asyncio.timeout(20):
+            await pipeline.start()
+            await pipeline.wait()
+
+
+async def test_pipeline_with_a_taken_port_fails_before_any_camera_starts(
+    tmp_path: Path, video: Callable[..., Path], taken_port: int
+) -> None:
+    pipeline = port_config(tmp_path, video, taken_port)
+    try:
+        with pytest.raises(ConfigError, match=r"metrics\.prometheus_port"):
+            async with asyncio.timeout(20):
+                await pipeline.start()
+        assert pipeline.metrics.snapshot()["cameras"] == {}
+    finally:
+        await pipeline.abort()
