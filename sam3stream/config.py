@@ -173,7 +173,7 @@ class MqttSinkConfig(_Sink, frozen=True, kw_only=True, tag="mqtt"):
     buffer: Annotated[int, msgspec.Meta(ge=0)] = 1000  # results kept while the broker is down
     stats_interval_s: NonNegative = 10.0  # 0 = no stats messages
     keepalive: Annotated[int, msgspec.Meta(ge=1)] = 60
-    on_full: OnFull = "drop_oldest"  # a broker hiccup must never stall inference
+    on_full: OnFull = "drop_oldest"  # only drop_oldest: a broker hiccup must never stall inference
 
 
 class VideoSinkConfig(_Sink, frozen=True, kw_only=True, tag="video"):
@@ -475,6 +475,18 @@ def _mqtt_prefix(prefix: str) -> Problems:
         yield "", "must be a non-empty MQTT topic without wildcards (+, #)"
 
 
+def _mqtt_on_full(on_full: str) -> Problems:
+    # The sink never makes the pipeline wait: its own buffer drops the oldest results during a
+    # broker outage, so "block" would promise a lossless sink it cannot be.
+    if on_full == "block":
+        why = "MQTT cannot be lossless: waiting out a broker outage would stall every camera"
+        instead = (
+            'use "drop_oldest" (the default), raise "buffer" to ride out longer outages, '
+            "and add a jsonl sink for a lossless record"
+        )
+        yield "", f"{why}; {instead}"
+
+
 _FIELD_CHECKS: dict[tuple[type[Any], str], Callable[[Any], Problems]] = {
     (EnginesConfig, "dir"): _not_empty,
     (EnginesConfig, "device"): _device,
@@ -484,6 +496,7 @@ _FIELD_CHECKS: dict[tuple[type[Any], str], Callable[[Any], Problems]] = {
     (CameraConfig, "url"): _camera_url,
     (MqttSinkConfig, "host"): _not_empty,
     (MqttSinkConfig, "prefix"): _mqtt_prefix,
+    (MqttSinkConfig, "on_full"): _mqtt_on_full,
     (JsonlSinkConfig, "path"): _not_empty,
     (VideoSinkConfig, "dir"): _not_empty,
 }

@@ -177,6 +177,16 @@ def test_sink_cameras_must_exist() -> None:
     assert found == {"sinks[0].cameras[0]": "no camera is named 'nope'"}
 
 
+def test_mqtt_sink_cannot_block() -> None:
+    # MQTT drops the oldest results during a broker outage: "block" would promise a lossless sink.
+    found = problems(MINIMAL + '[[sinks]]\ntype = "mqtt"\nhost = "b"\non_full = "block"\n')
+    assert set(found) == {"sinks[0].on_full"}
+    message = found["sinks[0].on_full"]
+    assert "stall every camera" in message and '"drop_oldest"' in message and "jsonl" in message
+    ok = parse_config(MINIMAL + '[[sinks]]\ntype = "mqtt"\nhost = "b"\non_full = "drop_oldest"\n')
+    assert isinstance(ok.sinks[0], MqttSinkConfig) and ok.sinks[0].on_full == "drop_oldest"
+
+
 def test_network_urls_are_live_and_kept_as_they_are() -> None:
     config = parse_config(MINIMAL.replace("videos/a.mp4", "rtsp://10.0.0.1:554/s"))
     assert config.cameras[0].url == "rtsp://10.0.0.1:554/s" and config.cameras[0].effective_mode == "live"

@@ -9,14 +9,21 @@ The event loop only encodes (msgspec, microseconds) and appends to a pending
 list; a writer task hands whole batches to one dedicated thread, so a slow
 disk costs one thread hop per batch rather than per result. Lines are flushed
 after every batch (visible to ``tail -f``) but never fsynced.
+
+A failed write (disk full, permissions...) loses that batch's lines for the
+file it hit; they are counted as dropped, the failure is logged once per file
+until a write to it succeeds again, and the next ``publish()`` (or ``aclose()``)
+raises it once so that the caller counts the error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -85,6 +92,10 @@ class _CameraFile:
         name = f"{self.stem}.jsonl" if self.index == 0 else f"{self.stem}.{self.index}.jsonl"
         return self.directory / name
 
+    @property
+    def path(self) -> Path:
+        return self._path()
+
     def write(self, line: bytes) -> None:
         if self.limit is not None and self.size > 0 and self.size + len(line) > self.limit:
             self.fh.close()
@@ -95,6 +106,23 @@ class _CameraFile:
         self.size += len(line)
 
 
+@dataclass
+class _Written:
+    """What one batch did: the files it appended to, and the files it failed on."""
+
+    ok: list[str] = field(default_factory=list)
+    failed: list[tuple[str, int, OSError]] = field(default_factory=list)  # (path, lines lost, error)
+
+
+def _naming(exc: OSError, path: str) -> OSError:
+    """``exc``, naming the file it happened to (a failed write or flush names none)."""
+    if exc.filename is not None:
+        return exc
+    named = OSError(exc.errno, exc.strerror, path) if exc.errno is not None else OSError(f"{path}: {exc}")
+    named.__cause__ = exc
+    return named
+
+
 class _Files:
     """All cameras' files. Every method runs on the sink's single writer thread."""
 
@@ -103,16 +131,38 @@ class _Files:
         self.limit = limit
         self.open: dict[str, _CameraFile] = {}
 
-    def write_batch(self, batch: Iterable[tuple[str, bytes]]) -> None:
-        touched: set[str] = set()
+    def write_batch(self, batch: Iterable[tuple[str, bytes]]) -> _Written:
+        by_camera: dict[str, list[bytes]] = {}
         for camera, line in batch:
+            by_camera.setdefault(camera, []).append(line)
+        # Camera by camera: one camera's failing file must not cost the others their lines.
+        written = _Written()
+        for camera, lines in by_camera.items():
             f = self.open.get(camera)
-            if f is None:
-                f = self.open[camera] = _CameraFile(self.directory, camera, self.limit)
-            f.write(line)
-            touched.add(camera)
-        for camera in touched:
-            self.open[camera].fh.flush()
+            try:
+                if f is None:
+                    f = self.open[camera] = _CameraFile(self.directory, camera, self.limit)
+                for line in lines:
+                    f.write(line)
+                f.fh.flush()
+                written.ok.append(str(f.path))
+            except OSError as exc:
+                path = (
+                    str(exc.filename)
+                    if exc.filename is not None
+                    else str(f.path if f is not None else self.directory)
+                )
+                written.failed.append((path, len(lines), _naming(exc, path)))
+                self._discard(camera)
+        return written
+
+    def _discard(self, camera: str) -> None:
+        # After a failure the handle may still buffer this batch's lines, which are
+        # already counted as lost: reopen next time rather than write them later.
+        f = self.open.pop(camera, None)
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.fh.close()
 
     def close(self) -> None:
         for f in self.open.values():
@@ -146,8 +196,10 @@ class JsonlSink:
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
-        self._error: OSError | None = None
-        self._inflight: asyncio.Future[None] | None = None
+        self.dropped = 0  # lines lost to failed writes (also reported to metrics)
+        self._failing: dict[str, int] = {}  # path -> lines lost since it last worked
+        self._error: OSError | None = None  # a failure not yet raised to a caller
+        self._inflight: asyncio.Future[_Written] | None = None
         self._writer: asyncio.Task[None] | None = None
 
     @classmethod
@@ -164,16 +216,17 @@ class JsonlSink:
         )
 
     async def publish(self, result: FrameResult, image: npt.NDArray[np.uint8] | None = None) -> None:
-        if self._error is not None:
-            # Report a failed write to the caller once (the fan-out counts it).
-            error, self._error = self._error, None
-            raise error
         while not self._room.is_set():
             await self._room.wait()
         self._pending.append((result.camera, self._encoder.encode(result) + b"\n"))
         if len(self._pending) >= _MAX_PENDING:
             self._room.clear()
         self._wake.set()
+        if self._error is not None:
+            # Report a failed write to the caller once (the fan-out counts it). Only
+            # after queueing this result: an earlier batch's failure must not cost it.
+            error, self._error = self._error, None
+            raise error
 
     async def aclose(self) -> None:
         if self._writer is not None:
@@ -182,15 +235,15 @@ class JsonlSink:
             self._writer = None
         if self._inflight is not None:
             # The writer was shielding it: the thread finishes that batch regardless.
-            await self._settle(self._inflight, 0)
+            await self._settle(self._inflight)
         batch, self._pending = self._pending, []
         try:
             if batch:
-                await self._settle(self._submit(batch), len(batch))
+                await self._settle(self._submit(batch))
         finally:
             await self._in_thread(self._files.close)
             self._pool.shutdown(wait=False)
-        log.info("sink_closed", sink=self.name, kind="jsonl")
+        log.info("sink_closed", sink=self.name, kind="jsonl", dropped=self.dropped)
         if self._error is not None:
             raise self._error
 
@@ -204,22 +257,30 @@ class JsonlSink:
                 self._inflight = self._submit(batch)
                 # Shielded: cancelling the writer (aclose) must not drop a batch
                 # that is queued for the thread but not started yet.
-                await self._settle(asyncio.shield(self._inflight), len(batch))
+                await self._settle(asyncio.shield(self._inflight))
                 self._inflight = None
 
-    def _submit(self, batch: list[tuple[str, bytes]]) -> asyncio.Future[None]:
+    def _submit(self, batch: list[tuple[str, bytes]]) -> asyncio.Future[_Written]:
         return asyncio.get_running_loop().run_in_executor(self._pool, self._files.write_batch, batch)
 
-    async def _settle(self, fut: Awaitable[None], lines: int) -> None:
-        try:
-            await fut
-        except OSError as exc:
-            # Disk full, permissions...: these lines are lost. Count them, tell
-            # the next publish() caller, and keep going: the disk may recover.
-            log.error("jsonl_write_failed", sink=self.name, lines=lines, error=repr(exc))
+    async def _settle(self, fut: Awaitable[_Written]) -> None:
+        written = await fut
+        for path in written.ok:
+            lost = self._failing.pop(path, None)
+            if lost is not None:
+                log.info("jsonl_write_recovered", sink=self.name, path=path, lost=lost)
+        for path, lines, exc in written.failed:
+            # Disk full, permissions...: these lines are lost. Count them and keep
+            # going: the disk may recover. Log and report a failing file once, not
+            # once per batch (a full disk fails every one).
+            self.dropped += lines
             if self._metrics is not None:
                 self._metrics.sink_dropped(self.name, lines)
-            self._error = exc
+            if path not in self._failing:
+                self._failing[path] = 0
+                log.error("jsonl_write_failed", sink=self.name, path=path, lines=lines, error=repr(exc))
+                self._error = exc
+            self._failing[path] += lines
 
     async def _in_thread(self, fn: Callable[[], object]) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, fn)

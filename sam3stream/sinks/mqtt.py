@@ -48,11 +48,17 @@ log = structlog.get_logger(__name__)
 # Results published concurrently per round trip: QoS 1/2 acknowledgements would
 # otherwise cap throughput at one message per broker round trip.
 WINDOW = 64
+# aiomqtt warns (through stdlib logging, bypassing our structured logs) past this many
+# unacknowledged calls. A full window is normal here; on top of it come at most the
+# "offline" publish at close and a status or stats message.
+PENDING_CALLS_THRESHOLD = 2 * WINDOW
 
 
 class MqttSink:
     """Publishes results to an MQTT broker; see the module docstring for topics."""
 
+    # Never: publish() does not wait for the broker, and an outage drops the oldest
+    # results past ``buffer`` (config rejects on_full = "block" for this sink).
     lossless = False
     wants_images = False
 
@@ -93,7 +99,7 @@ class MqttSink:
         self.reconnect_cap_s = reconnect_cap_s
         self.op_timeout_s = op_timeout_s  # connect, acknowledgements, disconnect
         self.close_timeout_s = close_timeout_s  # aclose: flushing the buffer and "offline"
-        self.dropped = 0  # results lost to buffer overflow (also reported to metrics)
+        self.dropped = 0  # results lost to buffer overflow or undelivered at close (also in metrics)
         self.connects = 0  # successful connections so far
         self.connect_failures = 0  # failed connection attempts and lost connections
         self._metrics = metrics
@@ -115,7 +121,7 @@ class MqttSink:
 
     @classmethod
     def from_config(cls, cfg: MqttSinkConfig, *, name: str, metrics: Metrics | None = None) -> MqttSink:
-        sink = cls(
+        return cls(
             cfg.host,
             cfg.port,
             name=name,
@@ -129,8 +135,6 @@ class MqttSink:
             keepalive=cfg.keepalive,
             metrics=metrics,
         )
-        sink.lossless = cfg.on_full == "block"
-        return sink
 
     # ------------------------------------------------------------------ topics
 
@@ -211,9 +215,13 @@ class MqttSink:
         if not task.cancelled() and task.exception() is not None:
             log.error("mqtt_task_failed", sink=self.name, error=repr(task.exception()))
         if self._results:
-            log.warning("mqtt_undelivered_at_close", sink=self.name, results=len(self._results))
-            self._drop(len(self._results))
+            # Not an overflow: these fit the buffer but the broker never took them.
+            undelivered = len(self._results)
             self._results.clear()
+            self._count_lost(undelivered)
+            log.warning(
+                "mqtt_undelivered_at_close", sink=self.name, results=undelivered, dropped_total=self.dropped
+            )
         log.info("sink_closed", sink=self.name, kind="mqtt", dropped=self.dropped)
 
     async def _say_goodbye(self) -> None:
@@ -227,7 +235,9 @@ class MqttSink:
                 await self._idle.wait()
                 await client.publish(self.available_topic, b"offline", qos=self.qos, retain=True)
         except TimeoutError:
-            log.warning("mqtt_close_timeout", sink=self.name, undelivered=len(self._results))
+            # No count here: a batch still in flight is not back in the buffer yet;
+            # aclose() logs what was finally left undelivered.
+            log.warning("mqtt_close_timeout", sink=self.name, timeout_s=self.close_timeout_s)
         except aiomqtt.MqttError as exc:
             log.warning("mqtt_offline_publish_failed", sink=self.name, error=repr(exc))
 
@@ -257,18 +267,22 @@ class MqttSink:
             self._drop(excess)
 
     def _drop(self, n: int) -> None:
-        self.dropped += n
-        if self._metrics is not None:
-            self._metrics.sink_dropped(self.name, n)
+        """``n`` results pushed out of a full buffer."""
+        self._count_lost(n)
         if not self._overflowing:
             # Once per outage, not once per result.
             self._overflowing = True
             log.warning("mqtt_buffer_full", sink=self.name, buffer=self.buffer, dropped_total=self.dropped)
 
+    def _count_lost(self, n: int) -> None:
+        self.dropped += n
+        if self._metrics is not None:
+            self._metrics.sink_dropped(self.name, n)
+
     # ------------------------------------------------------------------ connection
 
     def _make_client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.host,
             self.port,
             identifier=self.client_id,
@@ -278,6 +292,8 @@ class MqttSink:
             timeout=self.op_timeout_s,
             will=aiomqtt.Will(self.available_topic, b"offline", qos=self.qos, retain=True),
         )
+        client.pending_calls_threshold = PENDING_CALLS_THRESHOLD
+        return client
 
     async def _run(self) -> None:
         attempt = 0

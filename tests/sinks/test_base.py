@@ -20,3 +20,9 @@ def test_make_sink_builds_each_kind_from_its_config(tmp_path: Path) -> None:
     assert isinstance(video, VideoSink) and video.name == "rec" and not video.lossless
     assert [s.wants_images for s in (jsonl, mqtt, video)] == [False, False, True]
     assert all(isinstance(s, Sink) for s in (jsonl, mqtt, video))
+
+
+def test_mqtt_sink_is_never_lossless() -> None:
+    # Config rejects on_full = "block" for MQTT; a config built in code must not make the sink claim it.
+    sink = make_sink(MqttSinkConfig(host="broker", on_full="block"))
+    assert isinstance(sink, MqttSink) and not sink.lossless

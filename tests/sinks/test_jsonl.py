@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import msgspec
 import pytest
+import structlog
 
 from sam3stream.metrics import Metrics
 from sam3stream.sinks.jsonl import JsonlSink, camera_files
@@ -94,3 +96,62 @@ async def test_write_failure_is_counted_and_reported(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         await sink.aclose()
     assert metrics.snapshot()["sinks"]["files"]["dropped"] == 2
+
+
+async def publish_one_by_one(sink: JsonlSink, results: list[FrameResult]) -> list[OSError]:
+    """Publish, letting the writer take each result on its own; the errors publish() raised."""
+    raised = []
+    for r in results:
+        try:
+            await sink.publish(r)
+        except OSError as exc:
+            raised.append(exc)
+        for _ in range(50):  # until the writer thread has taken and settled it
+            await asyncio.sleep(0.002)
+            if not sink._pending and sink._inflight is None:
+                break
+    return raised
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+async def test_every_result_a_failing_file_loses_is_counted(tmp_path: Path) -> None:
+    metrics = Metrics()
+    (tmp_path / "bad.jsonl").symlink_to("/dev/full")  # every write fails: no space left
+    sink = JsonlSink(tmp_path, name="files", metrics=metrics)
+    await sink.start()
+    with structlog.testing.capture_logs() as logs:
+        raised = await publish_one_by_one(
+            sink, [make_result(i, camera=c) for i in range(6) for c in ("bad", "ok")]
+        )
+        try:
+            await sink.aclose()
+        except OSError as exc:
+            raised.append(exc)
+    # Reporting the failure to a caller costs no result: all 6 of "bad" are counted, none of "ok" is lost.
+    assert [(r.camera, r.seq) for r in read_all(tmp_path, "ok")] == [("ok", i) for i in range(6)]
+    assert metrics.snapshot()["sinks"]["files"]["dropped"] == 6
+    assert sink.dropped == 6
+    # Reported once, naming the file, however many batches failed.
+    path = str(tmp_path / "bad.jsonl")
+    assert len(raised) == 1 and raised[0].filename == path
+    failed = [e for e in logs if e["event"] == "jsonl_write_failed"]
+    assert len(failed) == 1 and failed[0]["path"] == path
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+async def test_a_file_that_recovers_gets_the_new_results_only(tmp_path: Path) -> None:
+    link = tmp_path / "cam1.jsonl"
+    link.symlink_to("/dev/full")
+    sink = JsonlSink(tmp_path, name="files")
+    await sink.start()
+    with structlog.testing.capture_logs() as logs:
+        raised = await publish_one_by_one(sink, [make_result(i) for i in range(3)])
+        link.unlink()  # room again: the next batch creates a real file
+        raised += await publish_one_by_one(sink, [make_result(i) for i in range(3, 6)])
+        await sink.aclose()
+    assert len(raised) == 1
+    # The lost lines are not written late behind the count's back: only the new ones are there.
+    assert [r.seq for r in read_all(tmp_path, "cam1")] == [3, 4, 5]
+    assert sink.dropped == 3
+    recovered = [e for e in logs if e["event"] == "jsonl_write_recovered"]
+    assert len(recovered) == 1 and recovered[0]["lost"] == 3 and recovered[0]["path"] == str(link)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import aiomqtt
 import msgspec
 import pytest
+import structlog
 
 from sam3stream.backoff import backoff_delay
 from sam3stream.metrics import Metrics
@@ -137,6 +139,42 @@ async def test_detections_status_stats_and_availability(mosquitto: Mosquitto, qo
     assert await retained(mosquitto, f"{p}/available") == b"offline"
     late_status = await retained(mosquitto, f"{p}/front/status")
     assert late_status is not None and msgspec.json.decode(late_status)["state"] == "running"
+
+
+class Records(logging.Handler):
+    """Keeps what a stdlib logger emits (these tests run with pytest's logging plugin off)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_qos1_burst_keeps_aiomqtt_quiet(mosquitto: Mosquitto) -> None:
+    # A full window of unacknowledged publishes is normal for this sink; aiomqtt's default
+    # threshold (10) would print "There are N pending publish calls." through stdlib
+    # logging, unformatted, in the middle of JSON logs.
+    p = prefix()
+    mqtt_logger = logging.getLogger("mqtt")  # aiomqtt's own logger
+    records = Records()
+    mqtt_logger.addHandler(records)
+    sink = MqttSink(mosquitto.host, mosquitto.port, prefix=p, qos=1)
+    try:
+        async with subscribed(mosquitto, f"{p}/#") as sub:
+            await sink.start()
+            await wait_until(lambda: sink.connected)
+            for i in range(500):
+                await sink.publish(make_result(i, camera="front"))
+            topic = f"{p}/front/detections"
+            await sub.wait_for(lambda: len(sub.on(topic)) >= 500, within=10)
+            await sink.aclose()
+    finally:
+        mqtt_logger.removeHandler(records)
+    assert sink.dropped == 0
+    warnings = [r.getMessage() for r in records.records if r.levelno >= logging.WARNING]
+    assert warnings == []
 
 
 async def test_last_will_when_the_process_dies(mosquitto: Mosquitto) -> None:
@@ -269,9 +307,14 @@ async def test_close_is_bounded_when_the_broker_hangs(mosquitto: Mosquitto) -> N
         for i in range(10):
             await sink.publish(make_result(i))
         t0 = time.monotonic()
-        await sink.aclose()
+        with structlog.testing.capture_logs() as logs:
+            await sink.aclose()
         assert time.monotonic() - t0 < 4.0
         assert sink.dropped == 10  # none acknowledged: all counted as lost
+        # Undelivered, not an overflow: the buffer (1000) was never full.
+        undelivered = [e for e in logs if e["event"] == "mqtt_undelivered_at_close"]
+        assert [e["results"] for e in undelivered] == [10]
+        assert not [e for e in logs if e["event"] == "mqtt_buffer_full"]
     finally:
         mosquitto.proc.send_signal(signal.SIGCONT)
 
@@ -284,6 +327,10 @@ async def test_close_without_broker_counts_undelivered(tmp_path: Path) -> None:
     await sink.start()
     for i in range(7):
         await sink.publish(make_result(i))
-    await sink.aclose()
+    with structlog.testing.capture_logs() as logs:
+        await sink.aclose()
     assert sink.dropped == 7
+    events = {e["event"]: e for e in logs}
+    assert events["mqtt_undelivered_at_close"]["results"] == 7
+    assert "mqtt_buffer_full" not in events  # 7 of 100: the buffer never overflowed
     assert metrics.snapshot()["sinks"]["bus"]["dropped"] == 7
