@@ -267,7 +267,10 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
     problems.extend(_check_raw(raw))
     if problems or not isinstance(config, Config):
         raise ConfigError(problems, source=source)
-    return _resolve_paths(config, (base_dir or Path.cwd()).resolve())
+    resolved = _resolve_paths(config, (base_dir or Path.cwd()).resolve(), problems)
+    if problems:  # a path that cannot be resolved (a NUL byte, ~nosuchuser, a symlink loop)
+        raise ConfigError(problems, source=source)
+    return resolved
 
 
 # --------------------------------------------------------------------------- structure
@@ -568,30 +571,41 @@ def _check_raw(raw: dict[str, Any]) -> Problems:
                 yield f"sinks[{i}].cameras[{j}]", f"no camera is named {cam_name!r}"
 
 
-def _resolve_paths(config: Config, base: Path) -> Config:
-    def resolve(p: str) -> str:
-        return str((base / Path(p).expanduser()).resolve()) if p else p
+def _resolve_paths(config: Config, base: Path, problems: list[tuple[str, str]]) -> Config:
+    """Make the path keys absolute; a path that cannot be resolved is a problem at its key."""
+
+    def resolve(p: str, key: str) -> str:
+        if not p:
+            return p
+        try:
+            return str((base / Path(p).expanduser()).resolve())
+        except (ValueError, OSError, RuntimeError) as exc:
+            # A NUL byte (ValueError), "~nosuchuser" or a symlink loop (RuntimeError), an OS limit.
+            problems.append((key, f"not a usable path: {exc}"))
+            return p
 
     engines = config.engines
     export = engines.export
     if export is not None and export.checkpoint:
-        export = msgspec.structs.replace(export, checkpoint=resolve(export.checkpoint))
-    engines = msgspec.structs.replace(engines, dir=resolve(engines.dir), export=export)
+        export = msgspec.structs.replace(
+            export, checkpoint=resolve(export.checkpoint, "engines.export.checkpoint")
+        )
+    engines = msgspec.structs.replace(engines, dir=resolve(engines.dir, "engines.dir"), export=export)
 
     cameras = []
-    for cam in config.cameras:
+    for i, cam in enumerate(config.cameras):
         scheme = urlsplit(cam.url).scheme.lower()
         if scheme == "file":
-            cam = msgspec.structs.replace(cam, url=resolve(urlsplit(cam.url).path))
+            cam = msgspec.structs.replace(cam, url=resolve(urlsplit(cam.url).path, f"cameras[{i}].url"))
         elif not cam.is_network and len(scheme) <= 1:
-            cam = msgspec.structs.replace(cam, url=resolve(cam.url))
+            cam = msgspec.structs.replace(cam, url=resolve(cam.url, f"cameras[{i}].url"))
         cameras.append(cam)
 
     sinks: list[SinkConfig] = []
-    for sink in config.sinks:
+    for i, sink in enumerate(config.sinks):
         if isinstance(sink, JsonlSinkConfig):
-            sink = msgspec.structs.replace(sink, path=resolve(sink.path))
+            sink = msgspec.structs.replace(sink, path=resolve(sink.path, f"sinks[{i}].path"))
         elif isinstance(sink, VideoSinkConfig):
-            sink = msgspec.structs.replace(sink, dir=resolve(sink.dir))
+            sink = msgspec.structs.replace(sink, dir=resolve(sink.dir, f"sinks[{i}].dir"))
         sinks.append(sink)
     return msgspec.structs.replace(config, engines=engines, cameras=cameras, sinks=sinks)

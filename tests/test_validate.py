@@ -80,7 +80,6 @@ NUL_PATHS = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason="config.py fix pending")
 def test_nul_byte_in_a_path_is_a_problem_at_its_key() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(NUL_PATHS, source="t.toml", base_dir=Path("/base"))
@@ -89,7 +88,6 @@ def test_nul_byte_in_a_path_is_a_problem_at_its_key() -> None:
     assert all("null byte" in message for message in found.values())
 
 
-@pytest.mark.xfail(strict=True, reason="config.py fix pending")
 def test_validate_reports_a_nul_byte_in_a_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write(tmp_path, BASE.replace('"videos/a.mp4"', '"a.mp4\\u0000"') + JSONL_SINK)
     assert main(["validate", str(config)]) == 1
