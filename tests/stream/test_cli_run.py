@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.stream.helpers import camera_toml
@@ -27,6 +28,34 @@ def start(config: Path) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+@contextlib.contextmanager
+def running(config: Path) -> Iterator[subprocess.Popen[str]]:
+    """``sam3stream run config`` as a process, killed on the way out if it is still running."""
+    proc = start(config)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def signal_and_wait(proc: subprocess.Popen[str], sig: signal.Signals, timeout: float) -> tuple[str, float]:
+    """Send ``sig`` and wait for the process to end: its stderr and the seconds that took."""
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=timeout)
+    return stderr, time.monotonic() - sent
+
+
+def wait_for_lines(path: Path, n: int, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while len(read_jsonl(path)) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"fewer than {n} results in {path}"
+        time.sleep(0.05)
 
 
 def write_config(
@@ -83,20 +112,9 @@ def test_sigterm_drains_without_losing_or_repeating_results(
     tmp_path: Path, video: Callable[..., Path]
 ) -> None:
     cams = "".join(camera_toml(f"cam{i}", video(f"c{i}.mp4", frames=10), loop=True, fps=30) for i in range(3))
-    proc = start(write_config(tmp_path, cams))
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(read_jsonl(tmp_path / "out" / "cam0.jsonl")) < 20:
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.1)
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=DRAIN_S + 10)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    with running(write_config(tmp_path, cams)) as proc:
+        wait_for_lines(tmp_path / "out" / "cam0.jsonl", 20, proc)
+        stderr, took = signal_and_wait(proc, signal.SIGTERM, DRAIN_S + 10)
     assert proc.returncode == 0, stderr
     assert took < DRAIN_S + 5
     stopped = [e for e in events(stderr) if e.get("event") == "pipeline_stopped"]
@@ -137,32 +155,16 @@ def test_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     assert "cameras[0].foo: unknown key" in stderr and "Traceback" not in stderr
 
 
-def wait_for_lines(path: Path, n: int, proc: subprocess.Popen[str], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while len(read_jsonl(path)) < n:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"fewer than {n} results in {path}"
-        time.sleep(0.05)
-
-
 def test_a_second_signal_exits_1_without_waiting_for_the_drain(
     tmp_path: Path, video: Callable[..., Path]
 ) -> None:
     cams = "".join(camera_toml(f"cam{i}", video(f"c{i}.mp4", frames=10), loop=True) for i in range(3))
     # 0.3 s per frame and a dozen frames queued: a full drain would take seconds.
-    proc = start(write_config(tmp_path, cams, fake='{"delay_s": 0.3}', max_batch=1))
-    try:
+    with running(write_config(tmp_path, cams, fake='{"delay_s": 0.3}', max_batch=1)) as proc:
         wait_for_lines(tmp_path / "out" / "cam0.jsonl", 1, proc)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=10)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stderr, took = signal_and_wait(proc, signal.SIGTERM, 10)
     assert proc.returncode == 1
     assert took < 3
     assert "without draining" in stderr.strip().splitlines()[-1]
@@ -200,17 +202,9 @@ def read_until_event(proc: subprocess.Popen[str], name: str) -> list[dict[str, o
 def test_a_signal_during_the_engine_load_exits_at_once(tmp_path: Path, video: Callable[..., Path]) -> None:
     cams = camera_toml("a", video("a.mp4", frames=10))
     # A load that takes 60 s and cannot be interrupted: the process must not wait for it.
-    proc = start(write_config(tmp_path, cams, fake='{"load_s": 60}'))
-    try:
+    with running(write_config(tmp_path, cams, fake='{"load_s": 60}')) as proc:
         read_until_event(proc, "engine_loading")
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=20)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stderr, took = signal_and_wait(proc, signal.SIGINT, 20)
     assert proc.returncode == 1
     assert took < 10
     assert "exiting while the engine loads" in stderr
