@@ -96,7 +96,6 @@ def random_torch_backend(args: BenchArgs, resolution: int, batch: int, options: 
     """A TorchBackend over random weights of ``args.random``, with what only building needed
     released: the model object, and on CUDA the allocator's cache of the float32 initialisation
     (kept, it showed as ~400 MiB more process memory in NVML than the backend holds)."""
-    import torch
 
     from sam3stream.runtime.torch_backend import TorchBackend
 
@@ -105,10 +104,17 @@ def random_torch_backend(args: BenchArgs, resolution: int, batch: int, options: 
         loaded, resolution=resolution, batch=batch, queries=args.queries, device=args.device, options=options
     )
     del loaded
-    if args.device.startswith("cuda"):
+    _release_build_memory(args.device)
+    return backend
+
+
+def _release_build_memory(device: str) -> None:
+    """Give back the allocator's cache of what only building needed, and restart its peaks."""
+    if device.startswith("cuda"):
+        import torch
+
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    return backend
 
 
 def submit_ahead_ms(backend: Any, frames: npt.NDArray[np.uint8], text: Any, iters: int) -> list[float]:
@@ -161,6 +167,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
         from sam3stream.runtime.loader import open_backend
 
         backend: Any = open_backend(args.backend, Path(args.engines), device)
+        _release_build_memory(device)
     else:
         options = TorchOptions(
             precision=args.precision,
@@ -176,8 +183,6 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
         )
         backend = random_torch_backend(args, resolution, batch, options)
     on_cuda = device.startswith("cuda")
-    if on_cuda:
-        torch.cuda.empty_cache()
     _say(f"    backend ready in {time.perf_counter() - t0:.0f} s")
     peak = matmul_tflops(torch.device(device)) if on_cuda else None
     text = backend.encode_text(PROMPTS[: args.classes])

@@ -224,11 +224,11 @@ class Pipeline:
         finally:
             if interrupted_load:
                 # Stopped while the engine was exported or loaded: neither can be interrupted.
-                # The backend it makes is closed on its thread; the process exits after that.
+                # The backend it makes is closed on its thread; a process exit waits for that.
                 log.warning(
                     "engine_load_interrupted",
-                    detail="the export or load cannot be interrupted; the process exits when it "
-                    "ends and closes the engine (signal again to exit now)",
+                    detail="the export or load cannot be interrupted: it finishes on its thread, "
+                    "then the engine it made is closed",
                 )
                 infer_pool.submit(close_opened)
                 infer_pool.shutdown(wait=False)
