@@ -36,12 +36,14 @@ def open_backend(
     precision: str | None = None,
     overlap: bool = False,
     fused_gelu: bool | None = None,
+    typical_batch: int | None = None,
 ) -> Backend:
     """Load the engines in ``engine_dir`` with the ``kind`` runtime on ``device``.
 
     ``precision`` (bf16, fp16, fp32) goes to backends that take it (torch: as
     ``TorchOptions(precision=...)``); the others run at the precision their engines
-    were made with. ``overlap`` and ``fused_gelu`` are the torch backend's ``TorchOptions``.
+    were made with. ``overlap``, ``fused_gelu`` and ``typical_batch`` are the torch backend's
+    ``TorchOptions``.
     """
     engine_dir = Path(engine_dir)
     if kind == "fake":
@@ -67,6 +69,8 @@ def open_backend(
         extra["precision"] = precision
     elif "options" in params and hasattr(module, "TorchOptions"):
         chosen = {"precision": precision} if precision is not None else {}
-        extra["options"] = module.TorchOptions(**chosen, overlap=overlap, fused_gelu=fused_gelu)
+        extra["options"] = module.TorchOptions(
+            **chosen, overlap=overlap, fused_gelu=fused_gelu, typical_batch=typical_batch
+        )
     backend: Backend = cls(engine_dir, **kwargs, **extra)
     return backend

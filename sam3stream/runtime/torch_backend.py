@@ -56,6 +56,10 @@ class TorchOptions:
     compile_mode: str | None = None  # e.g. "max-autotune-no-cudagraphs"
     cuda_graphs: bool = True  # capture each step once per slot (CUDA only)
     vision_chunk: int | None = None  # frames per vision step; None: chosen from the resolution
+    # Frames a batch usually holds when that is fewer than the engine's batch (a service with 3
+    # cameras on a batch-8 engine): the vision chunk is chosen for it, so that 1 camera at 560
+    # runs 1 frame per step rather than a chunk of 4 with 3 padding frames. None: the batch.
+    typical_batch: int | None = None
     decoder_frames: int = 1  # frames per decoder step (x all classes)
     # The decoder's query path (DETR decoder, box head, scoring). Box refinement is float32 either
     # way (bf16 boxes are off by up to 4 px at 1008); "same" runs the attention at ``precision``
@@ -237,7 +241,8 @@ class TorchBackend:
         precompute_rotary(self._vision.backbone)
         positions = PrecomputedPositions(self._decoder.position_encoding, m.grid, self.device, self.dtype)
         self._decoder.position_encoding = self._geometry.position_encoding = positions
-        self.vision_chunk = opts.vision_chunk or default_vision_chunk(m.resolution, m.batch)
+        typical = min(m.batch, opts.typical_batch or m.batch)
+        self.vision_chunk = opts.vision_chunk or default_vision_chunk(m.resolution, typical)
         self.fused_gelu = self._choose_epilogue(
             opts.fused_gelu, self._vision.backbone.layers[0].mlp, "gelu", m.grid**2 * self.vision_chunk
         )

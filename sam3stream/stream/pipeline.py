@@ -250,6 +250,8 @@ class Pipeline:
             precision=engines.precision,
             overlap=engines.overlap,
             fused_gelu=engines.fused_gelu,
+            # A camera sends one frame per round, so fewer cameras than max_batch mean smaller batches.
+            typical_batch=min(self.config.batching.max_batch, len(self.config.cameras)),
         )
 
         def load() -> Backend:

@@ -115,6 +115,27 @@ def test_vision_chunk_stays_in_budget_and_pads_as_little_as_a_full_budget_chunk(
         assert slots(chunk) == 8
 
 
+def test_fewer_cameras_than_the_batch_get_a_smaller_vision_chunk_and_the_same_outputs(
+    backend: TorchBackend, tiny_engines: Path
+) -> None:
+    """A batch-4 engine serving one camera steps one frame at a time instead of padding a chunk
+    of 4; a batch of more frames than the hint still runs whole (in more steps)."""
+    assert backend.vision_chunk == 4  # 490: 1225 tokens per frame, the budget allows the whole batch
+    one = TorchBackend(tiny_engines, device="cpu", options=TorchOptions("fp32", typical_batch=1))
+    assert one.vision_chunk == 1
+    more = TorchBackend(tiny_engines, device="cpu", options=TorchOptions("fp32", typical_batch=9))
+    assert more.vision_chunk == 4
+    more.close()
+    text = backend.encode_text(PROMPTS)
+    for n in (1, 3):
+        frames = np.random.default_rng(n).integers(0, 256, (n, 490, 490, 3), dtype=np.uint8)
+        want, got = backend.infer(frames, text, 0.0), one.infer(frames, one.encode_text(PROMPTS), 0.0)
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-5)
+        np.testing.assert_allclose(got.masks, want.masks, atol=1e-3)
+    one.close()
+
+
 def test_channels_last_layout_gives_the_same_outputs(tiny_engines: Path) -> None:
     text = None
     outputs = []

@@ -162,3 +162,29 @@ async def test_stop_while_the_engine_loads_returns_and_closes_it_once_loaded(
             break
         await asyncio.sleep(0.05)
     assert made and made[0].closed
+
+
+@pytest.mark.parametrize(("cameras", "max_batch", "typical"), [(3, 8, 3), (3, 2, 2), (1, 4, 1)])
+async def test_the_engine_is_told_how_many_frames_a_batch_usually_holds(
+    tmp_path: Path,
+    video: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    cameras: int,
+    max_batch: int,
+    typical: int,
+) -> None:
+    """One frame per camera per round: fewer cameras than max_batch mean batches of that many
+    frames, and the torch backend sizes its vision steps for them (no padding frames)."""
+    import sam3stream.stream.pipeline as pipeline_module
+
+    asked: list[object] = []
+
+    def recording_open(*args: object, **kwargs: object) -> FakeBackend:
+        asked.append(kwargs.get("typical_batch"))
+        return FakeBackend()
+
+    monkeypatch.setattr(pipeline_module, "open_backend", recording_open)
+    config = make_config(tmp_path, looping_cameras(video, cameras), max_batch=max_batch)
+    async with Pipeline(config, postprocess=stub_postprocess) as p:
+        p.request_stop()
+    assert asked == [typical]
