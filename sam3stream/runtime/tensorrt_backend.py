@@ -12,7 +12,9 @@ Run path, per ``infer`` call, all on the backend's own CUDA stream::
     decoder --D2H--> scores, boxes, presence, query_index; then only the kept masks
 
 Device buffers are allocated once, for the largest batch and class count of the plans'
-profiles; a smaller batch binds the same buffers with smaller shapes. A graph input that has
+profiles, and so is one scratch block for the four execution contexts' activations: they run one
+after another on one stream, so each context borrows the same block (the largest plan's need)
+instead of holding its own; a smaller batch binds the same buffers with smaller shapes. A graph input that has
 the name of an earlier graph's output is bound to that output's buffer, so the FPN maps and the
 geometry features never leave the device.
 
@@ -325,6 +327,9 @@ class TensorRTBackend:
         self._stream_handle = 0
         self._events: list[Any] = []
         self._pinned = 0
+        self._scratch = 0  # device scratch shared by the execution contexts
+        self._scratch_bytes = 0
+        self._scratch_saved = 0  # what separate blocks per context would have cost more
         self._frames_host: npt.NDArray[np.uint8] = np.zeros((0, 0, 0, 3), np.uint8)
         self._text_on_device: TextFeatures | None = None
         self._text_host: tuple[npt.NDArray[Any], ...] = ()
@@ -346,6 +351,8 @@ class TensorRTBackend:
             max_batch=record.batch.max,
             max_classes=record.classes.max,
             buffers_mib=round(total_bytes([b.spec for b in self._buffers.values()]) / 2**20, 1),
+            scratch_mib=round(self._scratch_bytes / 2**20, 1),
+            scratch_shared_saves_mib=round(self._scratch_saved / 2**20, 1),
         )
 
     # ------------------------------------------------------------------ loading
@@ -392,7 +399,8 @@ class TensorRTBackend:
                 low, opt, high = engine.get_tensor_profile_shape(n, 0)
                 actual[n] = ProfileShape(min=_dims(low), opt=_dims(opt), max=_dims(high))
             check_plan_profiles(name, self._record.profiles[name], actual, path)
-            context = engine.create_execution_context()
+            # Scratch memory comes from the backend (_allocate): one block for all four contexts.
+            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if context is None:
                 raise BackendUnavailableError(
                     f"TensorRT could not create an execution context for {path} (out of GPU memory?)"
@@ -405,6 +413,14 @@ class TensorRTBackend:
         self._stream = cuda.stream()
         self._stream_handle = int(self._stream)
         self._events = [cuda.event() for _ in range(3)]
+        # The contexts never run at the same time (one stream, in order), so their activations
+        # can live in one block; separately they would cost the sum of the four needs.
+        needs = {name: int(engine.device_memory_size_v2) for name, engine in self._engines.items()}
+        self._scratch_bytes = max(needs.values())
+        self._scratch = cuda.malloc(max(self._scratch_bytes, 1))
+        self._scratch_saved = sum(needs.values()) - self._scratch_bytes
+        for context in self._contexts.values():
+            context.set_device_memory(self._scratch, self._scratch_bytes)
         for spec in buffer_plan(self._manifest, axes):
             buffer = _Buffer(spec, cuda.malloc(max(spec.nbytes, 1)))
             self._buffers[spec.key] = buffer
@@ -593,6 +609,8 @@ class TensorRTBackend:
         steps.append(("runtime", self._drop_runtime))
         for key, buffer in list(self._buffers.items()):
             steps.append((f"free {key}", functools.partial(cuda.free, buffer.ptr)))
+        if self._scratch:
+            steps.append(("free scratch", functools.partial(cuda.free, self._scratch)))
         if self._pinned:
             steps.append(("free pinned frames", functools.partial(cuda.free_host, self._pinned)))
         for event in self._events:
@@ -609,6 +627,7 @@ class TensorRTBackend:
         self._events = []
         self._stream = None
         self._pinned = 0
+        self._scratch = 0
         self._frames_host = np.zeros((0, 0, 0, 3), np.uint8)
         self._text_on_device = None
 

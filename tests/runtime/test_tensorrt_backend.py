@@ -432,6 +432,8 @@ def fake_tensorrt(cudart: Any, version: str = "10.14.1.48", fp16_flag: bool = Tr
     trt.TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")  # type: ignore[attr-defined]
     trt.BuilderFlag = enum.Enum("BuilderFlag", "FP16 TF32" if fp16_flag else "TF32")  # type: ignore[attr-defined]
     trt.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")  # type: ignore[attr-defined]
+    strategies = enum.Enum("ExecutionContextAllocationStrategy", "STATIC ON_PROFILE_CHANGE USER_MANAGED")
+    trt.ExecutionContextAllocationStrategy = strategies  # type: ignore[attr-defined]
 
     class Logger:
         WARNING = 2
@@ -523,10 +525,18 @@ def fake_tensorrt(cudart: Any, version: str = "10.14.1.48", fp16_flag: bool = Tr
             return _MAGIC + json.dumps(header).encode() + b"\n" + network.onnx
 
     class Context:
-        def __init__(self, engine: Engine) -> None:
+        def __init__(self, engine: Engine, strategy: Any) -> None:
             self.engine = engine
+            self.strategy = strategy
+            self.scratch: tuple[int, int] | None = None  # (address, bytes) given by the application
             self.shapes: dict[str, tuple[int, ...]] = {}
             self.addresses: dict[str, int] = {}
+
+        def set_device_memory(self, ptr: int, size: int) -> None:
+            assert self.strategy == strategies.USER_MANAGED, (
+                "TensorRT refuses memory for a context that has its own"
+            )
+            self.scratch = (int(ptr), int(size))
 
         def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
             low, _, high = self.engine.profile[name]
@@ -554,6 +564,9 @@ def fake_tensorrt(cudart: Any, version: str = "10.14.1.48", fp16_flag: bool = Tr
 
         def execute_async_v3(self, stream_handle: int) -> bool:
             assert isinstance(stream_handle, int)
+            if self.strategy == strategies.USER_MANAGED:
+                assert self.scratch is not None, "a USER_MANAGED context ran without scratch memory"
+                assert self.scratch[1] >= self.engine.device_memory_size_v2
             rt = cudart
             ok = rt.cudaError_t.cudaSuccess
             assert rt.cudaDeviceSynchronize()[0] == ok
@@ -578,6 +591,7 @@ def fake_tensorrt(cudart: Any, version: str = "10.14.1.48", fp16_flag: bool = Tr
         def __init__(self, profile: dict[str, list[list[int]]], model: bytes) -> None:
             self.profile = profile
             self.session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+            self.model_bytes = len(model)
             self.names = [m.name for m in self.session.get_inputs()] + [
                 m.name for m in self.session.get_outputs()
             ]
@@ -607,8 +621,13 @@ def fake_tensorrt(cudart: Any, version: str = "10.14.1.48", fp16_flag: bool = Tr
             assert index == 0
             return [tuple(s) for s in self.profile[name]]
 
-        def create_execution_context(self) -> Context:
-            return Context(self)
+        @property
+        def device_memory_size_v2(self) -> int:
+            # A stand-in need that differs between the graphs: their serialized size.
+            return self.model_bytes
+
+        def create_execution_context(self, strategy: Any = strategies.STATIC) -> Context:
+            return Context(self, strategy)
 
     class Runtime:
         def __init__(self, logger: Logger) -> None:
@@ -769,6 +788,34 @@ def test_device_buffers_are_chained(built: Path, cuda_rt: Counting, monkeypatch:
     assert decoder["boxes"] != geometry["boxes"]
     # Between vision and the decoder nothing came back to the host: only the outputs and kept masks did.
     assert cuda_rt.calls["cudaMemcpyAsync"] > 0
+
+
+def test_contexts_share_one_scratch_block_the_size_of_the_largest_need(
+    built: Path, cuda_rt: Counting
+) -> None:
+    """The four contexts run one after another on one stream: one block, the largest plan's need,
+    lent to each, instead of four (the sum); freed on close."""
+    mallocs: list[int] = []
+    real_malloc = cuda_rt.cudaMalloc
+
+    def recording_malloc(nbytes: int) -> Any:
+        mallocs.append(nbytes)
+        return real_malloc(nbytes)
+
+    cuda_rt.cudaMalloc = recording_malloc  # type: ignore[method-assign]
+    backend = TensorRTBackend(built)
+    contexts = backend._contexts
+    needs = {name: context.engine.device_memory_size_v2 for name, context in contexts.items()}
+    assert len(set(needs.values())) > 1, "the stand-in plans should need different amounts"
+    lent = {context.scratch for context in contexts.values()}
+    assert len(lent) == 1 and None not in lent
+    ((_address, size),) = lent
+    assert size == max(needs.values())
+    assert mallocs.count(size) == 1
+    backend.infer(frames_for(2, 0), backend.encode_text(PROMPTS), 0.5)  # each context ran on it
+    frees_before = cuda_rt.calls["cudaFree"]
+    backend.close()
+    assert cuda_rt.calls["cudaFree"] == frees_before + len(mallocs)
 
 
 def test_too_many_prompts_or_frames(built: Path, cuda_rt: Counting) -> None:
