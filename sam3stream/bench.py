@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,14 @@ def _child(kind: str, args: BenchArgs, resolution: int) -> list[dict[str, Any]]:
     return rows
 
 
-def run_bench(args: BenchArgs, progress: Any = print) -> dict[str, Any]:
+def run_bench(
+    args: BenchArgs,
+    progress: Any = print,
+    on_step: Callable[[dict[str, Any]], object] | None = None,
+) -> dict[str, Any]:
+    """Every resolution in its own child process, ours then the peer. ``on_step`` gets the result
+    so far (``complete`` false) after each child, so that a long run that is stopped or times
+    out keeps the rows it measured."""
     started = time.time()
     ours: list[dict[str, Any]] = []
     peers: list[dict[str, Any]] = []
@@ -96,6 +104,19 @@ def run_bench(args: BenchArgs, progress: Any = print) -> dict[str, Any]:
             into.extend(rows)
             for row in rows:
                 progress("    " + _row_line(row))
+            if on_step is not None and step < total:
+                on_step(_result(args, started, ours, peers, complete=False))
+    return _result(args, started, ours, peers, complete=True)
+
+
+def _result(
+    args: BenchArgs,
+    started: float,
+    ours: list[dict[str, Any]],
+    peers: list[dict[str, Any]],
+    *,
+    complete: bool,
+) -> dict[str, Any]:
     for row in ours:
         peer = next(
             (
@@ -108,14 +129,14 @@ def run_bench(args: BenchArgs, progress: Any = print) -> dict[str, Any]:
         if peer and "total_fps" in peer and "total_fps" in row:
             row["peer_total_fps"] = peer["total_fps"]
             row["speedup_vs_peer"] = row["total_fps"] / peer["total_fps"]
-    result = {
+    return {
         "args": asdict(args),
         "command": " ".join(["sam3stream", "bench", *sys.argv[2:]]) if len(sys.argv) > 1 else "",
         "elapsed_s": time.time() - started,
+        "complete": complete,
         "ours": ours,
         "peer": peers,
     }
-    return result
 
 
 def _row_line(row: dict[str, Any]) -> str:
@@ -213,13 +234,14 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
+def write_outputs(result: dict[str, Any], out: Path, *, draw: bool = True) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out.with_suffix(".json"), out.with_suffix(".md")]
     paths[0].write_text(json.dumps(result, indent=2) + "\n")
     cmd = result.get("command", "")
-    paths[1].write_text(f"Command: `{cmd}`\n\n" + format_table(result))
-    png = plot(result, out.with_suffix(".png"))
+    note = "" if result.get("complete", True) else "Incomplete: the rows measured before the run stopped.\n\n"
+    paths[1].write_text(f"Command: `{cmd}`\n\n{note}" + format_table(result))
+    png = plot(result, out.with_suffix(".png")) if draw else None
     if png:
         paths.append(png)
     return paths

@@ -104,7 +104,11 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         out=str(args.out),
     )
-    result = run_bench(bench_args, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run_bench(
+        bench_args,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+        on_step=lambda partial: write_outputs(partial, args.out, draw=False),
+    )
     paths = write_outputs(result, args.out)
     print(format_table(result))
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from sam3stream.cli import main
 
@@ -33,6 +36,44 @@ def test_bench_writes_both_measurements_and_their_ratio(tmp_path: Path) -> None:
         assert "error" not in peer and peer["total_fps"] > 0
         assert abs(row["speedup_vs_peer"] - row["total_fps"] / peer["total_fps"]) < 1e-9
 
+    assert result["complete"] is True
     table = out.with_suffix(".md").read_text().splitlines()
     assert sum(line.startswith("| 448 |") for line in table) == 2
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_a_run_stopped_part_way_keeps_the_rows_it_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full-size bench takes minutes per resolution: when it is stopped (Ctrl-C, a time
+    limit), the resolutions already measured are on disk, marked incomplete."""
+    import sam3stream.bench as bench
+
+    def one_resolution(kind: str, args: bench.BenchArgs, resolution: int) -> list[dict[str, Any]]:
+        if resolution == 560:
+            raise KeyboardInterrupt
+        ms = {"avg": 20.0, "p50": 19.0, "p95": 25.0, "min": 18.0, "n": 3.0}
+        return [
+            {
+                "kind": kind,
+                "resolution": resolution,
+                "cameras": 1,
+                "batch_ms": ms,
+                "frame_ms": 20.0,
+                "fps_per_camera": 50.0,
+                "total_fps": 50.0,
+                "alloc_peak_mib": 100.0,
+                "buffer_mib": 10.0,
+                "frames": 3,
+            }
+        ]
+
+    monkeypatch.setattr(bench, "_child", one_resolution)
+    out = tmp_path / "stopped"
+    argv = ["bench", "--random", "tiny", "--resolution", "672", "840", "560", "--cameras", "1"]
+    assert main([*argv, "--no-peer", "--device", "cpu", "--out", str(out)]) != 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["complete"] is False
+    assert [row["resolution"] for row in result["ours"]] == [672, 840]
+    table = out.with_suffix(".md").read_text()
+    assert "Incomplete" in table and "| 840 | 1 |" in table
