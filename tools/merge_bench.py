@@ -1,5 +1,9 @@
 """Merge several `sam3stream bench` JSON results (e.g. one per GPU session) into one report.
 
+A later file's row replaces an earlier file's row for the same resolution and camera count
+(e.g. one-camera rows measured on a backend sized for one camera, over the one-camera rows of
+an 8-camera run); the report lists what was replaced.
+
 python tools/merge_bench.py docs/bench/h200_1008_840.json docs/bench/h200_672_560.json --out docs/bench/h200
 """
 
@@ -13,17 +17,26 @@ from typing import Any
 from sam3stream.bench import format_table, plot
 
 
+def _latest(rows: list[tuple[str, dict[str, Any]]], replaced: list[str]) -> list[dict[str, Any]]:
+    """One row per (resolution, cameras): the last file's; the replaced ones are noted."""
+    kept: dict[tuple[Any, Any], tuple[str, dict[str, Any]]] = {}
+    for source, row in rows:
+        key = (row["resolution"], row.get("cameras"))
+        if key in kept:
+            replaced.append(f"{row.get('kind', 'ours')} {key[0]} x {key[1]}: {kept[key][0]} -> {source}")
+        kept[key] = (source, row)
+    return sorted((row for _, row in kept.values()), key=lambda r: (-r["resolution"], r.get("cameras", 0)))
+
+
 def merge(paths: list[Path]) -> dict[str, Any]:
-    parts = [json.loads(p.read_text()) for p in paths]
+    parts = [(str(p), json.loads(p.read_text())) for p in paths]
+    replaced: list[str] = []
     return {
-        "merged_from": [str(p) for p in paths],
-        "commands": [p.get("command", "") for p in parts],
-        "ours": sorted(
-            (r for p in parts for r in p["ours"]), key=lambda r: (-r["resolution"], r.get("cameras", 0))
-        ),
-        "peer": sorted(
-            (r for p in parts for r in p["peer"]), key=lambda r: (-r["resolution"], r.get("cameras", 0))
-        ),
+        "merged_from": [source for source, _ in parts],
+        "commands": [part.get("command", "") for _, part in parts],
+        "ours": _latest([(source, r) for source, part in parts for r in part["ours"]], replaced),
+        "peer": _latest([(source, r) for source, part in parts for r in part["peer"]], replaced),
+        "replaced": replaced,
     }
 
 
@@ -39,7 +52,9 @@ def main() -> int:
     commands = "\n".join(
         f"- `{c}` ({p})" for c, p in zip(result["commands"], result["merged_from"], strict=True)
     )
-    args.out.with_suffix(".md").write_text(f"Merged from:\n{commands}\n\n" + format_table(result))
+    replaced = "".join(f"- {line}\n" for line in result["replaced"])
+    replaced = f"Rows replaced by a later file:\n{replaced}\n" if replaced else ""
+    args.out.with_suffix(".md").write_text(f"Merged from:\n{commands}\n\n{replaced}" + format_table(result))
     plot(result, args.out.with_suffix(".png"))
     print(format_table(result))
     return 0
