@@ -166,7 +166,8 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
     if args.engines:
         from sam3stream.runtime.loader import open_backend
 
-        backend: Any = open_backend(args.backend, Path(args.engines), device)
+        # Sized as `sam3stream run` sizes it for the most cameras measured.
+        backend: Any = open_backend(args.backend, Path(args.engines), device, typical_batch=batch)
         _release_build_memory(device)
     else:
         options = TorchOptions(

@@ -77,3 +77,17 @@ def test_a_run_stopped_part_way_keeps_the_rows_it_measured(
     assert [row["resolution"] for row in result["ours"]] == [672, 840]
     table = out.with_suffix(".md").read_text()
     assert "Incomplete" in table and "| 840 | 1 |" in table
+
+
+def test_an_engine_directory_is_benched_as_the_service_would_size_it(
+    tiny_engines: Path, tmp_path: Path
+) -> None:
+    """A batch-4 engine benched for one camera steps one frame at a time, as `sam3stream run`
+    does for one camera, rather than padding a chunk of 4."""
+    out = tmp_path / "engines"
+    argv = ["bench", "--engines", str(tiny_engines), "--backend", "torch", "--device", "cpu"]
+    argv += ["--precision", "fp32", "--cameras", "1", "--classes", "2", "--iters", "1", "--warmup", "1"]
+    assert main([*argv, "--out", str(out)]) == 0
+    (row,) = json.loads(out.with_suffix(".json").read_text())["ours"]
+    assert row["resolution"] == 490 and row["cameras"] == 1
+    assert row["vision_chunk"] == 1
