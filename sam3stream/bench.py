@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,9 @@ class BenchArgs:
     peer_iters: int = 5
     compile_mode: str | None = None
     vision_chunk: int | None = None
+    # Frames the backend is built for (`batching.max_batch` of a service); None: the most
+    # cameras measured. A child measuring fewer cameras sizes its vision steps for them.
+    engine_batch: int | None = None
     decoder_frames: int = 1
     query_precision: str = "same"
     overlap: bool = True
@@ -80,32 +83,49 @@ def _child(kind: str, args: BenchArgs, resolution: int) -> list[dict[str, Any]]:
     return rows
 
 
+def camera_groups(args: BenchArgs, resolution: int, engine_batch: int) -> list[list[int]]:
+    """The camera counts that one backend measures as a service would run them: `sam3stream run`
+    chooses the torch backend's vision chunk for min(max_batch, cameras), so camera counts that
+    get different chunks (840 x 1: chunk 1, 840 x 8: chunk 2) need backends of their own."""
+    cameras = sorted(args.cameras)
+    if args.backend != "torch" or args.vision_chunk is not None:
+        return [cameras]
+    from sam3stream.runtime.torch_backend import default_vision_chunk
+
+    groups: dict[int, list[int]] = {}
+    for cams in cameras:
+        groups.setdefault(default_vision_chunk(resolution, min(engine_batch, cams)), []).append(cams)
+    return sorted(groups.values())
+
+
 def run_bench(
     args: BenchArgs,
     progress: Any = print,
     on_step: Callable[[dict[str, Any]], object] | None = None,
 ) -> dict[str, Any]:
-    """Every resolution in its own child process, ours then the peer. ``on_step`` gets the result
-    so far (``complete`` false) after each child, so that a long run that is stopped or times
-    out keeps the rows it measured."""
+    """Every resolution in child processes (ours, one per camera group, then the peer).
+    ``on_step`` gets the result so far (``complete`` false) after each child, so that a long run
+    that is stopped or times out keeps the rows it measured."""
     started = time.time()
     ours: list[dict[str, Any]] = []
     peers: list[dict[str, Any]] = []
-    runs = [("ours", ours, f"{args.backend} at {{}}: cameras {args.cameras}")]
-    if args.peer:
-        runs.append(("peer", peers, "transformers eager peer at {}"))
-    total = len(args.resolutions) * len(runs)
-    step = 0
+    batch = args.engine_batch or max(args.cameras)
+    children: list[tuple[str, list[dict[str, Any]], BenchArgs, int, str]] = []
     for resolution in args.resolutions:
-        for kind, into, label in runs:
-            step += 1
-            progress(f"[{step}/{total}] " + label.format(resolution))
-            rows = _child(kind, args, resolution)
-            into.extend(rows)
-            for row in rows:
-                progress("    " + _row_line(row))
-            if on_step is not None and step < total:
-                on_step(_result(args, started, ours, peers, complete=False))
+        for group in camera_groups(args, resolution, batch):
+            child_args = replace(args, cameras=group, engine_batch=batch)
+            label = f"{args.backend} at {resolution}: cameras {group}"
+            children.append(("ours", ours, child_args, resolution, label))
+        if args.peer:
+            children.append(("peer", peers, args, resolution, f"transformers eager peer at {resolution}"))
+    for step, (kind, into, child_args, resolution, label) in enumerate(children, 1):
+        progress(f"[{step}/{len(children)}] {label}")
+        rows = _child(kind, child_args, resolution)
+        into.extend(rows)
+        for row in rows:
+            progress("    " + _row_line(row))
+        if on_step is not None and step < len(children):
+            on_step(_result(args, started, ours, peers, complete=False))
     return _result(args, started, ours, peers, complete=True)
 
 

@@ -161,19 +161,22 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
 
     install_into_transformers()
     device = args.device
-    batch = max(args.cameras)
+    # The service's max_batch, and the frames its batches hold when fewer cameras than that:
+    # this child's camera counts share one vision chunk (bench.camera_groups).
+    batch = args.engine_batch or max(args.cameras)
+    typical = max(args.cameras)
     t0 = time.perf_counter()
     if args.engines:
         from sam3stream.runtime.loader import open_backend
 
-        # Sized as `sam3stream run` sizes it for the most cameras measured.
-        backend: Any = open_backend(args.backend, Path(args.engines), device, typical_batch=batch)
+        backend: Any = open_backend(args.backend, Path(args.engines), device, typical_batch=typical)
         _release_build_memory(device)
     else:
         options = TorchOptions(
             precision=args.precision,
             compile_mode=args.compile_mode,
             vision_chunk=args.vision_chunk,
+            typical_batch=typical,
             decoder_frames=args.decoder_frames,
             query_precision=args.query_precision,
             overlap=args.overlap,
@@ -219,6 +222,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             "fused_decoder": getattr(backend, "fused_decoder", None),
             "fused_relu": getattr(backend, "fused_relu", None),
             "attention_kernel": getattr(backend, "attention_kernel", None),
+            "engine_batch": getattr(getattr(backend, "manifest", None), "batch", batch),
             "vision_chunk": getattr(backend, "vision_chunk", None),
             "query_precision": args.query_precision,
             "batch_ms": batch_ms,

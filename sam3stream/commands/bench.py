@@ -75,10 +75,12 @@ def run(args: argparse.Namespace) -> int:
     from sam3stream.bench import BenchArgs, format_table, run_bench, write_outputs
 
     resolutions = [check_resolution(r, "--resolution") for r in args.resolution]
+    engine_batch = None
     if args.engines is not None:
         from sam3stream.runtime.manifest import read_manifest
 
-        resolutions = [read_manifest(args.engines).resolution]
+        manifest = read_manifest(args.engines)
+        resolutions, engine_batch = [manifest.resolution], manifest.batch
     bench_args = BenchArgs(
         resolutions=resolutions,
         cameras=sorted(set(args.cameras)),
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         peer_iters=args.peer_iters,
         compile_mode=args.compile_mode,
         vision_chunk=args.vision_chunk,
+        engine_batch=engine_batch,
         decoder_frames=args.decoder_frames,
         query_precision=args.query_precision,
         overlap=args.overlap,

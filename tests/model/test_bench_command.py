@@ -32,6 +32,8 @@ def test_bench_writes_both_measurements_and_their_ratio(tmp_path: Path) -> None:
         assert 0 < ms["p50"] <= ms["p95"]
         assert abs(row["total_fps"] - cams * 1e3 / ms["avg"]) < 1e-6 * row["total_fps"]
         assert row["attention_kernel"] is False  # no CUDA here
+        # Both on a backend for 2 frames, each stepping its vision as a service with that many cameras.
+        assert row["engine_batch"] == 2 and row["vision_chunk"] == cams
         peer = next(p for p in peers if p["cameras"] == cams)
         assert "error" not in peer and peer["total_fps"] > 0
         assert abs(row["speedup_vs_peer"] - row["total_fps"] / peer["total_fps"]) < 1e-9
@@ -91,3 +93,24 @@ def test_an_engine_directory_is_benched_as_the_service_would_size_it(
     (row,) = json.loads(out.with_suffix(".json").read_text())["ours"]
     assert row["resolution"] == 490 and row["cameras"] == 1
     assert row["vision_chunk"] == 1
+
+
+@pytest.mark.parametrize(
+    ("resolution", "cameras", "groups"),
+    [
+        (1008, [1, 8], [[1, 8]]),  # chunk 1 for both: one backend
+        (840, [1, 8], [[1], [8]]),  # chunk 1 for one camera, 2 for eight
+        (560, [8, 1, 2, 4], [[1], [2], [4, 8]]),
+    ],
+)
+def test_camera_counts_that_the_service_would_chunk_differently_get_their_own_backend(
+    resolution: int, cameras: list[int], groups: list[list[int]]
+) -> None:
+    from sam3stream.bench import BenchArgs, camera_groups
+
+    args = BenchArgs(resolutions=[resolution], cameras=cameras)
+    assert camera_groups(args, resolution, engine_batch=8) == groups
+    pinned = BenchArgs(resolutions=[resolution], cameras=cameras, vision_chunk=2)
+    assert camera_groups(pinned, resolution, engine_batch=8) == [sorted(cameras)]
+    other = BenchArgs(resolutions=[resolution], cameras=cameras, backend="onnxruntime")
+    assert camera_groups(other, resolution, engine_batch=8) == [sorted(cameras)]
