@@ -126,3 +126,28 @@ async def test_pipeline_with_a_taken_port_fails_before_any_camera_starts(
         assert pipeline.metrics.snapshot()["cameras"] == {}
     finally:
         await pipeline.abort()
+
+
+async def test_pipeline_with_a_taken_port_fails_before_the_engine_loads(
+    tmp_path: Path, video: Callable[..., Path], taken_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading (and warming) a GPU engine takes a minute: a taken port must not wait for it."""
+    import sam3stream.stream.pipeline as pipeline_module
+
+    loads: list[object] = []
+
+    def counting_open(*args: object, **kwargs: object) -> FakeBackend:
+        loads.append(args)
+        return FakeBackend()
+
+    monkeypatch.setattr(pipeline_module, "open_backend", counting_open)
+    cams = camera_toml("cam0", video("c0.mp4", frames=10), loop=True, fps=40)
+    config = make_config(tmp_path, cams, extra=f"[metrics]\nprometheus_port = {taken_port}\n")
+    pipeline = Pipeline(config, postprocess=stub_postprocess)
+    try:
+        with pytest.raises(ConfigError, match=r"metrics\.prometheus_port"):
+            async with asyncio.timeout(20):
+                await pipeline.start()
+        assert loads == []
+    finally:
+        await pipeline.abort()

@@ -13,6 +13,10 @@ as long again to finish what it holds (``block`` sinks; the rest count it as
 dropped) and as long again to close, so a stuck sink bounds a stop at about
 three times the timeout.
 
+Start-up: the metrics port is bound first (a taken one fails before the engine loads), then
+the engine is loaded, checked and warmed up (compiled, graphs captured) before any camera or
+sink starts, so the first frames do not wait behind a compile.
+
 The pipeline never touches the event loop policy or signal handlers: it can
 run inside any application's loop. The CLI adds those (commands/run.py).
 """
@@ -213,21 +217,30 @@ class Pipeline:
             for backend in opened:
                 backend.close()
 
-        loading, interrupted_load = self._given_backend is None, False
+        cfg = self.config.metrics
+        reporter = Reporter(self.metrics, interval_s=cfg.interval_s, prometheus_port=cfg.prometheus_port)
+        # Loading includes the warm-up: neither can be interrupted (see the finally below).
+        loading, interrupted_load = True, False
         try:
-            backend = self._given_backend or await self._open_backend(infer_pool, opened)
-            loading = False
-            await self._run_with(backend, infer_pool)
+            # Binds the metrics port before the engine loads: a taken one fails at once, naming
+            # its config key, not after a minute of loading. Leaving the block closes it.
+            with reporter:
+                backend = self._given_backend or await self._open_backend(infer_pool, opened)
+                self.backend = backend
+                self._check_engine(backend)
+                await self._warm_up(backend, infer_pool)
+                loading = False
+                await self._run_with(backend, infer_pool, reporter)
         except asyncio.CancelledError:
             interrupted_load = loading
             raise
         finally:
             if interrupted_load:
-                # Stopped while the engine was exported or loaded: neither can be interrupted.
+                # Stopped while the engine was exported, loaded or warmed: none can be interrupted.
                 # The backend it makes is closed on its thread; a process exit waits for that.
                 log.warning(
                     "engine_load_interrupted",
-                    detail="the export or load cannot be interrupted: it finishes on its thread, "
+                    detail="the export, load or warm-up cannot be interrupted: it finishes on its thread, "
                     "then the engine it made is closed",
                 )
                 infer_pool.submit(close_opened)
@@ -348,9 +361,22 @@ class Pipeline:
                 await route.close()
             raise
 
-    async def _run_with(self, backend: Backend, infer_pool: ThreadPoolExecutor) -> None:
-        self.backend = backend
-        self._check_engine(backend)
+    async def _warm_up(self, backend: Backend, infer_pool: ThreadPoolExecutor) -> None:
+        """Let a backend that compiles on first use (torch on CUDA) do it before any camera
+        starts, so that the first frames do not wait a minute behind it."""
+        warm_up = getattr(backend, "warm_up", None)
+        if not callable(warm_up):
+            return
+        labels = list(self.config.prompts.classes)
+        log.info("engine_warming_up", detail="compiling each step and capturing every batch slot")
+
+        def run() -> float:
+            return float(warm_up(backend.encode_text(labels)))
+
+        seconds = await asyncio.get_running_loop().run_in_executor(infer_pool, run)
+        log.info("engine_warmed_up", seconds=round(seconds, 1))
+
+    async def _run_with(self, backend: Backend, infer_pool: ThreadPoolExecutor, reporter: Reporter) -> None:
         manifest = backend.manifest
         cfg = self.config
         self.routes = self._make_routes()
@@ -394,40 +420,34 @@ class Pipeline:
             postprocess=self._postprocess,
             infer_pool=infer_pool,
         )
-        reporter = Reporter(
-            self.metrics, interval_s=cfg.metrics.interval_s, prometheus_port=cfg.metrics.prometheus_port
-        )
         for route in self.routes:
             publish_stats = getattr(route.sink, "publish_stats", None)
             if publish_stats is not None:
                 reporter.add_publisher(route.name, publish_stats)
 
-        # Binds the metrics port now: a taken one fails here, naming the config key, before any
-        # sink or camera starts. run() serves on it; leaving the block closes it in any case.
-        with reporter:
-            await self._start_routes(self.routes)
-            log.info(
-                "pipeline_started",
-                cameras=len(self.sources),
-                sinks=len(self.routes),
-                resolution=manifest.resolution,
-                max_batch=cfg.batching.max_batch,
-            )
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    sources = [tg.create_task(s.run(), name=f"source-{n}") for n, s in self.sources.items()]
-                    rest = [
-                        tg.create_task(batcher.run(), name="batcher"),
-                        tg.create_task(worker.run(), name="gpu-worker"),
-                        tg.create_task(reporter.run(), name="metrics-reporter"),
-                        *(tg.create_task(r.run(), name=f"sink-{r.name}") for r in self.routes),
-                    ]
-                    self._started.set()
-                    tg.create_task(self._supervise(sources, rest, fanout), name="supervisor")
-            except BaseExceptionGroup as group:
-                # Callers match on the error (EngineDeadError), not on a group wrapping it.
-                raise first_error(group) from None
-            await reporter.report()
+        await self._start_routes(self.routes)
+        log.info(
+            "pipeline_started",
+            cameras=len(self.sources),
+            sinks=len(self.routes),
+            resolution=manifest.resolution,
+            max_batch=cfg.batching.max_batch,
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                sources = [tg.create_task(s.run(), name=f"source-{n}") for n, s in self.sources.items()]
+                rest = [
+                    tg.create_task(batcher.run(), name="batcher"),
+                    tg.create_task(worker.run(), name="gpu-worker"),
+                    tg.create_task(reporter.run(), name="metrics-reporter"),
+                    *(tg.create_task(r.run(), name=f"sink-{r.name}") for r in self.routes),
+                ]
+                self._started.set()
+                tg.create_task(self._supervise(sources, rest, fanout), name="supervisor")
+        except BaseExceptionGroup as group:
+            # Callers match on the error (EngineDeadError), not on a group wrapping it.
+            raise first_error(group) from None
+        await reporter.report()
         log.info("pipeline_stopped", drained=self.drained, in_flight=self.in_flight.count)
 
     async def _supervise(

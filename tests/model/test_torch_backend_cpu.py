@@ -174,3 +174,29 @@ def test_two_frames_per_decoder_step_give_the_one_frame_outputs(tiny_engines: Pa
         np.testing.assert_allclose(two.boxes, one.boxes, atol=1e-5, err_msg=f"batch {n}")
         assert np.array_equal(two.mask_index, one.mask_index), f"batch {n}"
         np.testing.assert_allclose(two.masks, one.masks, atol=1e-3, err_msg=f"batch {n}")
+
+
+def test_warm_up_runs_every_slot_of_both_frame_buffers(
+    tiny_engines: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA graphs are per slot and per frame buffer: a warm-up that left one uncaptured would
+    leave a later batch to capture it while frames wait."""
+    backend = TorchBackend(tiny_engines, device="cpu", options=TorchOptions("fp32", typical_batch=1))
+    text = backend.encode_text(PROMPTS)
+    assert backend.warm_up(text) == 0.0  # on the CPU nothing compiles: nothing to do
+    replayed: list[object] = []
+    real_replay = backend._replay
+
+    def recording(graphs: dict[object, object], key: object, *args: object) -> None:
+        replayed.append(("vision" if graphs is backend._vision_graphs else "decoder", key))
+        real_replay(graphs, key, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backend, "_replay", recording)
+    monkeypatch.setattr(TorchBackend, "_compiles_on_first_use", property(lambda self: True))
+    assert backend.warm_up(text) >= 0.0
+    batch = backend.manifest.batch  # 4 frames, chunk 1
+    vision = {key for kind, key in replayed if kind == "vision"}
+    decoder = {key for kind, key in replayed if kind == "decoder"}
+    assert vision == {(turn, start) for turn in (0, 1) for start in range(batch)}
+    assert decoder == set(range(batch))
+    backend.close()

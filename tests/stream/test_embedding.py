@@ -7,9 +7,12 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 
 from sam3stream.runtime.fake import FakeBackend
+from sam3stream.runtime.types import RawOutputs, TextFeatures
 from sam3stream.stream.frames import FrameResult
 from sam3stream.stream.pipeline import Pipeline
 from tests.stream.helpers import MemorySink, camera_toml, make_config, stub_postprocess
@@ -188,3 +191,70 @@ async def test_the_engine_is_told_how_many_frames_a_batch_usually_holds(
     async with Pipeline(config, postprocess=stub_postprocess) as p:
         p.request_stop()
     assert asked == [typical]
+
+
+class WarmingBackend(FakeBackend):
+    """A backend that compiles on first use: the pipeline warms it before any camera starts."""
+
+    def __init__(self, pipeline: list[Pipeline], release: threading.Event | None = None) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+        self.release = release
+        self.warming = threading.Event()
+        self.events: list[tuple[str, object]] = []
+
+    def warm_up(self, text: TextFeatures) -> float:
+        self.events.append(("warm_up", (text.features.shape[0], dict(self.pipeline[0].sources))))
+        self.warming.set()
+        if self.release is not None:
+            self.release.wait(30)
+        return 0.0
+
+    def infer(self, frames: npt.NDArray[np.uint8], text: TextFeatures, min_score: float) -> RawOutputs:
+        self.events.append(("infer", len(frames)))
+        return super().infer(frames, text, min_score)
+
+
+async def test_the_engine_is_warmed_up_with_the_prompts_before_any_camera_starts(
+    tmp_path: Path, video: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sam3stream.stream.pipeline as pipeline_module
+
+    made: list[Pipeline] = []
+    backend = WarmingBackend(made)
+    monkeypatch.setattr(pipeline_module, "open_backend", lambda *a, **k: backend)
+    sink = MemorySink()
+    config = make_config(tmp_path, looping_cameras(video, 2))
+    made.append(Pipeline(config, sinks=[sink], postprocess=stub_postprocess))
+    async with made[0] as p:
+        await asyncio.wait_for(sink.wait_for("cam0"), 20)
+        p.request_stop()
+    kind, (classes, sources) = backend.events[0]
+    assert kind == "warm_up" and classes == 2 and sources == {}  # the config's two classes, no camera yet
+    assert [kind for kind, _ in backend.events[1:]] == ["infer"] * (len(backend.events) - 1)
+    assert len(backend.events) > 1
+
+
+async def test_stop_while_the_engine_warms_up_returns_and_closes_it_after(
+    tmp_path: Path, video: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sam3stream.stream.pipeline as pipeline_module
+
+    release = threading.Event()
+    made: list[Pipeline] = []
+    backend = WarmingBackend(made, release)
+    monkeypatch.setattr(pipeline_module, "open_backend", lambda *a, **k: backend)
+    made.append(Pipeline(make_config(tmp_path, looping_cameras(video, 1)), postprocess=stub_postprocess))
+    p = made[0]
+    starting = asyncio.create_task(p.start())
+    await asyncio.wait_for(asyncio.to_thread(backend.warming.wait, 10), 15)
+    p.request_stop()
+    await asyncio.wait_for(asyncio.wait({starting}), 10)  # not the 30 s the warm-up would take
+    await asyncio.wait_for(p.wait(), 10)
+    assert not backend.closed
+    release.set()
+    for _ in range(200):
+        if backend.closed:
+            break
+        await asyncio.sleep(0.05)
+    assert backend.closed and [kind for kind, _ in backend.events] == ["warm_up"]
