@@ -139,6 +139,23 @@ def test_partial_batch_needs_no_recapture_and_matches_full_batch(overlap: bool) 
     backend.close()
 
 
+def test_after_warm_up_no_batch_compiles_or_captures() -> None:
+    """What the pipeline relies on to start cameras only when the engine is ready: after
+    warm_up, full and partial batches on either frame buffer replay graphs that exist."""
+    install_into_transformers()
+    model = random_model("tiny", 448, seed=0, device="cuda")
+    backend = torch_backend(model, "tiny", 448, 4, 20, TorchOptions("fp32", typical_batch=1))
+    text = backend.encode_text(PROMPTS[:2])
+    assert backend.warm_up(text) > 0
+    captured = (dict(backend._vision_graphs), dict(backend._decoder_graphs))
+    assert len(captured[0]) == 2 * 4 and len(captured[1]) == 4  # chunk 1: 4 slots x 2 buffers
+    frames = np.random.default_rng(2).integers(0, 256, (4, 448, 448, 3), dtype=np.uint8)
+    for n in (4, 1, 3, 4, 2):
+        backend.infer(frames[:n], text, 0.0)
+    assert (backend._vision_graphs, backend._decoder_graphs) == captured
+    backend.close()
+
+
 def test_overlap_gives_the_serial_outputs_bit_for_bit() -> None:
     """The decoder on its own stream beside the next frame's vision step runs the same kernels on
     the same inputs, so every batch must come out identical to the serial path's. Built second,
