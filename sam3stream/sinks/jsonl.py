@@ -11,7 +11,8 @@ disk costs one thread hop per batch rather than per result. Lines are flushed
 after every batch (visible to ``tail -f``) but never fsynced.
 
 A failed write (disk full, permissions...) loses that batch's lines for the
-file it hit; they are counted as dropped, the failure is logged once per file
+file it hit (not those already in a file the batch rotated away from); they are
+counted as dropped, the failure is logged once per file
 until a write to it succeeds again, and the next ``publish()`` (or ``aclose()``)
 raises it once so that the caller counts the error.
 """
@@ -87,6 +88,9 @@ class _CameraFile:
         self.index = (_index_of(existing[-1], self.stem) or 0) if existing else 0
         self.fh: IO[bytes] = open(self._path(), "ab")  # noqa: SIM115 - lives until close()
         self.size = self.fh.tell()
+        # Lines handed to the current handle since it was last flushed or closed: the ones a
+        # failure now loses (those in a file closed at a rotation are safe).
+        self.unflushed = 0
 
     def _path(self) -> Path:
         name = f"{self.stem}.jsonl" if self.index == 0 else f"{self.stem}.{self.index}.jsonl"
@@ -99,11 +103,17 @@ class _CameraFile:
     def write(self, line: bytes) -> None:
         if self.limit is not None and self.size > 0 and self.size + len(line) > self.limit:
             self.fh.close()
+            self.unflushed = 0
             self.index += 1
             self.fh = open(self._path(), "ab")  # noqa: SIM115
             self.size = self.fh.tell()
         self.fh.write(line)
+        self.unflushed += 1
         self.size += len(line)
+
+    def flush(self) -> None:
+        self.fh.flush()
+        self.unflushed = 0
 
 
 @dataclass
@@ -139,12 +149,14 @@ class _Files:
         written = _Written()
         for camera, lines in by_camera.items():
             f = self.open.get(camera)
+            handed = 0  # lines the file took without an error
             try:
                 if f is None:
                     f = self.open[camera] = _CameraFile(self.directory, camera, self.limit)
                 for line in lines:
                     f.write(line)
-                f.fh.flush()
+                    handed += 1
+                f.flush()
                 written.ok.append(str(f.path))
             except OSError as exc:
                 path = (
@@ -152,7 +164,10 @@ class _Files:
                     if exc.filename is not None
                     else str(f.path if f is not None else self.directory)
                 )
-                written.failed.append((path, len(lines), _naming(exc, path)))
+                # Lost: the lines never handed over, and those still buffered for the failed
+                # handle; not those in a file a rotation closed earlier in this batch.
+                lost = len(lines) - handed + (f.unflushed if f is not None else 0)
+                written.failed.append((path, lost, _naming(exc, path)))
                 self._discard(camera)
         return written
 

@@ -155,3 +155,24 @@ async def test_a_file_that_recovers_gets_the_new_results_only(tmp_path: Path) ->
     assert sink.dropped == 3
     recovered = [e for e in logs if e["event"] == "jsonl_write_recovered"]
     assert len(recovered) == 1 and recovered[0]["lost"] == 3 and recovered[0]["path"] == str(link)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+async def test_a_rotation_onto_a_failing_file_counts_only_the_lines_it_lost(tmp_path: Path) -> None:
+    """The lines a batch wrote before rotating are in the closed file: only the rest are lost."""
+    line_len = len(msgspec.json.encode(make_result(0))) + 1
+    sink = JsonlSink(tmp_path, name="files", rotate_mb=2.5 * line_len / 1_000_000)  # two lines a file
+    await sink.start()
+    assert await publish_one_by_one(sink, [make_result(0)]) == []
+    (tmp_path / "cam1.1.jsonl").symlink_to("/dev/full")  # where the next rotation goes
+    for i in range(1, 5):  # one batch: the writer has not run yet
+        await sink.publish(make_result(i))
+    with pytest.raises(OSError) as info:
+        await sink.aclose()
+    assert info.value.filename == str(tmp_path / "cam1.1.jsonl")
+    assert [r.seq for r in msgspec_lines(tmp_path / "cam1.jsonl")] == [0, 1]
+    assert sink.dropped == 3
+
+
+def msgspec_lines(path: Path) -> list[FrameResult]:
+    return [msgspec.json.decode(line, type=FrameResult) for line in path.read_bytes().splitlines()]
