@@ -305,6 +305,7 @@ class TorchBackend:
         self._vision_graphs: dict[tuple[int, int], Any] = {}
         self._decoder_graphs: dict[int, Any] = {}
         self._text_key: tuple[str, ...] | None = None
+        self._last_text: TextFeatures | None = None
         self._text_buf: torch.Tensor | None = None
         self._text_mask_buf: torch.Tensor | None = None
         self._outputs: dict[str, torch.Tensor] = {}
@@ -487,12 +488,16 @@ class TorchBackend:
     def encode_text(self, prompts: list[str]) -> TextFeatures:
         import torch
 
+        # The same prompts again (the pipeline's warm-up, then its worker): the last result.
+        if self._last_text is not None and self._last_text.prompts == tuple(prompts):
+            return self._last_text
         ids, mask = self._tokenizer.encode(prompts)
         with torch.no_grad():
             features = self._text(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-        return TextFeatures(
+        self._last_text = TextFeatures(
             prompts=tuple(prompts), features=features.astype(np.float32), mask=mask.astype(bool)
         )
+        return self._last_text
 
     def _bind_text(self, text: TextFeatures) -> None:
         """Copy the prompt features to their static device buffers; new class count => new graphs."""

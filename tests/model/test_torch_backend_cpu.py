@@ -200,3 +200,22 @@ def test_warm_up_runs_every_slot_of_both_frame_buffers(
     assert vision == {(turn, start) for turn in (0, 1) for start in range(batch)}
     assert decoder == set(range(batch))
     backend.close()
+
+
+def test_the_same_prompts_are_encoded_once(backend: TorchBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline's warm-up and then its worker ask for the same prompts; the text encoder
+    (float32, on the host) runs once for them, again only for other prompts."""
+    calls: list[int] = []
+    real_text = backend._text
+
+    def counting(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        calls.append(len(ids))
+        return real_text(ids, mask)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(backend, "_text", counting)
+    first = backend.encode_text(["a cat", "a dog"])
+    again = backend.encode_text(["a cat", "a dog"])
+    other = backend.encode_text(["a dog"])
+    assert calls == [2, 1]
+    np.testing.assert_array_equal(again.features, first.features)
+    np.testing.assert_allclose(other.features[0], first.features[1], atol=1e-5)
