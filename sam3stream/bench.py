@@ -20,8 +20,24 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AUTO_CHOICES", "BenchArgs", "format_table", "run_bench", "summarize_ms"]
+__all__ = ["AUTO_CHOICES", "BENCH_PROMPTS", "BenchArgs", "format_table", "run_bench", "summarize_ms"]
 
+
+# The prompts every bench run encodes, the first --classes of them.
+BENCH_PROMPTS = [
+    "person",
+    "hand",
+    "blow gun",
+    "counter",
+    "car",
+    "dog",
+    "cat",
+    "tool",
+    "box",
+    "shelf",
+    "cup",
+    "chair",
+]
 
 # --fused-gelu and --attention-kernel on the command line -> TorchOptions (None: the backend
 # times both forms at start and keeps the faster).

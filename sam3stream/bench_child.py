@@ -13,24 +13,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from sam3stream.bench import BenchArgs, summarize_ms
+from sam3stream.bench import BENCH_PROMPTS, BenchArgs, summarize_ms
 from sam3stream.gpu_memory import process_gpu_memory
 from sam3stream.runtime.allocator import prefer_expandable_segments
 
-PROMPTS = [
-    "person",
-    "hand",
-    "blow gun",
-    "counter",
-    "car",
-    "dog",
-    "cat",
-    "tool",
-    "box",
-    "shelf",
-    "cup",
-    "chair",
-]
+PROMPTS = BENCH_PROMPTS
 MIN_SCORE = 0.3
 MIB = 1 << 20
 

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from sam3stream.bench import AUTO_CHOICES
+from sam3stream.bench import AUTO_CHOICES, BENCH_PROMPTS
+from sam3stream.errors import InputError
 from sam3stream.resolution import check_resolution
 
 
@@ -16,8 +17,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     src.add_argument("--engines", type=Path, help="an engine directory (its resolution is used)")
     src.add_argument("--random", choices=["tiny", "full"], default="full", help="random weights of this size")
     p.add_argument("--resolution", type=int, nargs="+", default=[1008, 840, 672, 560])
-    p.add_argument("--cameras", type=int, nargs="+", default=[1, 8], help="camera counts (= batch sizes)")
-    p.add_argument("--classes", type=int, default=4)
+    p.add_argument(
+        "--cameras", type=int, nargs="+", default=[1, 8], help="camera counts: frames per batch measured"
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        help="the batch the backend is built for, as batching.max_batch in a service "
+        "(default: the most --cameras; with --engines, the directory's batch)",
+    )
+    p.add_argument("--classes", type=int, default=4, help=f"prompts per frame, 1..{len(BENCH_PROMPTS)}")
     p.add_argument("--queries", type=int, default=50)
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -75,12 +84,20 @@ def run(args: argparse.Namespace) -> int:
     from sam3stream.bench import BenchArgs, format_table, run_bench, write_outputs
 
     resolutions = [check_resolution(r, "--resolution") for r in args.resolution]
-    engine_batch = None
+    _check_counts(args)
+    engine_batch = args.max_batch
     if args.engines is not None:
         from sam3stream.runtime.manifest import read_manifest
 
         manifest = read_manifest(args.engines)
+        if args.max_batch is not None:
+            raise InputError(
+                f"--max-batch applies to --random; {args.engines} was exported for batch {manifest.batch}"
+            )
         resolutions, engine_batch = [manifest.resolution], manifest.batch
+    if engine_batch is not None and max(args.cameras) > engine_batch:
+        where = f"{args.engines} takes" if args.engines is not None else "--max-batch is"
+        raise InputError(f"--cameras {max(args.cameras)}: {where} at most {engine_batch} frames per batch")
     bench_args = BenchArgs(
         resolutions=resolutions,
         cameras=sorted(set(args.cameras)),
@@ -116,3 +133,25 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """Every count names its flag when it is out of range (not a traceback from the child)."""
+    lows = {
+        "--cameras": (min(args.cameras), 1),
+        "--classes": (args.classes, 1),
+        "--queries": (args.queries, 1),
+        "--iters": (args.iters, 1),
+        "--warmup": (args.warmup, 0),
+        "--peer-iters": (args.peer_iters, 1),
+        "--decoder-frames": (args.decoder_frames, 1),
+        "--vision-chunk": (args.vision_chunk if args.vision_chunk is not None else 1, 1),
+        "--max-batch": (args.max_batch if args.max_batch is not None else 1, 1),
+    }
+    for flag, (value, low) in lows.items():
+        if value < low:
+            raise InputError(f"{flag} must be >= {low}, got {value}")
+    if args.classes > len(BENCH_PROMPTS):
+        raise InputError(
+            f"--classes must be <= {len(BENCH_PROMPTS)} (the bench's prompt list), got {args.classes}"
+        )

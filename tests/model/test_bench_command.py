@@ -114,3 +114,57 @@ def test_camera_counts_that_the_service_would_chunk_differently_get_their_own_ba
     assert camera_groups(pinned, resolution, engine_batch=8) == [sorted(cameras)]
     other = BenchArgs(resolutions=[resolution], cameras=cameras, backend="onnxruntime")
     assert camera_groups(other, resolution, engine_batch=8) == [sorted(cameras)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--cameras", "0"], "--cameras must be >= 1, got 0"),
+        (
+            ["--cameras", "1", "4", "--max-batch", "2"],
+            "--cameras 4: --max-batch is at most 2 frames per batch",
+        ),
+        (["--classes", "13"], "--classes must be <= 12"),
+        (["--iters", "0"], "--iters must be >= 1, got 0"),
+        (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+        (["--vision-chunk", "0"], "--vision-chunk must be >= 1, got 0"),
+    ],
+)
+def test_bad_counts_name_their_flag(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "--random", "tiny", "--resolution", "448", "--device", "cpu", "--no-peer"]
+    assert main([*argv, *extra, "--out", str(tmp_path / "b")]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_an_engine_directory_fixes_the_batch(
+    tiny_engines: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "--engines", str(tiny_engines), "--device", "cpu", "--out", str(tmp_path / "b")]
+    assert main([*argv, "--cameras", "5"]) == 1
+    assert f"--cameras 5: {tiny_engines} takes at most 4 frames per batch" in capsys.readouterr().err
+    assert main([*argv, "--max-batch", "8"]) == 1
+    assert "--max-batch applies to --random" in capsys.readouterr().err
+
+
+def test_max_batch_builds_the_backend_a_service_with_that_max_batch_would(tmp_path: Path) -> None:
+    out = tmp_path / "one_of_two"
+    argv = ["bench", "--random", "tiny", "--resolution", "448", "--cameras", "1", "--max-batch", "2"]
+    argv += [
+        "--classes",
+        "2",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--no-peer",
+        "--iters",
+        "1",
+        "--warmup",
+        "1",
+    ]
+    assert main([*argv, "--out", str(out)]) == 0
+    (row,) = json.loads(out.with_suffix(".json").read_text())["ours"]
+    assert (row["cameras"], row["engine_batch"], row["vision_chunk"]) == (1, 2, 1)
