@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -12,6 +14,8 @@ import pytest
 from sam3stream.postprocess import resize_bilinear, to_detections
 from sam3stream.rle import decode
 from sam3stream.runtime.types import RawOutputs
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
 def _torch_resize(image: npt.NDArray[np.float32], width: int, height: int) -> npt.NDArray[np.float32]:
@@ -41,6 +45,61 @@ def test_resize_matches_torch(in_h: int, in_w: int, height: int, width: int) -> 
     got = resize_bilinear(image, width, height)
     assert got.shape == (height, width) and got.dtype == np.float32
     np.testing.assert_allclose(got, _torch_resize(image, width, height), rtol=0, atol=1e-5)
+
+
+def _blobs(size: int, seed: int) -> npt.NDArray[np.float32]:
+    """Mask logits of a few round objects (the generator tools/postprocess_bench.py times)."""
+    spec = importlib.util.spec_from_file_location("postprocess_bench", TOOLS / "postprocess_bench.py")
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    logits: npt.NDArray[np.float32] = tool.blob_logits(size, seed)
+    return logits
+
+
+def _special(size: int) -> npt.NDArray[np.float32]:
+    """Values where a shortcut could differ from interpolating: denormals, signed zeros,
+    infinities, NaN, next to ordinary positives and negatives."""
+    logits = _blobs(size, 5)
+    tiny = np.float32(1e-45)
+    logits[10:14, 10:14] = tiny  # positive, but a weight can round it to zero
+    logits[20:22, 20:40] = -0.0
+    logits[30, 30] = np.inf
+    # Inside an object at the left edge: the first output columns put weight 0 on source column
+    # 1, and 0 x inf is NaN, which is not > 0.
+    logits[90:110, 0:6] = 4.0
+    logits[100, 1] = np.inf
+    logits[40, 40] = -np.inf
+    logits[50, 50] = np.nan
+    logits[60:62, 60:62] = 3e38  # sums overflow to inf
+    return logits
+
+
+MASKS = {
+    "blobs": _blobs(288, 1),
+    "other blobs": _blobs(288, 2),
+    "noise": np.random.default_rng(3).standard_normal((288, 288)).astype(np.float32),
+    "all on": np.full((288, 288), 2.0, np.float32),
+    "all off": np.full((288, 288), -2.0, np.float32),
+    "zeros": np.zeros((288, 288), np.float32),
+    "special values": _special(288),
+    "small, non-square": _blobs(72, 4)[:40],
+}
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize(("width", "height"), [(1920, 1080), (641, 359), (2000, 30), (288, 288), (100, 77)])
+def test_masks_are_exactly_the_interpolated_logits_above_zero(name: str, width: int, height: int) -> None:
+    """Only the mask's edge is interpolated; every pixel must still equal
+    resize_bilinear(logits) > 0, the form that matches torch."""
+    from sam3stream.postprocess import _resized_mask
+
+    logits = MASKS[name]
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = resize_bilinear(logits, width, height) > 0
+        got = _resized_mask(logits, width, height)
+    assert got.dtype == np.bool_ and got.shape == (height, width)
+    assert np.array_equal(got, want), f"{np.count_nonzero(got != want)} pixels differ"
 
 
 def _raw(

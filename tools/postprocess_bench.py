@@ -1,0 +1,107 @@
+"""Host cost of one detection's mask: SAM 3's 288x288 mask logits resized to the output size,
+thresholded at 0 and run-length encoded, as postprocessing does for every kept detection.
+Interpolating every pixel against interpolating only the mask's edge (postprocess.py); both give
+the same mask. Median milliseconds per mask over masks of a few round objects, and the
+detections per second one postprocessing thread can keep up with.
+
+    python tools/postprocess_bench.py --out docs/bench/postprocess_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+
+def blob_logits(size: int, seed: int) -> npt.NDArray[np.float32]:
+    """Mask logits of up to three round objects: smooth, like a mask head's."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    logits = np.full((size, size), -8.0, np.float32)
+    for cy, cx, r in rng.uniform([0.1, 0.1, 0.05], [0.9, 0.9, 0.3], (3, 3)):
+        logits = np.maximum(logits, 20 * (r**2 - (yy - cy) ** 2 - (xx - cx) ** 2) / r**2)
+    return logits.astype(np.float32)
+
+
+def mask_ms(
+    form: Callable[[npt.NDArray[np.float32], int, int], npt.NDArray[np.bool_]],
+    masks: list[npt.NDArray[np.float32]],
+    width: int,
+    height: int,
+    repeats: int,
+) -> float:
+    """Median over masks of each mask's median milliseconds: resize + threshold + RLE."""
+    from sam3stream.rle import encode
+
+    per_mask = []
+    for logits in masks:
+        encode(form(logits, width, height))  # tables cached, caches warm
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            encode(form(logits, width, height))
+            times.append((time.perf_counter() - start) * 1e3)
+        per_mask.append(np.median(times))
+    return float(np.median(per_mask))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", nargs="+", default=["1920x1080", "1280x720", "1008x1008", "640x360"])
+    parser.add_argument("--masks", type=int, default=20, help="different masks timed per size")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("docs/bench/postprocess_cpu"))
+    args = parser.parse_args()
+
+    from sam3stream.postprocess import _interpolated_mask, _resized_mask
+
+    masks = [blob_logits(288, seed) for seed in range(args.masks)]
+    rows = []
+    for size in args.sizes:
+        width, height = (int(v) for v in size.split("x"))
+        for logits in masks:  # the two forms must agree before their times mean anything
+            if not np.array_equal(
+                _resized_mask(logits, width, height), _interpolated_mask(logits, width, height)
+            ):
+                print(f"{size}: the two forms disagree", file=sys.stderr)
+                return 1
+
+        every = mask_ms(_interpolated_mask, masks, width, height, args.repeats)
+        edge = mask_ms(_resized_mask, masks, width, height, args.repeats)
+        row = {
+            "size": size,
+            "every_pixel_ms": every,
+            "edge_only_ms": edge,
+        }
+        row["speedup"] = row["every_pixel_ms"] / row["edge_only_ms"]
+        row["detections_per_s_one_thread"] = 1e3 / row["edge_only_ms"]
+        rows.append(row)
+        print(
+            f"{size}: every pixel {row['every_pixel_ms']:.2f} ms, edge only {row['edge_only_ms']:.2f} ms "
+            f"({row['speedup']:.1f}x), {row['detections_per_s_one_thread']:.0f} masks/s per thread"
+        )
+    result = {
+        "command": "python tools/postprocess_bench.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "numpy": np.__version__,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
