@@ -63,7 +63,8 @@ class Pipeline:
 
     ``backend``: use this one instead of opening ``config.engines`` (tests,
     embedding); the caller keeps ownership and closes it. ``sinks``: extra
-    sinks next to the configured ones. ``results_queue``: how many results
+    sinks next to the configured ones. ``post_threads``: threads a batch's
+    postprocessing is spread over (None: a quarter of the cores, 1 to 4). ``results_queue``: how many results
     :meth:`results` keeps for a slow reader before dropping the oldest (0: no
     :meth:`results` at all, for programs that only use sinks).
     """
@@ -78,12 +79,14 @@ class Pipeline:
         results_queue: int = 256,
         postprocess: Postprocess | None = None,
         rng: random.Random | None = None,
+        post_threads: int | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(window_s=config.metrics.interval_s)
         self._given_backend = backend
         self._extra_sinks = list(sinks)
         self._postprocess = postprocess
+        self._post_threads = post_threads  # None: a quarter of the cores, 1 to 4
         self._rng = rng or random.Random()
         self._subscriber = Subscriber(results_queue) if results_queue > 0 else None
         self._stop_requested = asyncio.Event()
@@ -419,6 +422,7 @@ class Pipeline:
             metrics=self.metrics,
             postprocess=self._postprocess,
             infer_pool=infer_pool,
+            post_threads=self._post_threads,
         )
         for route in self.routes:
             publish_stats = getattr(route.sink, "publish_stats", None)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -258,3 +260,40 @@ async def test_stop_while_the_engine_warms_up_returns_and_closes_it_after(
             break
         await asyncio.sleep(0.05)
     assert backend.closed and [kind for kind, _ in backend.events] == ["warm_up"]
+
+
+async def test_a_batch_is_postprocessed_on_several_threads_and_published_in_order(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    """Masks cost milliseconds each on the host: a batch's frames are spread over post_threads,
+    and every camera still gets every frame once, in order."""
+    names: set[str] = set()
+    lock = threading.Lock()
+
+    def slow_postprocess(*args: Any) -> list[Any]:
+        with lock:
+            names.add(threading.current_thread().name)
+        time.sleep(0.01)  # a few masks' worth of numpy
+        return stub_postprocess(*args)
+
+    sink = MemorySink()
+    cams = "".join(camera_toml(f"cam{i}", video(f"c{i}.mp4", frames=12)) for i in range(4))
+    config = make_config(tmp_path, cams, max_batch=4)
+    async with Pipeline(
+        config, backend=FakeBackend(), sinks=[sink], postprocess=slow_postprocess, post_threads=2
+    ) as p:
+        await asyncio.wait_for(p.wait(), 60)
+    for i in range(4):
+        assert sink.seqs(f"cam{i}") == list(range(12))
+    assert len({n for n in names if n.startswith("sam3-post-frame")}) == 2
+    assert not worker_threads()
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(None, None), (0, 1), (2, 1), (8, 2), (16, 4), (128, 4)])
+def test_postprocessing_threads_take_a_quarter_of_the_cores(cores: int | None, threads: int | None) -> None:
+    from sam3stream.stream.worker import default_post_threads
+
+    if cores is None:
+        assert 1 <= default_post_threads() <= 4
+    else:
+        assert default_post_threads(cores) == threads
