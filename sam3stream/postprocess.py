@@ -57,20 +57,25 @@ def _axis_table(in_size: int, out_size: int) -> _Axis:
 _ROW_BLOCK = 32
 
 
-def _row_blocks(image: F32, width: int, height: int) -> Iterator[tuple[int, int, F32]]:
-    """Bilinear resize of ``image`` to [height, width], yielded as (start, stop, rows) blocks.
-
-    Separable, in the order torch's CPU kernel combines taps: along x (``w0 * a + w1 * b``) on
-    the small input first, then along y over whole rows of that, which gathers contiguous rows.
-    """
+def _source_and_tables(image: F32, width: int, height: int) -> tuple[F32, _Axis, _Axis]:
+    """``image`` as float32 and its (x, y) tap tables for a [height, width] output; raises on a
+    non-2-D image or an empty output size."""
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D array, got shape {image.shape}")
     if width <= 0 or height <= 0:
         raise ValueError(f"output size must be positive, got {width}x{height}")
     src = np.asarray(image, dtype=np.float32)
     in_h, in_w = src.shape
-    x0, x1, wx0, wx1 = _axis_table(in_w, width)
-    y0, y1, wy0, wy1 = _axis_table(in_h, height)
+    return src, _axis_table(in_w, width), _axis_table(in_h, height)
+
+
+def _row_blocks(image: F32, width: int, height: int) -> Iterator[tuple[int, int, F32]]:
+    """Bilinear resize of ``image`` to [height, width], yielded as (start, stop, rows) blocks.
+
+    Separable, in the order torch's CPU kernel combines taps: along x (``w0 * a + w1 * b``) on
+    the small input first, then along y over whole rows of that, which gathers contiguous rows.
+    """
+    src, (x0, x1, wx0, wx1), (y0, y1, wy0, wy1) = _source_and_tables(image, width, height)
     cols = src[:, x0] * wx0 + src[:, x1] * wx1  # [in_h, width]
     for start in range(0, height, _ROW_BLOCK):
         stop = min(start + _ROW_BLOCK, height)
@@ -116,19 +121,13 @@ def _resized_mask(logits: F32, width: int, height: int) -> npt.NDArray[np.bool_]
     operations as ``resize_bilinear``. A 288x288 mask of one object at 1920x1080 interpolates a
     few percent of the pixels; noise-like logits fall back to interpolating all of them.
     """
-    if logits.ndim != 2:
-        raise ValueError(f"expected a 2-D array, got shape {logits.shape}")
-    if width <= 0 or height <= 0:
-        raise ValueError(f"output size must be positive, got {width}x{height}")
-    src = np.asarray(logits, dtype=np.float32)
+    src, (x0, x1, wx0, wx1), (y0, y1, wy0, wy1) = _source_and_tables(logits, width, height)
     in_h, in_w = src.shape
-    x0, x1, wx0, wx1 = _axis_table(in_w, width)
-    y0, y1, wy0, wy1 = _axis_table(in_h, height)
+    if height * width <= in_h * in_w:  # no bigger than the source: the cell tables cost more
+        return _interpolated_mask(src, width, height)
     # Cell (r, c) has the taps the tables pair with low taps r and c.
     nxt_r = np.minimum(np.arange(in_h) + 1, in_h - 1)
     nxt_c = np.minimum(np.arange(in_w) + 1, in_w - 1)
-    if height * width <= in_h * in_w:  # no bigger than the source: the cell tables cost more
-        return _interpolated_mask(src, width, height)
     # +inf is not "on": a zero weight times inf is NaN, which is not > 0.
     on = (src >= _SAFE_POSITIVE) & (src < np.inf)
     off = ~(src > 0)  # NaN is neither on nor off: its cells are interpolated

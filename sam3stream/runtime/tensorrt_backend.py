@@ -12,11 +12,11 @@ Run path, per ``infer`` call, all on the backend's own CUDA stream::
     decoder --D2H--> scores, boxes, presence, query_index; then only the kept masks
 
 Device buffers are allocated once, for the largest batch and class count of the plans'
-profiles, and so is one scratch block for the four execution contexts' activations: they run one
-after another on one stream, so each context borrows the same block (the largest plan's need)
-instead of holding its own; a smaller batch binds the same buffers with smaller shapes. A graph input that has
+profiles; a smaller batch binds the same buffers with smaller shapes. A graph input that has
 the name of an earlier graph's output is bound to that output's buffer, so the FPN maps and the
-geometry features never leave the device.
+geometry features never leave the device. The four execution contexts run one after another on
+one stream, so they borrow one scratch block for their activations (the largest plan's need)
+instead of holding one each.
 
 Masks: the decoder writes ``[B, C, K, M, M]`` densely. After the small outputs are copied back
 and the stream synchronised, the rows whose score reaches ``min_score`` are selected on the host
