@@ -48,7 +48,7 @@ from sam3stream.stream.mailbox import Doorbell, Inbox, InFlight
 from sam3stream.stream.source import CameraSource
 from sam3stream.stream.tasks import first_error
 from sam3stream.stream.threads import close_executor, single_thread
-from sam3stream.stream.worker import GpuWorker, Postprocess
+from sam3stream.stream.worker import GpuWorker, Postprocess, post_threads_or_default
 
 __all__ = ["Pipeline"]
 
@@ -86,7 +86,8 @@ class Pipeline:
         self._given_backend = backend
         self._extra_sinks = list(sinks)
         self._postprocess = postprocess
-        self._post_threads = post_threads  # None: a quarter of the cores, 1 to 4
+        # Checked now, not when the worker starts after a minute of loading the engine.
+        self._post_threads = post_threads_or_default(post_threads)
         self._rng = rng or random.Random()
         self._subscriber = Subscriber(results_queue) if results_queue > 0 else None
         self._stop_requested = asyncio.Event()

@@ -63,6 +63,15 @@ def _identity(raw: RawOutputs) -> RawOutputs:
     return raw
 
 
+def post_threads_or_default(post_threads: int | None) -> int:
+    """``post_threads`` checked, or the default when None."""
+    if post_threads is None:
+        return default_post_threads()
+    if post_threads < 1:
+        raise ValueError(f"post_threads must be >= 1, got {post_threads}")
+    return post_threads
+
+
 def default_post_threads(cores: int | None = None) -> int:
     """Threads for a batch's postprocessing: a quarter of the cores, 1 to 4. The rest are for the
     cameras' decoding, the event loop and the engine thread; numpy holds the GIL for part of
@@ -123,9 +132,7 @@ class GpuWorker:
         self._in_flight = in_flight
         self._metrics = metrics
         self._postprocess = postprocess if postprocess is not None else default_postprocess()
-        self.post_threads = post_threads if post_threads is not None else default_post_threads()
-        if self.post_threads < 1:
-            raise ValueError(f"post_threads must be >= 1, got {self.post_threads}")
+        self.post_threads = post_threads_or_default(post_threads)
         self._frame_pool: ThreadPoolExecutor | None = None  # a batch's frames, when post_threads > 1
         self.text: TextFeatures | None = None
         self.batches_done = 0

@@ -297,3 +297,11 @@ def test_postprocessing_threads_take_a_quarter_of_the_cores(cores: int | None, t
         assert 1 <= default_post_threads() <= 4
     else:
         assert default_post_threads(cores) == threads
+
+
+def test_post_threads_below_one_is_refused_before_anything_loads(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    config = make_config(tmp_path, looping_cameras(video, 1))
+    with pytest.raises(ValueError, match="post_threads must be >= 1, got 0"):
+        Pipeline(config, postprocess=stub_postprocess, post_threads=0)
