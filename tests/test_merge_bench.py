@@ -3,21 +3,11 @@ earlier one for the same resolution and camera count."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "merge_bench.py"
-
-
-def load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("merge_bench", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tool_modules import load_tool
 
 
 def row(resolution: int, cameras: int, fps: float, kind: str = "ours") -> dict[str, Any]:
@@ -36,7 +26,7 @@ def test_a_later_file_replaces_rows_for_the_same_resolution_and_cameras(tmp_path
         )
     )
     second.write_text(json.dumps({"command": "bench b", "ours": [row(560, 1, 104.0)], "peer": []}))
-    merged = load_tool().merge([first, second])
+    merged = load_tool("merge_bench").merge([first, second])
     got = [(r["resolution"], r["cameras"], r["total_fps"]) for r in merged["ours"]]
     assert got == [(1008, 1, 50.0), (1008, 8, 52.7), (560, 1, 104.0), (560, 8, 141.7)]
     assert merged["replaced"] == [f"ours 560 x 1: {first} -> {second}"]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -14,8 +12,7 @@ import pytest
 from sam3stream.postprocess import resize_bilinear, to_detections
 from sam3stream.rle import decode
 from sam3stream.runtime.types import RawOutputs
-
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+from tests.tool_modules import load_tool
 
 
 def _torch_resize(image: npt.NDArray[np.float32], width: int, height: int) -> npt.NDArray[np.float32]:
@@ -49,11 +46,7 @@ def test_resize_matches_torch(in_h: int, in_w: int, height: int, width: int) -> 
 
 def _blobs(size: int, seed: int) -> npt.NDArray[np.float32]:
     """Mask logits of a few round objects (the generator tools/postprocess_bench.py times)."""
-    spec = importlib.util.spec_from_file_location("postprocess_bench", TOOLS / "postprocess_bench.py")
-    assert spec is not None and spec.loader is not None
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    logits: npt.NDArray[np.float32] = tool.blob_logits(size, seed)
+    logits: npt.NDArray[np.float32] = load_tool("postprocess_bench").blob_logits(size, seed)
     return logits
 
 
