@@ -17,7 +17,6 @@ from sam3stream.bench import BENCH_PROMPTS, BenchArgs, summarize_ms
 from sam3stream.gpu_memory import process_gpu_memory
 from sam3stream.runtime.allocator import prefer_expandable_segments
 
-PROMPTS = BENCH_PROMPTS
 MIN_SCORE = 0.3
 MIB = 1 << 20
 
@@ -176,7 +175,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
     on_cuda = device.startswith("cuda")
     _say(f"    backend ready in {time.perf_counter() - t0:.0f} s")
     peak = matmul_tflops(torch.device(device)) if on_cuda else None
-    text = backend.encode_text(PROMPTS[: args.classes])
+    text = backend.encode_text(BENCH_PROMPTS[: args.classes])
     rng = np.random.default_rng(resolution)
     flops = _flops_per_frame(backend, text) if hasattr(backend, "_vision") else None
     for cams in sorted(args.cameras):
@@ -253,7 +252,7 @@ def run_peer(args: BenchArgs, resolution: int) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     loaded = _random_loaded(args, resolution, args.device)
     model = loaded.model.to(device=device, dtype=dtype).eval()
-    ids, mask = PromptTokenizer(loaded.tokenizer_dir).encode(PROMPTS[: args.classes])
+    ids, mask = PromptTokenizer(loaded.tokenizer_dir).encode(BENCH_PROMPTS[: args.classes])
     with torch.no_grad():
         text = model.get_text_features(
             input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device)

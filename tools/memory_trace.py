@@ -34,11 +34,10 @@ def main() -> int:
 
     import torch
 
-    from sam3stream.bench import BenchArgs
+    from sam3stream.bench import BENCH_PROMPTS, BenchArgs
     from sam3stream.bench_child import (
         MIB,
         MIN_SCORE,
-        PROMPTS,
         _flops_per_frame,
         matmul_tflops,
         nvml_process_mib,
@@ -70,7 +69,7 @@ def main() -> int:
     if args.bench_steps:
         matmul_tflops(torch.device("cuda"))
         step("matmul peak")
-    text = backend.encode_text(PROMPTS[: args.classes])
+    text = backend.encode_text(BENCH_PROMPTS[: args.classes])
     if args.bench_steps:
         _flops_per_frame(backend, text)
         step("FLOP count")

@@ -138,8 +138,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/bench/pipeline"))
     args = parser.parse_args()
 
-    from sam3stream.bench import BenchArgs
-    from sam3stream.bench_child import PROMPTS, random_torch_backend
+    from sam3stream.bench import BENCH_PROMPTS, BenchArgs
+    from sam3stream.bench_child import random_torch_backend
     from sam3stream.config import parse_config
     from sam3stream.runtime.torch_backend import TorchOptions
 
@@ -151,7 +151,7 @@ def main() -> int:
         resolutions=[args.resolution], cameras=[args.cameras], random=args.random, device=args.device
     )
     backend = random_torch_backend(bargs, args.resolution, args.cameras, TorchOptions(overlap=args.overlap))
-    classes = PROMPTS[: args.classes]
+    classes = BENCH_PROMPTS[: args.classes]
     text = backend.encode_text(classes)
     frames = np.random.default_rng(0).integers(
         0, 256, (args.cameras, args.resolution, args.resolution, 3), dtype=np.uint8

@@ -202,8 +202,8 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from sam3stream.bench import BenchArgs
-    from sam3stream.bench_child import PROMPTS, _random_loaded
+    from sam3stream.bench import BENCH_PROMPTS, BenchArgs
+    from sam3stream.bench_child import _random_loaded
     from sam3stream.model.roi_align import install_into_transformers
     from sam3stream.runtime.torch_backend import TorchBackend, TorchOptions
 
@@ -226,7 +226,7 @@ def main() -> int:
     gelu = AUTO_CHOICES[args.fused_gelu]
     if args.graphs:
         default = backend(TorchOptions(fused_gelu=gelu, fused_decoder=args.fused_decoder))
-        report.update(graph_split(default, default.encode_text(PROMPTS[: args.classes]), frames))
+        report.update(graph_split(default, default.encode_text(BENCH_PROMPTS[: args.classes]), frames))
         report["vision_chunk"], report["fused_gelu"] = default.vision_chunk, default.fused_gelu
         report["fused_decoder"], report["fused_relu"] = default.fused_decoder, default.fused_relu
         report["attention_kernel"] = default.attention_kernel
@@ -236,7 +236,7 @@ def main() -> int:
         return 0
     plain = TorchOptions(compile=False, cuda_graphs=False, fused_gelu=gelu)
     staged = backend(plain)
-    text = staged.encode_text(PROMPTS[: args.classes])
+    text = staged.encode_text(BENCH_PROMPTS[: args.classes])
     if args.eager:
         report["eager_stage_ms_per_batch"] = stage_times(staged, text, frames)
     if not args.kernels_only:
