@@ -1,9 +1,15 @@
 """The whole pipeline (PyAV decode, batcher, GPU worker, JSONL sink) against the bare GPU worker.
 
-Writes synthetic 1080p clips, builds one backend, measures the bare worker's throughput on
-pre-decoded frames (next batch submitted before the previous is collected), then runs the
-same backend inside a Pipeline on N file cameras and measures frames/s from the first result
-to the last. Prints and writes JSON with both and their ratio.
+Writes synthetic 1080p clips, builds one backend and warms it up as a Pipeline does at start
+(both timed), measures the bare worker's throughput on pre-decoded frames (next batch
+submitted before the previous is collected), then runs the same backend inside a Pipeline on
+N file cameras and measures frames/s from the first result to the last. Prints and writes JSON
+with both and their ratio.
+
+Random weights keep no detection at the usual threshold, so the pipeline's first run has no
+masks to postprocess. ``--detections D ...`` adds one run per D with the threshold set to the
+score that a bare batch reaches about D times per frame, so that each frame carries about D masks
+to resize and encode on the host, as a real model's would.
 
     python tools/pipeline_bench.py --random full --resolution 1008 --cameras 8 --out docs/bench/pipeline
 """
@@ -69,7 +75,17 @@ def memory_mib(device: str) -> dict[str, float | None]:
     }
 
 
-def config_text(clips: list[Path], cameras: int, classes: list[str], out: Path, batch: int, res: int) -> str:
+def threshold_for(scores: np.ndarray, per_frame: float) -> float:
+    """The score that about ``per_frame`` detections per frame reach: scores [B, C, K] of one
+    batch, every query of every class."""
+    ranked = np.sort(scores.reshape(-1))[::-1]
+    keep = max(1, min(ranked.size, round(per_frame * scores.shape[0])))
+    return float(ranked[keep - 1])
+
+
+def config_text(
+    clips: list[Path], cameras: int, classes: list[str], out: Path, batch: int, res: int, conf: float = 0.3
+) -> str:
     cams = "\n".join(
         f'[[cameras]]\nname = "cam{i}"\nurl = "{clips[i % len(clips)]}"\nmode = "file"\n'
         for i in range(cameras)
@@ -86,7 +102,7 @@ resolution = {res}
 
 [prompts]
 classes = {json.dumps(classes)}
-conf = 0.3
+conf = {conf!r}
 
 [batching]
 max_batch = {batch}
@@ -99,26 +115,28 @@ path = "{out / "jsonl"}"
 """
 
 
-async def run_pipeline(config: Any, backend: Any) -> tuple[int, float]:
+async def run_pipeline(config: Any, backend: Any, post_threads: int | None) -> tuple[int, float, int]:
+    """Results delivered, their frames/s and the detections they carried."""
     from sam3stream.stream.pipeline import Pipeline
 
-    count, first, last = 0, 0.0, 0.0
-    async with Pipeline(config, backend=backend, results_queue=4096) as pipe:
+    count, detections, first, last = 0, 0, 0.0, 0.0
+    async with Pipeline(config, backend=backend, results_queue=4096, post_threads=post_threads) as pipe:
 
         async def consume() -> None:
-            nonlocal count, first, last
-            async for _ in pipe.results():
+            nonlocal count, detections, first, last
+            async for result in pipe.results():
                 now = time.perf_counter()
                 if count == 0:
                     first = now
                 count, last = count + 1, now
+                detections += len(result.detections)
 
         reader = asyncio.create_task(consume())
         await pipe.wait()
         await asyncio.sleep(0.2)
         reader.cancel()
     # The first result marks the start: engine load and the first graph captures are not counted.
-    return count, (count - 1) / (last - first) if count > 1 and last > first else 0.0
+    return count, (count - 1) / (last - first) if count > 1 and last > first else 0.0, detections
 
 
 def main() -> int:
@@ -135,13 +153,29 @@ def main() -> int:
     parser.add_argument(
         "--overlap", action=argparse.BooleanOptionalAction, default=True, help="TorchOptions(overlap=...)"
     )
+    parser.add_argument(
+        "--detections",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="D",
+        help="after the run at conf 0.3, one more run per D with the threshold that keeps about D "
+        "detections per frame",
+    )
+    parser.add_argument(
+        "--post-threads", type=int, default=None, help="Pipeline(post_threads=...); default: its own"
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/bench/pipeline"))
     args = parser.parse_args()
+    for d in args.detections or []:
+        if d <= 0:
+            parser.error(f"--detections must be > 0, got {d}")
 
     from sam3stream.bench import BENCH_PROMPTS, BenchArgs
     from sam3stream.bench_child import random_torch_backend
     from sam3stream.config import parse_config
     from sam3stream.runtime.torch_backend import TorchOptions
+    from sam3stream.stream.worker import post_threads_or_default
 
     work = Path(tempfile.mkdtemp(prefix="sam3-pipeline-bench-"))
     t = time.perf_counter()
@@ -150,23 +184,54 @@ def main() -> int:
     bargs = BenchArgs(
         resolutions=[args.resolution], cameras=[args.cameras], random=args.random, device=args.device
     )
+    t = time.perf_counter()
     backend = random_torch_backend(bargs, args.resolution, args.cameras, TorchOptions(overlap=args.overlap))
+    load_s = time.perf_counter() - t
     classes = BENCH_PROMPTS[: args.classes]
     text = backend.encode_text(classes)
+    # What a Pipeline does before its cameras start: compile and capture every batch slot.
+    _say(f"backend built in {load_s:.0f} s; warming up")
+    t = time.perf_counter()
+    backend.warm_up(text)
+    warm_up_s = time.perf_counter() - t
+    _say(f"warmed up in {warm_up_s:.0f} s")
     frames = np.random.default_rng(0).integers(
         0, 256, (args.cameras, args.resolution, args.resolution, 3), dtype=np.uint8
     )
     bare = bare_throughput(backend, text, frames, args.iters)
     bare_memory = memory_mib(args.device)
     _say(f"bare GPU worker: {bare:.1f} frames/s, memory {bare_memory}")
-    toml = config_text(clips, args.cameras, classes, work, args.cameras, args.resolution)
-    config = parse_config(toml, source="pipeline-bench.toml", base_dir=work)
-    count, pipeline_fps = asyncio.run(run_pipeline(config, backend))
-    ratio = pipeline_fps / bare if bare else 0.0
+    # The first run keeps the usual threshold (random weights: no detection passes it); each
+    # --detections value then runs again with about that many masks per frame to postprocess.
+    targets: list[float | None] = [None, *(args.detections or [])]
+    scores = backend.infer(frames, text, 0.0).scores if args.detections else None
+    runs = []
+    for target in targets:
+        conf = 0.3 if target is None or scores is None else threshold_for(scores, target)
+        toml = config_text(
+            clips, args.cameras, classes, work / f"run{len(runs)}", args.cameras, args.resolution, conf
+        )
+        config = parse_config(toml, source="pipeline-bench.toml", base_dir=work)
+        count, pipeline_fps, detections = asyncio.run(run_pipeline(config, backend, args.post_threads))
+        ratio = pipeline_fps / bare if bare else 0.0
+        per_frame = detections / count if count else 0.0
+        _say(
+            f"pipeline, threshold {conf:.6g} ({per_frame:.2f} detections per frame): {count} results, "
+            f"{pipeline_fps:.1f} frames/s = {ratio:.1%} of the bare worker"
+        )
+        runs.append(
+            {
+                "target_detections": target,
+                "conf": conf,
+                "results": count,
+                "detections_per_frame": per_frame,
+                "pipeline_fps": pipeline_fps,
+                "ratio": ratio,
+            }
+        )
     # Measured after the pipeline ran in the same process: its threads, decode and sinks add to
     # what the bare worker held (a deployment's figure, not the bench's).
     pipeline_memory = memory_mib(args.device)
-    _say(f"pipeline: {count} results, {pipeline_fps:.1f} frames/s = {ratio:.1%} of the bare worker")
     _say(f"memory after the pipeline: {pipeline_memory}")
     result = {
         "command": "python tools/pipeline_bench.py " + " ".join(sys.argv[1:]),
@@ -175,10 +240,14 @@ def main() -> int:
         "classes": args.classes,
         "clip": "1920x1080 H.264, 25 fps",
         "frames_per_camera": round(25 * args.seconds),
-        "results": count,
+        "results": runs[0]["results"],
+        "post_threads": post_threads_or_default(args.post_threads),
+        "load_s": load_s,
+        "warm_up_s": warm_up_s,
         "bare_fps": bare,
-        "pipeline_fps": pipeline_fps,
-        "ratio": ratio,
+        "pipeline_fps": runs[0]["pipeline_fps"],
+        "ratio": runs[0]["ratio"],
+        "runs": runs,
         "memory_after_bare": bare_memory,
         "memory_after_pipeline": pipeline_memory,
         "cpu_count": os.cpu_count(),
