@@ -10,7 +10,7 @@ import numpy.typing as npt
 import pytest
 
 from sam3stream.postprocess import resize_bilinear, to_detections
-from sam3stream.rle import decode
+from sam3stream.rle import decode, mask_counts
 from sam3stream.runtime.types import RawOutputs
 from tests.tool_modules import load_tool
 
@@ -68,6 +68,14 @@ def _special(size: int) -> npt.NDArray[np.float32]:
     return logits
 
 
+def _exact_zeros(size: int) -> npt.NDArray[np.float32]:
+    """Blobs with a patch of columns alternating -1 and 3: scaled by exactly 2, a pixel a quarter
+    of the way from a -1 to a 3 interpolates to exactly 0, which is not > 0."""
+    logits = _blobs(size, 6)
+    logits[100:140, 100:140] = np.where(np.arange(40) % 2 == 0, -1.0, 3.0)
+    return logits
+
+
 MASKS = {
     "blobs": _blobs(288, 1),
     "other blobs": _blobs(288, 2),
@@ -77,22 +85,35 @@ MASKS = {
     "zeros": np.zeros((288, 288), np.float32),
     "special values": _special(288),
     "small, non-square": _blobs(72, 4)[:40],
+    "exact zeros": _exact_zeros(288),
 }
 
 
 @pytest.mark.parametrize("name", list(MASKS))
-@pytest.mark.parametrize(("width", "height"), [(1920, 1080), (641, 359), (2000, 30), (288, 288), (100, 77)])
-def test_masks_are_exactly_the_interpolated_logits_above_zero(name: str, width: int, height: int) -> None:
-    """Only the mask's edge is interpolated; every pixel must still equal
-    resize_bilinear(logits) > 0, the form that matches torch."""
-    from sam3stream.postprocess import _resized_mask
+@pytest.mark.parametrize(
+    ("width", "height"),
+    [(1920, 1080), (576, 576), (641, 359), (2000, 30), (3000, 100), (288, 288), (100, 77)],
+)
+@pytest.mark.parametrize("edge_share", ["default", "any"])
+def test_mask_runs_are_exactly_those_of_the_interpolated_logits_above_zero(
+    name: str, width: int, height: int, edge_share: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the mask's edge is interpolated and no mask is formed; the runs must still be those
+    of resize_bilinear(logits) > 0, the form that matches torch. (3000, 100) shrinks one axis
+    and grows the other: source rows that no output row falls in. "any": the edge path is taken
+    however much of the mask is edge (noise included), not only below the share where it pays."""
+    from sam3stream import postprocess
+    from sam3stream.postprocess import _mask_counts
 
+    if edge_share == "any":
+        monkeypatch.setattr(postprocess, "_EDGE_SHARE", 1.0)
     logits = MASKS[name]
     with np.errstate(invalid="ignore", over="ignore"):
-        want = resize_bilinear(logits, width, height) > 0
-        got = _resized_mask(logits, width, height)
-    assert got.dtype == np.bool_ and got.shape == (height, width)
-    assert np.array_equal(got, want), f"{np.count_nonzero(got != want)} pixels differ"
+        want = mask_counts(resize_bilinear(logits, width, height) > 0)
+        got = _mask_counts(logits, width, height)
+    assert got.dtype == np.int64
+    assert got.sum() == width * height
+    np.testing.assert_array_equal(got, want)
 
 
 def _raw(

@@ -1,8 +1,11 @@
 """Host cost of one detection's mask: SAM 3's 288x288 mask logits resized to the output size,
 thresholded at 0 and run-length encoded, as postprocessing does for every kept detection.
-Interpolating every pixel against interpolating only the mask's edge (postprocess.py); both give
-the same mask. Median milliseconds per mask over masks of a few round objects, and the
-detections per second one postprocessing thread can keep up with.
+Interpolating every pixel and encoding the mask, against finding the runs from the mask's edge
+cells alone (postprocess.py); both give the same runs. Median milliseconds per mask over masks
+of a few round objects, and the detections per second one postprocessing thread keeps up with.
+``--threads N ...`` also measures masks per second at 1920x1080 with N threads at once (as the
+pipeline's postprocessing threads run), for object masks and for speckled ones like a randomly
+initialised model's (mostly on, about 30% of the cells on the edge, tens of thousands of runs).
 
     python tools/postprocess_bench.py --out docs/bench/postprocess_cpu
 """
@@ -32,23 +35,48 @@ def blob_logits(size: int, seed: int) -> npt.NDArray[np.float32]:
     return logits.astype(np.float32)
 
 
+def speckled_logits(size: int, seed: int) -> npt.NDArray[np.float32]:
+    """Mostly positive logits with noise: about 9% of the values below 0, like the masks a
+    randomly initialised SAM 3 gives."""
+    rng = np.random.default_rng(seed)
+    return (2.0 + 1.5 * rng.standard_normal((size, size))).astype(np.float32)
+
+
+def masks_per_s(masks: list[npt.NDArray[np.float32]], threads: int, repeats: int) -> float:
+    """Masks per second, 1920x1080, ``threads`` threads each encoding its share of the masks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sam3stream.postprocess import _mask_counts
+    from sam3stream.rle import counts_to_string
+
+    def one(logits: npt.NDArray[np.float32]) -> str:
+        return counts_to_string(_mask_counts(logits, 1920, 1080))
+
+    work = masks * max(1, repeats * threads)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, masks))  # tables cached, threads started
+        start = time.perf_counter()
+        list(pool.map(one, work))
+        return len(work) / (time.perf_counter() - start)
+
+
 def mask_ms(
-    form: Callable[[npt.NDArray[np.float32], int, int], npt.NDArray[np.bool_]],
+    form: Callable[[npt.NDArray[np.float32], int, int], npt.NDArray[np.int64]],
     masks: list[npt.NDArray[np.float32]],
     width: int,
     height: int,
     repeats: int,
 ) -> float:
-    """Median over masks of each mask's median milliseconds: resize + threshold + RLE."""
-    from sam3stream.rle import encode
+    """Median over masks of each mask's median milliseconds: resize + threshold + RLE string."""
+    from sam3stream.rle import counts_to_string
 
     per_mask = []
     for logits in masks:
-        encode(form(logits, width, height))  # tables cached, caches warm
+        counts_to_string(form(logits, width, height))  # tables cached, caches warm
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            encode(form(logits, width, height))
+            counts_to_string(form(logits, width, height))
             times.append((time.perf_counter() - start) * 1e3)
         per_mask.append(np.median(times))
     return float(np.median(per_mask))
@@ -61,24 +89,27 @@ def main() -> int:
     parser.add_argument("--sizes", nargs="+", default=["1920x1080", "1280x720", "1008x1008", "640x360"])
     parser.add_argument("--masks", type=int, default=20, help="different masks timed per size")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, nargs="+", default=[], help="thread counts for masks/s")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/postprocess_cpu"))
     args = parser.parse_args()
 
-    from sam3stream.postprocess import _interpolated_mask, _resized_mask
+    from sam3stream.postprocess import _interpolated_mask, _mask_counts
+    from sam3stream.rle import mask_counts
+
+    def every_pixel(logits: npt.NDArray[np.float32], width: int, height: int) -> npt.NDArray[np.int64]:
+        return mask_counts(_interpolated_mask(logits, width, height))
 
     masks = [blob_logits(288, seed) for seed in range(args.masks)]
     rows = []
     for size in args.sizes:
         width, height = (int(v) for v in size.split("x"))
         for logits in masks:  # the two forms must agree before their times mean anything
-            if not np.array_equal(
-                _resized_mask(logits, width, height), _interpolated_mask(logits, width, height)
-            ):
+            if not np.array_equal(_mask_counts(logits, width, height), every_pixel(logits, width, height)):
                 print(f"{size}: the two forms disagree", file=sys.stderr)
                 return 1
 
-        every = mask_ms(_interpolated_mask, masks, width, height, args.repeats)
-        edge = mask_ms(_resized_mask, masks, width, height, args.repeats)
+        every = mask_ms(every_pixel, masks, width, height, args.repeats)
+        edge = mask_ms(_mask_counts, masks, width, height, args.repeats)
         row = {
             "size": size,
             "every_pixel_ms": every,
@@ -91,11 +122,19 @@ def main() -> int:
             f"{size}: every pixel {row['every_pixel_ms']:.2f} ms, edge only {row['edge_only_ms']:.2f} ms "
             f"({row['speedup']:.1f}x), {row['detections_per_s_one_thread']:.0f} masks/s per thread"
         )
+    throughput = []
+    kinds = {"objects": masks, "speckled": [speckled_logits(288, seed) for seed in range(args.masks)]}
+    for kind, logits_list in kinds.items():
+        for threads in args.threads:
+            rate = masks_per_s(logits_list, threads, args.repeats)
+            throughput.append({"masks": kind, "size": "1920x1080", "threads": threads, "masks_per_s": rate})
+            print(f"{kind} masks, 1920x1080, {threads} threads: {rate:.0f} masks/s")
     result = {
         "command": "python tools/postprocess_bench.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "numpy": np.__version__,
         "rows": rows,
+        "throughput": throughput,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
