@@ -119,6 +119,15 @@ def submit_ahead_ms(backend: Any, frames: npt.NDArray[np.uint8], text: Any, iter
     return intervals
 
 
+def threshold_keeping(scores: npt.NDArray[np.float32], per_frame: float) -> float:
+    """The score that about ``per_frame`` detections per frame reach, from one batch's scores
+    [B, C, K] (every query of every class). Random weights keep nothing at the usual threshold;
+    the tools use this to give them a real model's postprocessing load."""
+    ranked = np.sort(scores.reshape(-1))[::-1]
+    keep = max(1, min(ranked.size, round(per_frame * scores.shape[0])))
+    return float(ranked[keep - 1])
+
+
 def _flops_per_frame(backend: Any, text: Any) -> float | None:
     """FLOPs of one frame through vision, geometry and the decoder (all classes), counted by torch."""
     import torch

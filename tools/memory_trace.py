@@ -1,6 +1,10 @@
 """GPU memory after each step of building and running the torch backend: NVML (the process,
 CUDA context included), the allocator's reserved and allocated MiB. ``--bench-steps`` adds the
 steps `sam3stream bench` takes before its measurement (the matmul peak, the FLOP count).
+``--warm-up`` starts with the backend's warm-up, as a Pipeline does. ``--kept D ...`` then runs
+batches on a separate thread, as the GPU worker does, at the thresholds that keep about D
+detections per frame (random weights keep none at the usual threshold): the masks a real model
+keeps are gathered and copied back after each batch.
 
 The model is built on the GPU before the backend exists, as the bench and the tools do; set
 PYTORCH_CUDA_ALLOC_CONF yourself to compare allocator settings (an empty value leaves the
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,10 @@ def main() -> int:
     parser.add_argument("--cameras", type=int, default=8)
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--bench-steps", action="store_true")
+    parser.add_argument(
+        "--warm-up", action="store_true", help="warm the backend up first, as a Pipeline does"
+    )
+    parser.add_argument("--kept", type=float, nargs="+", default=[], metavar="D")
     parser.add_argument("--out", type=Path, default=None, help="also write the steps as JSON")
     args = parser.parse_args()
 
@@ -43,6 +52,7 @@ def main() -> int:
         nvml_process_mib,
         random_torch_backend,
         submit_ahead_ms,
+        threshold_keeping,
     )
     from sam3stream.model.roi_align import install_into_transformers
     from sam3stream.runtime.torch_backend import TorchOptions
@@ -57,6 +67,8 @@ def main() -> int:
             "nvml_mib": nvml_process_mib(),
             "reserved_mib": torch.cuda.memory_reserved() / MIB,
             "allocated_mib": torch.cuda.memory_allocated() / MIB,
+            "reserved_peak_mib": torch.cuda.max_memory_reserved() / MIB,
+            "allocated_peak_mib": torch.cuda.max_memory_allocated() / MIB,
         }
         steps.append(row)
         print(json.dumps(row), flush=True)
@@ -70,6 +82,9 @@ def main() -> int:
         matmul_tflops(torch.device("cuda"))
         step("matmul peak")
     text = backend.encode_text(BENCH_PROMPTS[: args.classes])
+    if args.warm_up:
+        backend.warm_up(text)
+        step("warmed up")
     if args.bench_steps:
         _flops_per_frame(backend, text)
         step("FLOP count")
@@ -81,6 +96,19 @@ def main() -> int:
         step(f"batch {n + 1}")
     submit_ahead_ms(backend, frames, text, 10)
     step("10 more, submitted ahead")
+    if args.kept:
+        scores = backend.infer(frames, text, 1.0).scores  # every score, no mask gathered
+        # The worker submits and collects on its own engine thread, not the main one.
+        with ThreadPoolExecutor(1) as engine:
+            for per_frame in args.kept:
+                conf = threshold_keeping(scores, per_frame)
+                kept = engine.submit(
+                    lambda c=conf: [backend.infer(frames, text, c) for _ in range(3)]
+                ).result()
+                masks = sum(len(r.mask_index) for r in kept) / (3 * args.cameras)
+                step(f"3 batches on an engine thread, threshold {conf:.6g}: {masks:.1f} masks per frame")
+        backend.infer(frames, text, 0.0)
+        step("one batch keeping every detection (threshold 0)")
     if args.out:
         report = {
             "command": "python tools/memory_trace.py " + " ".join(sys.argv[1:]),

@@ -49,6 +49,18 @@ def make_clips(folder: Path, count: int, seconds: float) -> list[Path]:
     return paths
 
 
+def first_frames(clips: list[Path], cameras: int, resolution: int) -> np.ndarray:
+    """Each camera's first frame, squashed to the model's square as the decode threads do."""
+    import av
+
+    frames = []
+    for i in range(cameras):
+        with av.open(str(clips[i % len(clips)])) as container:
+            frame = next(container.decode(video=0))
+            frames.append(frame.to_ndarray(width=resolution, height=resolution, format="rgb24"))
+    return np.stack(frames)
+
+
 def bare_throughput(backend: Any, text: Any, frames: np.ndarray, iters: int) -> float:
     """Frames/s of the backend alone, each batch submitted before the previous one is collected
     (as the GPU worker runs it; the same loop as `sam3stream bench`)."""
@@ -73,14 +85,6 @@ def memory_mib(device: str) -> dict[str, float | None]:
         "alloc_peak_mib": torch.cuda.max_memory_allocated() / MIB,
         "reserved_peak_mib": torch.cuda.max_memory_reserved() / MIB,
     }
-
-
-def threshold_for(scores: np.ndarray, per_frame: float) -> float:
-    """The score that about ``per_frame`` detections per frame reach: scores [B, C, K] of one
-    batch, every query of every class."""
-    ranked = np.sort(scores.reshape(-1))[::-1]
-    keep = max(1, min(ranked.size, round(per_frame * scores.shape[0])))
-    return float(ranked[keep - 1])
 
 
 def config_text(
@@ -163,16 +167,23 @@ def main() -> int:
         "detections per frame",
     )
     parser.add_argument(
-        "--post-threads", type=int, default=None, help="Pipeline(post_threads=...); default: its own"
+        "--post-threads",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="Pipeline(post_threads=...) for the runs with detections, one run each; default: its own",
     )
     parser.add_argument("--out", type=Path, default=Path("docs/bench/pipeline"))
     args = parser.parse_args()
     for d in args.detections or []:
         if d <= 0:
             parser.error(f"--detections must be > 0, got {d}")
+    for n in args.post_threads:
+        if n is not None and n < 1:
+            parser.error(f"--post-threads must be >= 1, got {n}")
 
     from sam3stream.bench import BENCH_PROMPTS, BenchArgs
-    from sam3stream.bench_child import random_torch_backend
+    from sam3stream.bench_child import random_torch_backend, threshold_keeping
     from sam3stream.config import parse_config
     from sam3stream.runtime.torch_backend import TorchOptions
     from sam3stream.stream.worker import post_threads_or_default
@@ -202,26 +213,36 @@ def main() -> int:
     bare_memory = memory_mib(args.device)
     _say(f"bare GPU worker: {bare:.1f} frames/s, memory {bare_memory}")
     # The first run keeps the usual threshold (random weights: no detection passes it); each
-    # --detections value then runs again with about that many masks per frame to postprocess.
-    targets: list[float | None] = [None, *(args.detections or [])]
-    scores = backend.infer(frames, text, 0.0).scores if args.detections else None
+    # --detections value then runs again with about that many masks per frame to postprocess,
+    # once per --post-threads value. The threshold comes from the clips' own first frames: the
+    # scores of random weights depend on the picture.
+    runs_for: list[tuple[float | None, int | None]] = [(None, None)]
+    runs_for += [(d, n) for d in args.detections or [] for n in args.post_threads]
+    # Threshold 1 still returns every score, and gathers no mask.
+    scores = (
+        backend.infer(first_frames(clips, args.cameras, args.resolution), text, 1.0).scores
+        if args.detections
+        else None
+    )
     runs = []
-    for target in targets:
-        conf = 0.3 if target is None or scores is None else threshold_for(scores, target)
+    for target, threads in runs_for:
+        conf = 0.3 if target is None or scores is None else threshold_keeping(scores, target)
         toml = config_text(
             clips, args.cameras, classes, work / f"run{len(runs)}", args.cameras, args.resolution, conf
         )
         config = parse_config(toml, source="pipeline-bench.toml", base_dir=work)
-        count, pipeline_fps, detections = asyncio.run(run_pipeline(config, backend, args.post_threads))
+        count, pipeline_fps, detections = asyncio.run(run_pipeline(config, backend, threads))
         ratio = pipeline_fps / bare if bare else 0.0
         per_frame = detections / count if count else 0.0
         _say(
-            f"pipeline, threshold {conf:.6g} ({per_frame:.2f} detections per frame): {count} results, "
+            f"pipeline, threshold {conf:.6g} ({per_frame:.2f} detections per frame, "
+            f"{post_threads_or_default(threads)} postprocessing threads): {count} results, "
             f"{pipeline_fps:.1f} frames/s = {ratio:.1%} of the bare worker"
         )
         runs.append(
             {
                 "target_detections": target,
+                "post_threads": post_threads_or_default(threads),
                 "conf": conf,
                 "results": count,
                 "detections_per_frame": per_frame,
@@ -241,7 +262,6 @@ def main() -> int:
         "clip": "1920x1080 H.264, 25 fps",
         "frames_per_camera": round(25 * args.seconds),
         "results": runs[0]["results"],
-        "post_threads": post_threads_or_default(args.post_threads),
         "load_s": load_s,
         "warm_up_s": warm_up_s,
         "bare_fps": bare,
