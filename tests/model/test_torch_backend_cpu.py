@@ -219,3 +219,22 @@ def test_the_same_prompts_are_encoded_once(backend: TorchBackend, monkeypatch: p
     assert calls == [2, 1]
     np.testing.assert_array_equal(again.features, first.features)
     np.testing.assert_allclose(other.features[0], first.features[1], atol=1e-5)
+
+
+def test_kept_masks_cross_in_chunks_and_come_out_the_same(
+    backend: TorchBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A low threshold keeps every mask; copied a few at a time they must be the same masks, in
+    the same order, as copied all at once."""
+    from sam3stream.runtime import torch_backend
+
+    frames = np.random.default_rng(5).integers(0, 256, (2, 490, 490, 3), dtype=np.uint8)
+    text = backend.encode_text(PROMPTS)
+    monkeypatch.setattr(torch_backend, "MASK_CHUNK", 10**6)
+    whole = backend.infer(frames, text, 0.0)
+    monkeypatch.setattr(torch_backend, "MASK_CHUNK", 3)
+    chunked = backend.infer(frames, text, 0.0)
+    assert len(whole.mask_index) == 2 * len(PROMPTS) * backend.manifest.queries  # more than one chunk
+    assert chunked.masks.dtype == np.float32
+    assert np.array_equal(chunked.mask_index, whole.mask_index)
+    assert np.array_equal(chunked.masks, whole.masks)
