@@ -38,6 +38,7 @@ __all__ = [
     "MetricsConfig",
     "MqttSinkConfig",
     "OnFull",
+    "PostprocessConfig",
     "PromptsConfig",
     "SinkConfig",
     "VideoSinkConfig",
@@ -49,6 +50,7 @@ __all__ = [
 OnFull: TypeAlias = Literal["drop_oldest", "block"]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Probability = Annotated[float, msgspec.Meta(ge=0, le=1)]
 
@@ -200,6 +202,15 @@ def sink_name(index: int, sink: SinkConfig) -> str:
 # --------------------------------------------------------------------------- the rest
 
 
+class PostprocessConfig(_Section, frozen=True, kw_only=True):
+    # A batch's frames (masks resized and run-length encoded on the host) are spread over this
+    # many threads; None: a quarter of the cores, 1 to 4. Threads share Python's lock.
+    threads: PositiveInt | None = None
+    # > 0: over this many processes instead, which scale with the cores (many masks per frame).
+    # A program that embeds the pipeline must then guard its entry point (if __name__ == ...).
+    processes: NonNegativeInt = 0
+
+
 class MetricsConfig(_Section, frozen=True, kw_only=True):
     interval_s: Positive = 10.0  # how often the reporter logs (and publishes) stats
     prometheus_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
@@ -223,6 +234,7 @@ class Config(_Section, frozen=True, kw_only=True):
     cameras: list[CameraConfig]
     batching: BatchingConfig = msgspec.field(default_factory=BatchingConfig)
     sinks: list[SinkConfig] = []
+    postprocess: PostprocessConfig = msgspec.field(default_factory=PostprocessConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     lifecycle: LifecycleConfig = msgspec.field(default_factory=LifecycleConfig)

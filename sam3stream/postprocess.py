@@ -22,7 +22,7 @@ from sam3stream.rle import counts_to_string, mask_counts
 from sam3stream.runtime.types import RawOutputs
 from sam3stream.stream.frames import Detection, Rle
 
-__all__ = ["resize_bilinear", "to_detections"]
+__all__ = ["frame_outputs", "resize_bilinear", "to_detections"]
 
 F32 = npt.NDArray[np.float32]
 _Axis = tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], F32, F32]
@@ -209,6 +209,24 @@ def _mask_counts(logits: F32, width: int, height: int) -> npt.NDArray[np.int64]:
     if value[0]:  # COCO counts always start with the zero run, empty or not
         runs = np.concatenate((np.zeros(1, dtype=np.int64), runs))
     return runs
+
+
+def frame_outputs(raw: RawOutputs, b: int) -> RawOutputs:
+    """Frame ``b`` of ``raw`` as a batch of one, with only its own masks: what a postprocessing
+    process is sent (``to_detections(frame_outputs(raw, b), 0, ...)`` is frame b's detections)."""
+    if not 0 <= b < raw.batch:
+        raise IndexError(f"frame {b} is outside the batch of {raw.batch}")
+    rows = np.flatnonzero(raw.mask_index[:, 0] == b)
+    index = raw.mask_index[rows]
+    index[:, 0] = 0
+    return RawOutputs(
+        scores=raw.scores[b : b + 1],
+        boxes=raw.boxes[b : b + 1],
+        presence=raw.presence[b : b + 1],
+        query_index=raw.query_index[b : b + 1],
+        masks=raw.masks[rows],
+        mask_index=index,
+    )
 
 
 def to_detections(

@@ -223,3 +223,21 @@ def test_bad_arguments() -> None:
 def test_does_not_import_torch() -> None:
     code = "import sys, sam3stream.postprocess; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_one_frame_of_outputs_gives_that_frames_detections() -> None:
+    """What a postprocessing process is sent: frame b alone, with only its own masks."""
+    from sam3stream.postprocess import frame_outputs
+
+    raw = _example()
+    labels, thresholds = ["a", "b", "c"], [0.2, 0.4, 0.6]
+    for b in range(raw.batch):
+        one = frame_outputs(raw, b)
+        assert one.batch == 1 and set(one.mask_index[:, 0]) <= {0}
+        assert len(one.masks) == int((raw.mask_index[:, 0] == b).sum())
+        assert to_detections(one, 0, labels, thresholds, 64, 48) == to_detections(
+            raw, b, labels, thresholds, 64, 48
+        )
+    assert raw.mask_index[:, 0].max() == 1  # the batch's own index is left alone
+    with pytest.raises(IndexError):
+        frame_outputs(raw, 2)

@@ -119,12 +119,20 @@ path = "{out / "jsonl"}"
 """
 
 
-async def run_pipeline(config: Any, backend: Any, post_threads: int | None) -> tuple[int, float, int]:
+async def run_pipeline(
+    config: Any, backend: Any, post_threads: int | None, post_processes: int = 0
+) -> tuple[int, float, int]:
     """Results delivered, their frames/s and the detections they carried."""
     from sam3stream.stream.pipeline import Pipeline
 
     count, detections, first, last = 0, 0, 0.0, 0.0
-    async with Pipeline(config, backend=backend, results_queue=4096, post_threads=post_threads) as pipe:
+    async with Pipeline(
+        config,
+        backend=backend,
+        results_queue=4096,
+        post_threads=post_threads,
+        post_processes=post_processes,
+    ) as pipe:
 
         async def consume() -> None:
             nonlocal count, detections, first, last
@@ -173,6 +181,13 @@ def main() -> int:
         default=[None],
         help="Pipeline(post_threads=...) for the runs with detections, one run each; default: its own",
     )
+    parser.add_argument(
+        "--post-processes",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also one run per --detections value with Pipeline(post_processes=N) for each N",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/bench/pipeline"))
     args = parser.parse_args()
     for d in args.detections or []:
@@ -181,6 +196,9 @@ def main() -> int:
     for n in args.post_threads:
         if n is not None and n < 1:
             parser.error(f"--post-threads must be >= 1, got {n}")
+    for n in args.post_processes:
+        if n < 1:
+            parser.error(f"--post-processes must be >= 1, got {n}")
 
     from sam3stream.bench import BENCH_PROMPTS, BenchArgs
     from sam3stream.bench_child import random_torch_backend, threshold_keeping
@@ -214,10 +232,12 @@ def main() -> int:
     _say(f"bare GPU worker: {bare:.1f} frames/s, memory {bare_memory}")
     # The first run keeps the usual threshold (random weights: no detection passes it); each
     # --detections value then runs again with about that many masks per frame to postprocess,
-    # once per --post-threads value. The threshold comes from the clips' own first frames: the
-    # scores of random weights depend on the picture.
-    runs_for: list[tuple[float | None, int | None]] = [(None, None)]
-    runs_for += [(d, n) for d in args.detections or [] for n in args.post_threads]
+    # once per --post-threads and per --post-processes value. The threshold comes from the clips'
+    # own first frames: the scores of random weights depend on the picture.
+    runs_for: list[tuple[float | None, int | None, int]] = [(None, None, 0)]
+    for d in args.detections or []:
+        runs_for += [(d, n, 0) for n in args.post_threads]
+        runs_for += [(d, None, n) for n in args.post_processes]
     # Threshold 1 still returns every score, and gathers no mask.
     scores = (
         backend.infer(first_frames(clips, args.cameras, args.resolution), text, 1.0).scores
@@ -225,24 +245,25 @@ def main() -> int:
         else None
     )
     runs = []
-    for target, threads in runs_for:
+    for target, threads, processes in runs_for:
         conf = 0.3 if target is None or scores is None else threshold_keeping(scores, target)
         toml = config_text(
             clips, args.cameras, classes, work / f"run{len(runs)}", args.cameras, args.resolution, conf
         )
         config = parse_config(toml, source="pipeline-bench.toml", base_dir=work)
-        count, pipeline_fps, detections = asyncio.run(run_pipeline(config, backend, threads))
+        count, pipeline_fps, detections = asyncio.run(run_pipeline(config, backend, threads, processes))
         ratio = pipeline_fps / bare if bare else 0.0
         per_frame = detections / count if count else 0.0
+        workers = f"{processes} processes" if processes else f"{post_threads_or_default(threads)} threads"
         _say(
-            f"pipeline, threshold {conf:.6g} ({per_frame:.2f} detections per frame, "
-            f"{post_threads_or_default(threads)} postprocessing threads): {count} results, "
-            f"{pipeline_fps:.1f} frames/s = {ratio:.1%} of the bare worker"
+            f"pipeline, threshold {conf:.6g} ({per_frame:.2f} detections per frame, postprocessing on "
+            f"{workers}): {count} results, {pipeline_fps:.1f} frames/s = {ratio:.1%} of the bare worker"
         )
         runs.append(
             {
                 "target_detections": target,
-                "post_threads": post_threads_or_default(threads),
+                "post_threads": 0 if processes else post_threads_or_default(threads),
+                "post_processes": processes,
                 "conf": conf,
                 "results": count,
                 "detections_per_frame": per_frame,

@@ -4,8 +4,9 @@ Interpolating every pixel and encoding the mask, against finding the runs from t
 cells alone (postprocess.py); both give the same runs. Median milliseconds per mask over masks
 of a few round objects, and the detections per second one postprocessing thread keeps up with.
 ``--threads N ...`` also measures masks per second at 1920x1080 with N threads at once (as the
-pipeline's postprocessing threads run), for object masks and for speckled ones like a randomly
-initialised model's (mostly on, about 30% of the cells on the edge, tens of thousands of runs).
+pipeline's postprocessing threads run), and ``--processes N ...`` with N processes (``[postprocess]
+processes``), for object masks and for speckled ones like a randomly initialised model's
+(mostly on, about 30% of the cells on the edge, tens of thousands of runs).
 
     python tools/postprocess_bench.py --out docs/bench/postprocess_cpu
 """
@@ -42,21 +43,29 @@ def speckled_logits(size: int, seed: int) -> npt.NDArray[np.float32]:
     return (2.0 + 1.5 * rng.standard_normal((size, size))).astype(np.float32)
 
 
-def masks_per_s(masks: list[npt.NDArray[np.float32]], threads: int, repeats: int) -> float:
-    """Masks per second, 1920x1080, ``threads`` threads each encoding its share of the masks."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def encode_full_hd(logits: npt.NDArray[np.float32]) -> str:
     from sam3stream.postprocess import _mask_counts
     from sam3stream.rle import counts_to_string
 
-    def one(logits: npt.NDArray[np.float32]) -> str:
-        return counts_to_string(_mask_counts(logits, 1920, 1080))
+    return counts_to_string(_mask_counts(logits, 1920, 1080))
 
-    work = masks * max(1, repeats * threads)
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(one, masks))  # tables cached, threads started
+
+def masks_per_s(masks: list[npt.NDArray[np.float32]], workers: int, repeats: int, processes: bool) -> float:
+    """Masks per second, 1920x1080, ``workers`` threads (or processes, each sent its masks as
+    the pipeline's are) each encoding its share of the masks."""
+    import multiprocessing
+    from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+
+    pool: Executor = (
+        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        if processes
+        else ThreadPoolExecutor(workers)
+    )
+    work = masks * max(1, repeats * workers)
+    with pool:
+        list(pool.map(encode_full_hd, masks * workers))  # tables cached, workers started
         start = time.perf_counter()
-        list(pool.map(one, work))
+        list(pool.map(encode_full_hd, work))
         return len(work) / (time.perf_counter() - start)
 
 
@@ -90,6 +99,7 @@ def main() -> int:
     parser.add_argument("--masks", type=int, default=20, help="different masks timed per size")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[], help="thread counts for masks/s")
+    parser.add_argument("--processes", type=int, nargs="+", default=[], help="process counts for masks/s")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/postprocess_cpu"))
     args = parser.parse_args()
 
@@ -125,10 +135,11 @@ def main() -> int:
     throughput = []
     kinds = {"objects": masks, "speckled": [speckled_logits(288, seed) for seed in range(args.masks)]}
     for kind, logits_list in kinds.items():
-        for threads in args.threads:
-            rate = masks_per_s(logits_list, threads, args.repeats)
-            throughput.append({"masks": kind, "size": "1920x1080", "threads": threads, "masks_per_s": rate})
-            print(f"{kind} masks, 1920x1080, {threads} threads: {rate:.0f} masks/s")
+        for how, counts in (("threads", args.threads), ("processes", args.processes)):
+            for n in counts:
+                rate = masks_per_s(logits_list, n, args.repeats, processes=how == "processes")
+                throughput.append({"masks": kind, "size": "1920x1080", how: n, "masks_per_s": rate})
+                print(f"{kind} masks, 1920x1080, {n} {how}: {rate:.0f} masks/s")
     result = {
         "command": "python tools/postprocess_bench.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},

@@ -48,7 +48,7 @@ from sam3stream.stream.mailbox import Doorbell, Inbox, InFlight
 from sam3stream.stream.source import CameraSource
 from sam3stream.stream.tasks import first_error
 from sam3stream.stream.threads import close_executor, single_thread
-from sam3stream.stream.worker import GpuWorker, Postprocess, post_threads_or_default
+from sam3stream.stream.worker import GpuWorker, Postprocess, check_post_processes, post_threads_or_default
 
 __all__ = ["Pipeline"]
 
@@ -63,8 +63,9 @@ class Pipeline:
 
     ``backend``: use this one instead of opening ``config.engines`` (tests,
     embedding); the caller keeps ownership and closes it. ``sinks``: extra
-    sinks next to the configured ones. ``post_threads``: threads a batch's
-    postprocessing is spread over (None: a quarter of the cores, 1 to 4). ``results_queue``: how many results
+    sinks next to the configured ones. ``post_threads`` / ``post_processes``: threads or
+    processes a batch's postprocessing is spread over (None: the config's ``[postprocess]``,
+    whose defaults are a quarter of the cores in threads, 1 to 4). ``results_queue``: how many results
     :meth:`results` keeps for a slow reader before dropping the oldest (0: no
     :meth:`results` at all, for programs that only use sinks).
     """
@@ -80,6 +81,7 @@ class Pipeline:
         postprocess: Postprocess | None = None,
         rng: random.Random | None = None,
         post_threads: int | None = None,
+        post_processes: int | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(window_s=config.metrics.interval_s)
@@ -87,7 +89,11 @@ class Pipeline:
         self._extra_sinks = list(sinks)
         self._postprocess = postprocess
         # Checked now, not when the worker starts after a minute of loading the engine.
-        self._post_threads = post_threads_or_default(post_threads)
+        self._post_threads = post_threads_or_default(
+            config.postprocess.threads if post_threads is None else post_threads
+        )
+        self._post_processes = config.postprocess.processes if post_processes is None else post_processes
+        check_post_processes(self._post_processes, postprocess)
         self._rng = rng or random.Random()
         self._subscriber = Subscriber(results_queue) if results_queue > 0 else None
         self._stop_requested = asyncio.Event()
@@ -424,6 +430,7 @@ class Pipeline:
             postprocess=self._postprocess,
             infer_pool=infer_pool,
             post_threads=self._post_threads,
+            post_processes=self._post_processes,
         )
         for route in self.routes:
             publish_stats = getattr(route.sink, "publish_stats", None)

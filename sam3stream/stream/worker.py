@@ -3,8 +3,9 @@
 Two stages, each on its own single thread, linked by a one-slot handoff so that
 postprocessing batch N overlaps inference of batch N+1 while results still
 leave in batch order (the post thread spreads a batch's frames over
-``post_threads`` threads where the machine has cores to spare: each kept
-detection's mask costs milliseconds of numpy on the host):
+``post_threads`` threads where the machine has cores to spare, or over
+``post_processes`` processes, which escape Python's lock: each kept detection's
+mask costs milliseconds of numpy on the host):
 
     batches -> [infer thread] stack, backend.submit|infer -> handoff -> [post thread] detections -> publish
 
@@ -23,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib
+import multiprocessing
 import os
+import pickle
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -70,6 +73,21 @@ def post_threads_or_default(post_threads: int | None) -> int:
     if post_threads < 1:
         raise ValueError(f"post_threads must be >= 1, got {post_threads}")
     return post_threads
+
+
+def check_post_processes(post_processes: int, postprocess: Postprocess | None) -> None:
+    """``post_processes`` must be >= 0, and with processes the postprocess function must be one
+    that a process can be sent (defined at a module's top level)."""
+    if post_processes < 0:
+        raise ValueError(f"post_processes must be >= 0, got {post_processes}")
+    if post_processes and postprocess is not None:
+        try:
+            pickle.dumps(postprocess)
+        except Exception as exc:
+            raise ValueError(
+                "post_processes needs a postprocess function defined at a module's top level "
+                f"(processes are sent it by name): {exc}"
+            ) from None
 
 
 def default_post_threads(cores: int | None = None) -> int:
@@ -118,9 +136,13 @@ class GpuWorker:
         postprocess: Postprocess | None = None,
         infer_pool: ThreadPoolExecutor | None = None,
         post_threads: int | None = None,
+        post_processes: int = 0,
     ) -> None:
         """``infer_pool``: the one thread that talks to the backend, when the caller made it
-        (it loaded the backend there, so device contexts stay on one thread); else our own."""
+        (it loaded the backend there, so device contexts stay on one thread); else our own.
+        ``post_processes`` > 0: a batch's frames are postprocessed in that many processes
+        (started with the worker) instead of ``post_threads`` threads."""
+        check_post_processes(post_processes, postprocess)
         self._backend = backend
         self._infer_pool = infer_pool
         self._labels = list(prompts.classes)
@@ -133,7 +155,9 @@ class GpuWorker:
         self._metrics = metrics
         self._postprocess = postprocess if postprocess is not None else default_postprocess()
         self.post_threads = post_threads_or_default(post_threads)
-        self._frame_pool: ThreadPoolExecutor | None = None  # a batch's frames, when post_threads > 1
+        self.post_processes = post_processes
+        # A batch's frames: threads when post_threads > 1, processes when post_processes > 0.
+        self._frame_pool: ThreadPoolExecutor | ProcessPoolExecutor | None = None
         self.text: TextFeatures | None = None
         self.batches_done = 0
 
@@ -141,10 +165,9 @@ class GpuWorker:
         own_pool = self._infer_pool is None
         infer_pool = self._infer_pool or single_thread("sam3-infer")
         post_pool = single_thread("sam3-post")
-        if self.post_threads > 1:
-            self._frame_pool = ThreadPoolExecutor(self.post_threads, thread_name_prefix="sam3-post-frame")
         loop = asyncio.get_running_loop()
         try:
+            await self._start_frame_pool()
             try:
                 text = await loop.run_in_executor(infer_pool, self._backend.encode_text, self._labels)
             except Exception as exc:
@@ -154,7 +177,8 @@ class GpuWorker:
                 "prompts_encoded",
                 classes=self._labels,
                 min_score=self._min_score,
-                post_threads=self.post_threads,
+                post_threads=0 if self.post_processes else self.post_threads,
+                post_processes=self.post_processes,
             )
             handoff: asyncio.Queue[_Inferred] = asyncio.Queue(maxsize=1)
             try:
@@ -168,9 +192,34 @@ class GpuWorker:
             if own_pool:
                 await close_executor(infer_pool, _THREAD_CLOSE_S)
             await close_executor(post_pool, _THREAD_CLOSE_S)
-            if self._frame_pool is not None:
-                await close_executor(self._frame_pool, _THREAD_CLOSE_S)
-                self._frame_pool = None
+            await self._close_frame_pool()
+
+    async def _start_frame_pool(self) -> None:
+        if self.post_processes:
+            # Spawned, not forked: this process has threads (and maybe a CUDA context) that a
+            # fork would copy mid-flight. Started now, so the first batch does not wait for them.
+            pool = ProcessPoolExecutor(self.post_processes, mp_context=multiprocessing.get_context("spawn"))
+            self._frame_pool = pool
+            loop = asyncio.get_running_loop()
+            t0 = time.perf_counter()
+            await asyncio.gather(*(loop.run_in_executor(pool, os.getpid) for _ in range(self.post_processes)))
+            log.info(
+                "post_processes_started",
+                processes=self.post_processes,
+                seconds=round(time.perf_counter() - t0, 2),
+            )
+        elif self.post_threads > 1:
+            self._frame_pool = ThreadPoolExecutor(self.post_threads, thread_name_prefix="sam3-post-frame")
+
+    async def _close_frame_pool(self) -> None:
+        pool, self._frame_pool = self._frame_pool, None
+        if isinstance(pool, ThreadPoolExecutor):
+            await close_executor(pool, _THREAD_CLOSE_S)
+        elif pool is not None:
+            # Idle by now (the post loop has ended): joining its processes is quick. Shielded like
+            # close_executor, so it also completes while the caller is being cancelled.
+            closing = asyncio.ensure_future(asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True))
+            await asyncio.wait({closing}, timeout=_THREAD_CLOSE_S)
 
     async def _infer_loop(
         self, pool: ThreadPoolExecutor, text: TextFeatures, handoff: asyncio.Queue[_Inferred]
@@ -248,6 +297,36 @@ class GpuWorker:
             self.batches_done += 1
             self._in_flight.done(len(frames))
 
+    def _in_processes(self, pool: ProcessPoolExecutor, inferred: _Inferred) -> list[list[Detection]]:
+        """A batch's detections from the processes, in frame order; each is sent its own frame's
+        outputs only. If a process dies, this batch and the rest are postprocessed here."""
+        from sam3stream.postprocess import frame_outputs
+
+        frames, raw = inferred.batch.frames, inferred.raw
+        try:
+            futures = [
+                pool.submit(
+                    self._postprocess,
+                    frame_outputs(raw, b),
+                    0,
+                    self._labels,
+                    self._thresholds,
+                    f.width,
+                    f.height,
+                    self._mask_size,
+                )
+                for b, f in enumerate(frames)
+            ]
+            return [future.result() for future in futures]
+        except BrokenExecutor as exc:
+            log.error("post_processes_failed", error=repr(exc), detail="postprocessing here from now on")
+            self._frame_pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+        return [
+            self._postprocess(raw, b, self._labels, self._thresholds, f.width, f.height, self._mask_size)
+            for b, f in enumerate(frames)
+        ]
+
     def _results(self, inferred: _Inferred) -> list[FrameResult]:
         t0 = time.perf_counter()
         frames = inferred.batch.frames
@@ -259,7 +338,9 @@ class GpuWorker:
             )
 
         pool = self._frame_pool
-        if pool is not None and len(frames) > 1:
+        if isinstance(pool, ProcessPoolExecutor):
+            detections = self._in_processes(pool, inferred)
+        elif pool is not None and len(frames) > 1:
             detections = list(pool.map(detect, range(len(frames))))  # in frame order
         else:
             detections = [detect(b) for b in range(len(frames))]

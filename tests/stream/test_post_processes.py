@@ -1,0 +1,110 @@
+"""Postprocessing in processes ([postprocess] processes = N): the same detections as in the
+pipeline's own threads, every frame once and in order, and a dead process costs no frame."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from sam3stream.errors import ConfigError
+from sam3stream.runtime.fake import FakeBackend
+from sam3stream.runtime.types import RawOutputs
+from sam3stream.stream.frames import Detection
+from sam3stream.stream.pipeline import Pipeline
+from tests.stream.helpers import MemorySink, camera_toml, make_config, stub_postprocess
+
+_PARENT = "SAM3STREAM_TEST_PARENT_PID"
+
+
+def labelled_by_process(
+    raw: RawOutputs,
+    b: int,
+    labels: Sequence[str],
+    thresholds: Sequence[float],
+    width: int,
+    height: int,
+    mask_size: tuple[int, int] | None,
+) -> list[Detection]:
+    """The stub's detections, each labelled with the id of the process that made it."""
+    return [
+        Detection(label=str(os.getpid()), score=d.score, box=d.box, box_px=d.box_px)
+        for d in stub_postprocess(raw, b, labels, thresholds, width, height, mask_size)
+    ]
+
+
+def dies_outside_the_parent(
+    raw: RawOutputs,
+    b: int,
+    labels: Sequence[str],
+    thresholds: Sequence[float],
+    width: int,
+    height: int,
+    mask_size: tuple[int, int] | None,
+) -> list[Detection]:
+    """Kills the process it runs in, unless that is the test's own."""
+    if str(os.getpid()) != os.environ[_PARENT]:
+        os._exit(3)
+    return labelled_by_process(raw, b, labels, thresholds, width, height, mask_size)
+
+
+def cameras(video: Callable[..., Path], n: int = 4, frames: int = 10) -> str:
+    return "".join(camera_toml(f"cam{i}", video(f"c{i}.mp4", frames=frames)) for i in range(n))
+
+
+async def run(config_extra: str, tmp_path: Path, video: Callable[..., Path], **kwargs: object) -> MemorySink:
+    config = make_config(tmp_path, cameras(video), extra=config_extra)
+    sink = MemorySink()
+    async with Pipeline(config, backend=FakeBackend(), sinks=[sink], **kwargs) as p:  # type: ignore[arg-type]
+        await asyncio.wait_for(p.wait(), 120)
+    return sink
+
+
+async def test_processes_give_the_threads_detections_masks_included(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    """The real postprocessing (masks resized and encoded) in 2 processes, each sent only its
+    frame's outputs: every frame once, in order, with the detections the in-process path gives."""
+    here = await run("", tmp_path, video, post_threads=1)
+    there = await run("[postprocess]\nprocesses = 2\n", tmp_path, video)
+    for i in range(4):
+        assert there.seqs(f"cam{i}") == list(range(10))
+        mine = [r.detections for r in here.results[f"cam{i}"]]
+        theirs = [r.detections for r in there.results[f"cam{i}"]]
+        assert theirs == mine
+        assert any(d.mask is not None for ds in theirs for d in ds)  # masks did cross
+
+
+async def test_the_work_runs_in_other_processes(tmp_path: Path, video: Callable[..., Path]) -> None:
+    sink = await run("", tmp_path, video, postprocess=labelled_by_process, post_processes=2)
+    pids = {d.label for results in sink.results.values() for r in results for d in r.detections}
+    assert pids and str(os.getpid()) not in pids
+
+
+async def test_a_dead_process_costs_no_frame(
+    tmp_path: Path, video: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first batch sent to the processes kills one; that batch and the rest are
+    postprocessed in the pipeline's own process, and every frame still arrives once."""
+    monkeypatch.setenv(_PARENT, str(os.getpid()))
+    sink = await run("", tmp_path, video, postprocess=dies_outside_the_parent, post_processes=2)
+    for i in range(4):
+        assert sink.seqs(f"cam{i}") == list(range(10))
+    pids = {d.label for results in sink.results.values() for r in results for d in r.detections}
+    assert pids == {str(os.getpid())}
+
+
+def test_a_postprocess_that_cannot_be_sent_is_refused_up_front(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    config = make_config(tmp_path, cameras(video, 1))
+    with pytest.raises(ValueError, match="post_processes needs a postprocess function defined at a module"):
+        Pipeline(config, postprocess=lambda *a: [], post_processes=2)
+
+
+def test_negative_processes_name_the_key(tmp_path: Path, video: Callable[..., Path]) -> None:
+    with pytest.raises(ConfigError, match=r"postprocess\.processes"):
+        make_config(tmp_path, cameras(video, 1), extra="[postprocess]\nprocesses = -1\n")
