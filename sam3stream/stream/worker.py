@@ -27,6 +27,7 @@ import importlib
 import multiprocessing
 import os
 import pickle
+import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -73,6 +74,12 @@ def post_threads_or_default(post_threads: int | None) -> int:
     if post_threads < 1:
         raise ValueError(f"post_threads must be >= 1, got {post_threads}")
     return post_threads
+
+
+def _ignore_interrupts() -> None:
+    """In a postprocessing process: Ctrl-C reaches the whole process group, and the pipeline
+    (the parent) decides how to stop; a child that died of it would only print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def check_post_processes(post_processes: int, postprocess: Postprocess | None) -> None:
@@ -198,7 +205,11 @@ class GpuWorker:
         if self.post_processes:
             # Spawned, not forked: this process has threads (and maybe a CUDA context) that a
             # fork would copy mid-flight. Started now, so the first batch does not wait for them.
-            pool = ProcessPoolExecutor(self.post_processes, mp_context=multiprocessing.get_context("spawn"))
+            pool = ProcessPoolExecutor(
+                self.post_processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_ignore_interrupts,
+            )
             self._frame_pool = pool
             loop = asyncio.get_running_loop()
             t0 = time.perf_counter()

@@ -108,3 +108,34 @@ def test_a_postprocess_that_cannot_be_sent_is_refused_up_front(
 def test_negative_processes_name_the_key(tmp_path: Path, video: Callable[..., Path]) -> None:
     with pytest.raises(ConfigError, match=r"postprocess\.processes"):
         make_config(tmp_path, cameras(video, 1), extra="[postprocess]\nprocesses = -1\n")
+
+
+async def test_ctrl_c_leaves_the_processes_to_the_pipeline(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    """Ctrl-C reaches the whole process group; the processes ignore it (the pipeline decides
+    how to stop), so work goes on in them rather than breaking the pool."""
+    import multiprocessing
+    import signal
+
+    loops = "".join(
+        camera_toml(f"cam{i}", video(f"c{i}.mp4", frames=10), loop=True, fps=40) for i in range(2)
+    )
+    config = make_config(tmp_path, loops)
+    sink = MemorySink()
+    async with Pipeline(
+        config, backend=FakeBackend(), sinks=[sink], postprocess=labelled_by_process, post_processes=2
+    ) as p:
+        await asyncio.wait_for(sink.wait_for("cam0", 5), 60)
+        children = multiprocessing.active_children()
+        assert len(children) == 2
+        for child in children:
+            assert child.pid is not None
+            os.kill(child.pid, signal.SIGINT)
+        seen = len(sink.results["cam0"])
+        await asyncio.wait_for(sink.wait_for("cam0", seen + 10), 60)
+        assert all(child.is_alive() for child in children)
+        await p.stop()
+    late = sink.results["cam0"][seen:]
+    pids = {d.label for r in late for d in r.detections}
+    assert pids and str(os.getpid()) not in pids  # still postprocessed in the processes
