@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 import numpy.typing as npt
 
-from sam3stream.rle import counts_to_string, mask_counts
+from sam3stream.rle import counts_from_edges, counts_to_string, mask_counts
 from sam3stream.runtime.types import RawOutputs
 from sam3stream.stream.frames import Detection, Rle
 
@@ -204,11 +204,7 @@ def _mask_counts(logits: F32, width: int, height: int) -> npt.NDArray[np.int64]:
     value[edge] = weighted > 0
     # Pieces start at flat column-major index j * height + i; the first one at 0.
     change = np.flatnonzero(value[1:] != value[:-1]) + 1
-    bounds = np.concatenate(([0], j[change] * height + i[change], [height * width]))
-    runs = np.diff(bounds).astype(np.int64)
-    if value[0]:  # COCO counts always start with the zero run, empty or not
-        runs = np.concatenate((np.zeros(1, dtype=np.int64), runs))
-    return runs
+    return counts_from_edges(j[change] * height + i[change], height * width, starts_on=bool(value[0]))
 
 
 def frame_outputs(raw: RawOutputs, b: int) -> RawOutputs:

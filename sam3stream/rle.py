@@ -21,6 +21,7 @@ import numpy.typing as npt
 from sam3stream.stream.frames import Rle
 
 __all__ = [
+    "counts_from_edges",
     "counts_from_string",
     "counts_to_string",
     "decode",
@@ -53,10 +54,15 @@ def mask_counts(mask: npt.NDArray[np.bool_] | npt.NDArray[np.uint8]) -> npt.NDAr
         between = np.flatnonzero(m[0, 1:] != m[-1, :-1]) + 1
         edges = np.concatenate((cols * height + rows + 1, between * height))
         edges.sort()
-    bounds = np.concatenate(([0], edges, [m.size]))
+    return counts_from_edges(edges, m.size, starts_on=bool(m[0, 0]))
+
+
+def counts_from_edges(edges: npt.ArrayLike, size: int, *, starts_on: bool) -> npt.NDArray[np.int64]:
+    """COCO run lengths from the sorted flat (column-major) indices where a mask of ``size``
+    pixels changes value, and whether its first pixel is set."""
+    bounds = np.concatenate(([0], np.asarray(edges, dtype=np.int64), [size]))
     runs = np.diff(bounds).astype(np.int64)
-    if m[0, 0]:
-        # COCO counts always start with the zero run, empty or not.
+    if starts_on:  # COCO counts always start with the zero run, empty or not
         runs = np.concatenate((np.zeros(1, dtype=np.int64), runs))
     return runs
 
