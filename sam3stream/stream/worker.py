@@ -30,7 +30,7 @@ import pickle
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import BrokenExecutor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -309,34 +309,32 @@ class GpuWorker:
             self._in_flight.done(len(frames))
 
     def _in_processes(self, pool: ProcessPoolExecutor, inferred: _Inferred) -> list[list[Detection]]:
-        """A batch's detections from the processes, in frame order; each is sent its own frame's
-        outputs only. If a process dies, this batch and the rest are postprocessed here."""
+        """A batch's detections in frame order. A frame with masks is sent to the processes with
+        its own outputs only; one without (most frames, often) is cheaper here than the round
+        trip. If a process dies, this batch and the rest are postprocessed here."""
         from sam3stream.postprocess import frame_outputs
 
         frames, raw = inferred.batch.frames, inferred.raw
+        post, labels, thresholds, mask_size = (
+            self._postprocess,
+            self._labels,
+            self._thresholds,
+            self._mask_size,
+        )
         try:
-            futures = [
-                pool.submit(
-                    self._postprocess,
-                    frame_outputs(raw, b),
-                    0,
-                    self._labels,
-                    self._thresholds,
-                    f.width,
-                    f.height,
-                    self._mask_size,
-                )
-                for b, f in enumerate(frames)
-            ]
-            return [future.result() for future in futures]
+            work: list[Future[list[Detection]] | list[Detection]] = []
+            for b, f in enumerate(frames):
+                one = frame_outputs(raw, b)
+                if len(one.masks):
+                    work.append(pool.submit(post, one, 0, labels, thresholds, f.width, f.height, mask_size))
+                else:
+                    work.append(post(one, 0, labels, thresholds, f.width, f.height, mask_size))
+            return [item.result() if isinstance(item, Future) else item for item in work]
         except BrokenExecutor as exc:
             log.error("post_processes_failed", error=repr(exc), detail="postprocessing here from now on")
             self._frame_pool = None
             pool.shutdown(wait=False, cancel_futures=True)
-        return [
-            self._postprocess(raw, b, self._labels, self._thresholds, f.width, f.height, self._mask_size)
-            for b, f in enumerate(frames)
-        ]
+        return [post(raw, b, labels, thresholds, f.width, f.height, mask_size) for b, f in enumerate(frames)]
 
     def _results(self, inferred: _Inferred) -> list[FrameResult]:
         t0 = time.perf_counter()

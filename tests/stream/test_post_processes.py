@@ -4,9 +4,11 @@ pipeline's own threads, every frame once and in order, and a dead process costs 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,3 +141,25 @@ async def test_ctrl_c_leaves_the_processes_to_the_pipeline(
     late = sink.results["cam0"][seen:]
     pids = {d.label for r in late for d in r.detections}
     assert pids and str(os.getpid()) not in pids  # still postprocessed in the processes
+
+
+class _NoMasks(FakeBackend):
+    """The fake's detections with no mask crossing from the device (rows below min_score, or a
+    backend asked for none)."""
+
+    def infer(self, frames: Any, text: Any, min_score: float) -> RawOutputs:
+        out = super().infer(frames, text, min_score)
+        return dataclasses.replace(out, masks=out.masks[:0], mask_index=out.mask_index[:0])
+
+
+async def test_frames_without_masks_skip_the_round_trip(tmp_path: Path, video: Callable[..., Path]) -> None:
+    """Detections without masks cost microseconds: sending them to a process would cost more."""
+    config = make_config(tmp_path, cameras(video))
+    sink = MemorySink()
+    async with Pipeline(
+        config, backend=_NoMasks(), sinks=[sink], postprocess=labelled_by_process, post_processes=2
+    ) as p:
+        await asyncio.wait_for(p.wait(), 120)
+    pids = {d.label for results in sink.results.values() for r in results for d in r.detections}
+    assert pids == {str(os.getpid())}
+    assert all(sink.seqs(f"cam{i}") == list(range(10)) for i in range(4))
