@@ -213,7 +213,21 @@ class GpuWorker:
             self._frame_pool = pool
             loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
-            await asyncio.gather(*(loop.run_in_executor(pool, os.getpid) for _ in range(self.post_processes)))
+            try:
+                await asyncio.gather(
+                    *(loop.run_in_executor(pool, os.getpid) for _ in range(self.post_processes))
+                )
+            except BrokenExecutor as exc:
+                # Nothing is lost by postprocessing here instead; the log says why it is slower.
+                log.error(
+                    "post_processes_failed",
+                    error=repr(exc),
+                    detail="they did not start; postprocessing in this process. A program that embeds "
+                    'the pipeline must guard its entry point with if __name__ == "__main__":',
+                )
+                self._frame_pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+                return
             log.info(
                 "post_processes_started",
                 processes=self.post_processes,

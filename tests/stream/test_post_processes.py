@@ -163,3 +163,21 @@ async def test_frames_without_masks_skip_the_round_trip(tmp_path: Path, video: C
     pids = {d.label for results in sink.results.values() for r in results for d in r.detections}
     assert pids == {str(os.getpid())}
     assert all(sink.seqs(f"cam{i}") == list(range(10)) for i in range(4))
+
+
+def dies_at_start() -> None:
+    os._exit(3)
+
+
+async def test_processes_that_cannot_start_leave_the_work_here(
+    tmp_path: Path, video: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Processes that die as they start (a program that re-runs itself on import, say) leave
+    the pipeline postprocessing in its own process: every frame arrives."""
+    from sam3stream.stream import worker
+
+    monkeypatch.setattr(worker, "_ignore_interrupts", dies_at_start)
+    sink = await run("", tmp_path, video, postprocess=labelled_by_process, post_processes=2)
+    pids = {d.label for results in sink.results.values() for r in results for d in r.detections}
+    assert pids == {str(os.getpid())}
+    assert all(sink.seqs(f"cam{i}") == list(range(10)) for i in range(4))
