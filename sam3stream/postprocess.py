@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 import numpy.typing as npt
 
-from sam3stream.rle import counts_from_edges, counts_to_string, mask_counts
+from sam3stream.rle import counts_from_edges, counts_to_string
 from sam3stream.runtime.types import RawOutputs
 from sam3stream.stream.frames import Detection, Rle
 
@@ -96,12 +96,29 @@ def resize_bilinear(image: F32, width: int, height: int) -> F32:
     return out
 
 
-def _interpolated_mask(src: F32, width: int, height: int) -> npt.NDArray[np.bool_]:
-    """``resize_bilinear(src) > 0`` pixel by pixel, without materializing the float frame."""
-    mask = np.empty((height, width), dtype=np.bool_)
-    for start, stop, rows in _row_blocks(src, width, height):
-        np.greater(rows, 0.0, out=mask[start:stop])
-    return mask
+# Output columns per step of the dense pass: keeps its temporaries in cache.
+_COLUMN_BLOCK = 64
+
+
+def _dense_counts(src: F32, width: int, height: int) -> npt.NDArray[np.int64]:
+    """COCO run lengths of ``resize_bilinear(src) > 0``, interpolating every pixel.
+
+    The values are _row_blocks' (the same float32 operations on the same operands: along x on
+    the small input, then along y), computed a block of output columns at a time into a
+    column-major mask, so that the runs are read off in order without transposing two million
+    pixels. For masks whose edge is too long for _mask_counts' edge path (noise-like ones)."""
+    src, (x0, x1, wx0, wx1), (y0, y1, wy0, wy1) = _source_and_tables(src, width, height)
+    src_t = np.ascontiguousarray(src.T)
+    cols_t = src_t[x0] * wx0[:, None] + src_t[x1] * wx1[:, None]  # [width, in_h]
+    flat = np.empty(width * height, dtype=np.bool_)
+    mask_t = flat.reshape(width, height)  # column-major: each row is an output column
+    for start in range(0, width, _COLUMN_BLOCK):
+        block = cols_t[start : start + _COLUMN_BLOCK]
+        values = np.take(block, y0, axis=1) * wy0
+        values += np.take(block, y1, axis=1) * wy1
+        np.greater(values, 0.0, out=mask_t[start : start + _COLUMN_BLOCK])
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    return counts_from_edges(edges, flat.size, starts_on=bool(flat[0]))
 
 
 # Below this a positive tap might round to zero once weighted; such cells are computed exactly.
@@ -158,10 +175,10 @@ def _mask_counts(logits: F32, width: int, height: int) -> npt.NDArray[np.int64]:
     src, x, y = _source_and_tables(logits, width, height)
     in_h, in_w = src.shape
     if height * width <= in_h * in_w:  # no bigger than the source: the cell tables cost more
-        return mask_counts(_interpolated_mask(src, width, height))
+        return _dense_counts(src, width, height)
     states = _cell_states(src)
     if np.count_nonzero(states == _EDGE) > _EDGE_SHARE * states.size:
-        return mask_counts(_interpolated_mask(src, width, height))
+        return _dense_counts(src, width, height)
     # Output rows and columns per cell (taps never decrease), and the first of each; cells
     # that no output pixel falls in (when an axis shrinks) are left out.
     per_row = np.bincount(y[0], minlength=in_h)

@@ -94,19 +94,20 @@ MASKS = {
     ("width", "height"),
     [(1920, 1080), (576, 576), (641, 359), (2000, 30), (3000, 100), (288, 288), (100, 77)],
 )
-@pytest.mark.parametrize("edge_share", ["default", "any"])
+@pytest.mark.parametrize("edge_share", ["default", "any", "none"])
 def test_mask_runs_are_exactly_those_of_the_interpolated_logits_above_zero(
     name: str, width: int, height: int, edge_share: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Only the mask's edge is interpolated and no mask is formed; the runs must still be those
     of resize_bilinear(logits) > 0, the form that matches torch. (3000, 100) shrinks one axis
     and grows the other: source rows that no output row falls in. "any": the edge path is taken
-    however much of the mask is edge (noise included), not only below the share where it pays."""
+    however much of the mask is edge (noise included), not only below the share where it pays;
+    "none": the dense pass for every mask."""
     from sam3stream import postprocess
     from sam3stream.postprocess import _mask_counts
 
-    if edge_share == "any":
-        monkeypatch.setattr(postprocess, "_EDGE_SHARE", 1.0)
+    if edge_share != "default":  # "any": always the edge path; "none": always the dense pass
+        monkeypatch.setattr(postprocess, "_EDGE_SHARE", 1.0 if edge_share == "any" else -1.0)
     logits = MASKS[name]
     with np.errstate(invalid="ignore", over="ignore"):
         want = mask_counts(resize_bilinear(logits, width, height) > 0)

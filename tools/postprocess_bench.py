@@ -103,11 +103,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/bench/postprocess_cpu"))
     args = parser.parse_args()
 
-    from sam3stream.postprocess import _interpolated_mask, _mask_counts
-    from sam3stream.rle import mask_counts
-
-    def every_pixel(logits: npt.NDArray[np.float32], width: int, height: int) -> npt.NDArray[np.int64]:
-        return mask_counts(_interpolated_mask(logits, width, height))
+    from sam3stream.postprocess import _dense_counts as every_pixel
+    from sam3stream.postprocess import _mask_counts
 
     masks = [blob_logits(288, seed) for seed in range(args.masks)]
     rows = []
