@@ -7,11 +7,14 @@ N file cameras and measures frames/s from the first result to the last. Prints a
 with both and their ratio.
 
 Random weights keep no detection at the usual threshold, so the pipeline's first run has no
-masks to postprocess. ``--detections D ...`` adds one run per D with the threshold set to the
-score that a bare batch reaches about D times per frame, so that each frame carries about D masks
-to resize and encode on the host, as a real model's would.
+masks to postprocess. ``--detections D ...`` adds runs with the threshold set to the score that
+the clips' first frames reach about D times per frame, so that each frame carries about D masks
+to resize and encode on the host, as a real model's would: one run per ``--post-threads`` value
+(default: the pipeline's own count) and one per ``--post-processes`` value.
 
     python tools/pipeline_bench.py --random full --resolution 1008 --cameras 8 --out docs/bench/pipeline
+    python tools/pipeline_bench.py --random full --resolution 560 --detections 2 4 --post-threads 1 4 \
+        --post-processes 4 8 --out docs/bench/pipeline_560
 """
 
 from __future__ import annotations
