@@ -116,7 +116,8 @@ async def test_ctrl_c_leaves_the_processes_to_the_pipeline(
     tmp_path: Path, video: Callable[..., Path]
 ) -> None:
     """Ctrl-C reaches the whole process group; the processes ignore it (the pipeline decides
-    how to stop), so work goes on in them rather than breaking the pool."""
+    how to stop), so work goes on in them rather than breaking the pool; the stop that follows
+    drains every frame read."""
     import multiprocessing
     import signal
 
@@ -138,6 +139,9 @@ async def test_ctrl_c_leaves_the_processes_to_the_pipeline(
         await asyncio.wait_for(sink.wait_for("cam0", seen + 10), 60)
         assert all(child.is_alive() for child in children)
         await p.stop()
+    assert p.drained is True
+    for name, source in p.sources.items():  # stopped mid-stream: every frame read, once, in order
+        assert sink.seqs(name) == list(range(source.seq))
     late = sink.results["cam0"][seen:]
     pids = {d.label for r in late for d in r.detections}
     assert pids and str(os.getpid()) not in pids  # still postprocessed in the processes
