@@ -43,7 +43,7 @@ from sam3stream.errors import EngineDeadError
 from sam3stream.metrics import Metrics
 from sam3stream.runtime.types import Backend, RawOutputs, TextFeatures
 from sam3stream.stream.batcher import Batch
-from sam3stream.stream.frames import Detection, FrameResult, StageTimes
+from sam3stream.stream.frames import Detection, Frame, FrameResult, StageTimes
 from sam3stream.stream.mailbox import InFlight
 from sam3stream.stream.tasks import first_error
 from sam3stream.stream.threads import close_executor, single_thread
@@ -218,15 +218,12 @@ class GpuWorker:
                     *(loop.run_in_executor(pool, os.getpid) for _ in range(self.post_processes))
                 )
             except BrokenExecutor as exc:
-                # Nothing is lost by postprocessing here instead; the log says why it is slower.
-                log.error(
-                    "post_processes_failed",
-                    error=repr(exc),
-                    detail="they did not start; postprocessing in this process. A program that embeds "
+                self._drop_processes(
+                    pool,
+                    exc,
+                    "they did not start; postprocessing in this process. A program that embeds "
                     'the pipeline must guard its entry point with if __name__ == "__main__":',
                 )
-                self._frame_pool = None
-                pool.shutdown(wait=False, cancel_futures=True)
                 return
             log.info(
                 "post_processes_started",
@@ -322,47 +319,48 @@ class GpuWorker:
             self.batches_done += 1
             self._in_flight.done(len(frames))
 
-    def _in_processes(self, pool: ProcessPoolExecutor, inferred: _Inferred) -> list[list[Detection]]:
+    def _post_args(self, raw: RawOutputs, b: int, frame: Frame) -> tuple[Any, ...]:
+        """The postprocess call's arguments for frame ``b`` of ``raw``."""
+        return (raw, b, self._labels, self._thresholds, frame.width, frame.height, self._mask_size)
+
+    def _drop_processes(self, pool: ProcessPoolExecutor, exc: BaseException, detail: str) -> None:
+        """Postprocess in this process from now on: nothing is lost, the log says why it is slower."""
+        log.error("post_processes_failed", error=repr(exc), detail=detail)
+        self._frame_pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def _in_processes(
+        self, pool: ProcessPoolExecutor, inferred: _Inferred, detect: Callable[[int], list[Detection]]
+    ) -> list[list[Detection]]:
         """A batch's detections in frame order. A frame with masks is sent to the processes with
         its own outputs only; one without (most frames, often) is cheaper here than the round
-        trip. If a process dies, this batch and the rest are postprocessed here."""
+        trip. If a process dies, this batch and the rest are postprocessed here (``detect``)."""
         from sam3stream.postprocess import frame_outputs
 
         frames, raw = inferred.batch.frames, inferred.raw
-        post, labels, thresholds, mask_size = (
-            self._postprocess,
-            self._labels,
-            self._thresholds,
-            self._mask_size,
-        )
         try:
             work: list[Future[list[Detection]] | list[Detection]] = []
             for b, f in enumerate(frames):
                 one = frame_outputs(raw, b)
-                if len(one.masks):
-                    work.append(pool.submit(post, one, 0, labels, thresholds, f.width, f.height, mask_size))
-                else:
-                    work.append(post(one, 0, labels, thresholds, f.width, f.height, mask_size))
+                args = self._post_args(one, 0, f)
+                work.append(
+                    pool.submit(self._postprocess, *args) if len(one.masks) else self._postprocess(*args)
+                )
             return [item.result() if isinstance(item, Future) else item for item in work]
         except BrokenExecutor as exc:
-            log.error("post_processes_failed", error=repr(exc), detail="postprocessing here from now on")
-            self._frame_pool = None
-            pool.shutdown(wait=False, cancel_futures=True)
-        return [post(raw, b, labels, thresholds, f.width, f.height, mask_size) for b, f in enumerate(frames)]
+            self._drop_processes(pool, exc, "postprocessing here from now on")
+        return [detect(b) for b in range(len(frames))]
 
     def _results(self, inferred: _Inferred) -> list[FrameResult]:
         t0 = time.perf_counter()
         frames = inferred.batch.frames
 
         def detect(b: int) -> list[Detection]:
-            f = frames[b]
-            return self._postprocess(
-                inferred.raw, b, self._labels, self._thresholds, f.width, f.height, self._mask_size
-            )
+            return self._postprocess(*self._post_args(inferred.raw, b, frames[b]))
 
         pool = self._frame_pool
         if isinstance(pool, ProcessPoolExecutor):
-            detections = self._in_processes(pool, inferred)
+            detections = self._in_processes(pool, inferred, detect)
         elif pool is not None and len(frames) > 1:
             detections = list(pool.map(detect, range(len(frames))))  # in frame order
         else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,35 +22,19 @@ from tests.stream.helpers import MemorySink, camera_toml, make_config, stub_post
 _PARENT = "SAM3STREAM_TEST_PARENT_PID"
 
 
-def labelled_by_process(
-    raw: RawOutputs,
-    b: int,
-    labels: Sequence[str],
-    thresholds: Sequence[float],
-    width: int,
-    height: int,
-    mask_size: tuple[int, int] | None,
-) -> list[Detection]:
+def labelled_by_process(*args: Any) -> list[Detection]:
     """The stub's detections, each labelled with the id of the process that made it."""
     return [
         Detection(label=str(os.getpid()), score=d.score, box=d.box, box_px=d.box_px)
-        for d in stub_postprocess(raw, b, labels, thresholds, width, height, mask_size)
+        for d in stub_postprocess(*args)
     ]
 
 
-def dies_outside_the_parent(
-    raw: RawOutputs,
-    b: int,
-    labels: Sequence[str],
-    thresholds: Sequence[float],
-    width: int,
-    height: int,
-    mask_size: tuple[int, int] | None,
-) -> list[Detection]:
+def dies_outside_the_parent(*args: Any) -> list[Detection]:
     """Kills the process it runs in, unless that is the test's own."""
     if str(os.getpid()) != os.environ[_PARENT]:
         os._exit(3)
-    return labelled_by_process(raw, b, labels, thresholds, width, height, mask_size)
+    return labelled_by_process(*args)
 
 
 def cameras(video: Callable[..., Path], n: int = 4, frames: int = 10) -> str:
