@@ -91,9 +91,19 @@ def test_a_postprocess_that_cannot_be_sent_is_refused_up_front(
         Pipeline(config, postprocess=lambda *a: [], post_processes=2)
 
 
-def test_negative_processes_name_the_key(tmp_path: Path, video: Callable[..., Path]) -> None:
-    with pytest.raises(ConfigError, match=r"postprocess\.processes"):
-        make_config(tmp_path, cameras(video, 1), extra="[postprocess]\nprocesses = -1\n")
+@pytest.mark.parametrize(("line", "key"), [("processes = -1", "processes"), ("threads = 0", "threads")])
+def test_bad_postprocess_counts_name_the_key(
+    tmp_path: Path, video: Callable[..., Path], line: str, key: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"postprocess\.{key}"):
+        make_config(tmp_path, cameras(video, 1), extra=f"[postprocess]\n{line}\n")
+
+
+def test_negative_post_processes_is_refused_when_the_pipeline_is_made(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    with pytest.raises(ValueError, match="post_processes must be >= 0, got -1"):
+        Pipeline(make_config(tmp_path, cameras(video, 1)), post_processes=-1)
 
 
 async def test_ctrl_c_leaves_the_processes_to_the_pipeline(
