@@ -209,6 +209,9 @@ class PostprocessConfig(_Section, frozen=True, kw_only=True):
     # > 0: over this many processes instead, which scale with the cores (many masks per frame).
     # A program that embeds the pipeline must then guard its entry point (if __name__ == ...).
     processes: NonNegativeInt = 0
+    # Resize, threshold and run-length encode kept masks on the GPU when the backend can (the
+    # torch backend on CUDA); the host then only packs the runs. False: always on the host.
+    device_masks: bool = True
 
 
 class MetricsConfig(_Section, frozen=True, kw_only=True):

@@ -239,6 +239,7 @@ def frame_outputs(raw: RawOutputs, b: int) -> RawOutputs:
         query_index=raw.query_index[b : b + 1],
         masks=raw.masks[rows],
         mask_index=index,
+        mask_counts=None if raw.mask_counts is None else tuple(raw.mask_counts[r] for r in rows),
     )
 
 
@@ -256,7 +257,7 @@ def to_detections(
     ``labels``/``thresholds`` are per class (prompt order). ``width``/``height`` are the original
     frame's size; masks are produced at that size unless ``mask_size`` = (w, h) says otherwise.
     A kept row whose mask did not cross from the device (score below the backend's ``min_score``)
-    gets ``mask=None``.
+    gets ``mask=None``. Masks the backend encoded (``raw.mask_counts``) must be at that size.
     """
     if not 0 <= b < raw.batch:
         raise IndexError(f"frame {b} is outside the batch of {raw.batch}")
@@ -287,7 +288,15 @@ def to_detections(
         n = rows.get((c, k))
         mask: Rle | None = None
         if n is not None:
-            counts = _mask_counts(raw.masks[n], mask_w, mask_h)
+            if raw.mask_counts is None:
+                counts = _mask_counts(raw.masks[n], mask_w, mask_h)
+            else:
+                counts = raw.mask_counts[n]
+            if int(counts.sum()) != mask_w * mask_h:
+                raise ValueError(
+                    f"mask of frame {b}, class {c}, query {k} has {int(counts.sum())} pixels, "
+                    f"expected {mask_w}x{mask_h} (encoded at another size?)"
+                )
             mask = Rle(size=(mask_h, mask_w), counts=counts_to_string(counts))
         detections.append(
             Detection(

@@ -242,3 +242,25 @@ def test_one_frame_of_outputs_gives_that_frames_detections() -> None:
     assert raw.mask_index[:, 0].max() == 1  # the batch's own index is left alone
     with pytest.raises(IndexError):
         frame_outputs(raw, 2)
+
+
+def test_masks_encoded_by_the_backend_are_used_as_they_are() -> None:
+    """``mask_counts`` (the backend resized and encoded the masks): the detections carry those
+    runs, the same as the host's from the logits; one frame's outputs keep their own runs; runs
+    for another size are an error that names the detection."""
+    import dataclasses
+
+    from sam3stream.postprocess import _mask_counts, frame_outputs
+
+    raw = _example()
+    labels, thresholds = ["a", "b", "c"], [0.2, 0.4, 0.6]
+    counts = tuple(_mask_counts(m, 64, 48) for m in raw.masks)
+    encoded = dataclasses.replace(raw, masks=raw.masks[:, :0, :0], mask_counts=counts)
+    for b in range(raw.batch):
+        want = to_detections(raw, b, labels, thresholds, 64, 48)
+        assert to_detections(encoded, b, labels, thresholds, 64, 48) == want
+        assert to_detections(frame_outputs(encoded, b), 0, labels, thresholds, 64, 48) == want
+    with pytest.raises(
+        ValueError, match=r"mask of frame 0, class \d, query \d has 3072 pixels, expected 32x48"
+    ):
+        to_detections(encoded, 0, labels, thresholds, 64, 48, mask_size=(32, 48))

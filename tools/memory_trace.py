@@ -4,7 +4,8 @@ steps `sam3stream bench` takes before its measurement (the matmul peak, the FLOP
 ``--warm-up`` starts with the backend's warm-up, as a Pipeline does. ``--kept D ...`` then runs
 batches on a separate thread, as the GPU worker does, at the thresholds that keep about D
 detections per frame (random weights keep none at the usual threshold): the masks a real model
-keeps are gathered and copied back after each batch.
+keeps are resized to 1920x1080 and encoded on the device, as the GPU worker has them by default
+(``--masks-on host``: their logits are copied back instead).
 
 The model is built on the GPU before the backend exists, as the bench and the tools do; set
 PYTORCH_CUDA_ALLOC_CONF yourself to compare allocator settings (an empty value leaves the
@@ -38,6 +39,7 @@ def main() -> int:
         "--warm-up", action="store_true", help="warm the backend up first, as a Pipeline does"
     )
     parser.add_argument("--kept", type=float, nargs="+", default=[], metavar="D")
+    parser.add_argument("--masks-on", choices=["device", "host"], default="device")
     parser.add_argument("--out", type=Path, default=None, help="also write the steps as JSON")
     args = parser.parse_args()
 
@@ -98,16 +100,17 @@ def main() -> int:
     step("10 more, submitted ahead")
     if args.kept:
         scores = backend.infer(frames, text, 1.0).scores  # every score, no mask gathered
+        sizes = [(1920, 1080)] * args.cameras if args.masks_on == "device" else None
         # The worker submits and collects on its own engine thread, not the main one.
         with ThreadPoolExecutor(1) as engine:
             for per_frame in args.kept:
                 conf = threshold_keeping(scores, per_frame)
                 kept = engine.submit(
-                    lambda c=conf: [backend.infer(frames, text, c) for _ in range(3)]
+                    lambda c=conf: [backend.infer(frames, text, c, sizes) for _ in range(3)]
                 ).result()
                 masks = sum(len(r.mask_index) for r in kept) / (3 * args.cameras)
                 step(f"3 batches on an engine thread, threshold {conf:.6g}: {masks:.1f} masks per frame")
-        backend.infer(frames, text, 0.0)
+            engine.submit(backend.infer, frames, text, 0.0, sizes).result()
         step("one batch keeping every detection (threshold 0)")
     if args.out:
         report = {

@@ -9,12 +9,15 @@ with both and their ratio.
 Random weights keep no detection at the usual threshold, so the pipeline's first run has no
 masks to postprocess. ``--detections D ...`` adds runs with the threshold set to the score that
 the clips' first frames reach about D times per frame, so that each frame carries about D masks
-to resize and encode on the host, as a real model's would: one run per ``--post-threads`` value
-(default: the pipeline's own count) and one per ``--post-processes`` value.
+to resize and encode, as a real model's would: one run per ``--post-threads`` value (default:
+the pipeline's own count), for each ``--masks-on`` value
+(``device``: the backend resizes and encodes them, the default; ``host``: ``[postprocess]
+device_masks = false``, numpy on the postprocessing threads; then also one run per
+``--post-processes`` value).
 
     python tools/pipeline_bench.py --random full --resolution 1008 --cameras 8 --out docs/bench/pipeline
     python tools/pipeline_bench.py --random full --resolution 560 --detections 2 4 --post-threads 1 4 \
-        --post-processes 4 8 --out docs/bench/pipeline_560
+        --post-processes 4 8 --masks-on device host --out docs/bench/pipeline_560
 """
 
 from __future__ import annotations
@@ -91,7 +94,14 @@ def memory_mib(device: str) -> dict[str, float | None]:
 
 
 def config_text(
-    clips: list[Path], cameras: int, classes: list[str], out: Path, batch: int, res: int, conf: float = 0.3
+    clips: list[Path],
+    cameras: int,
+    classes: list[str],
+    out: Path,
+    batch: int,
+    res: int,
+    conf: float = 0.3,
+    device_masks: bool = True,
 ) -> str:
     cams = "\n".join(
         f'[[cameras]]\nname = "cam{i}"\nurl = "{clips[i % len(clips)]}"\nmode = "file"\n'
@@ -114,6 +124,9 @@ conf = {conf!r}
 [batching]
 max_batch = {batch}
 max_wait_ms = 20
+
+[postprocess]
+device_masks = {str(device_masks).lower()}
 
 {cams}
 [[sinks]]
@@ -191,6 +204,13 @@ def main() -> int:
         default=[],
         help="also one run per --detections value with Pipeline(post_processes=N) for each N",
     )
+    parser.add_argument(
+        "--masks-on",
+        nargs="+",
+        choices=["device", "host"],
+        default=["device"],
+        help="where the runs with detections resize and encode masks ([postprocess] device_masks)",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/bench/pipeline"))
     args = parser.parse_args()
     for d in args.detections or []:
@@ -237,10 +257,12 @@ def main() -> int:
     # --detections value then runs again with about that many masks per frame to postprocess,
     # once per --post-threads and per --post-processes value. The threshold comes from the clips'
     # own first frames: the scores of random weights depend on the picture.
-    runs_for: list[tuple[float | None, int | None, int]] = [(None, None, 0)]
+    runs_for: list[tuple[float | None, int | None, int, str]] = [(None, None, 0, "device")]
     for d in args.detections or []:
-        runs_for += [(d, n, 0) for n in args.post_threads]
-        runs_for += [(d, None, n) for n in args.post_processes]
+        for where in args.masks_on:
+            runs_for += [(d, n, 0, where) for n in args.post_threads]
+            if where == "host":  # frames whose masks the device encoded never go to processes
+                runs_for += [(d, None, n, where) for n in args.post_processes]
     # Threshold 1 still returns every score, and gathers no mask.
     scores = (
         backend.infer(first_frames(clips, args.cameras, args.resolution), text, 1.0).scores
@@ -248,10 +270,17 @@ def main() -> int:
         else None
     )
     runs = []
-    for target, threads, processes in runs_for:
+    for target, threads, processes, where in runs_for:
         conf = 0.3 if target is None or scores is None else threshold_keeping(scores, target)
         toml = config_text(
-            clips, args.cameras, classes, work / f"run{len(runs)}", args.cameras, args.resolution, conf
+            clips,
+            args.cameras,
+            classes,
+            work / f"run{len(runs)}",
+            args.cameras,
+            args.resolution,
+            conf,
+            device_masks=where == "device",
         )
         config = parse_config(toml, source="pipeline-bench.toml", base_dir=work)
         count, pipeline_fps, detections = asyncio.run(run_pipeline(config, backend, threads, processes))
@@ -259,14 +288,16 @@ def main() -> int:
         per_frame = detections / count if count else 0.0
         workers = f"{processes} processes" if processes else f"{post_threads_or_default(threads)} threads"
         _say(
-            f"pipeline, threshold {conf:.6g} ({per_frame:.2f} detections per frame, postprocessing on "
-            f"{workers}): {count} results, {pipeline_fps:.1f} frames/s = {ratio:.1%} of the bare worker"
+            f"pipeline, threshold {conf:.6g} ({per_frame:.2f} detections per frame, masks on the {where}, "
+            f"postprocessing on {workers}): {count} results, {pipeline_fps:.1f} frames/s = {ratio:.1%} "
+            "of the bare worker"
         )
         runs.append(
             {
                 "target_detections": target,
                 "post_threads": 0 if processes else post_threads_or_default(threads),
                 "post_processes": processes,
+                "masks_on": where,
                 "conf": conf,
                 "results": count,
                 "detections_per_frame": per_frame,

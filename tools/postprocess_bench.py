@@ -6,7 +6,11 @@ of a few round objects, and the detections per second one postprocessing thread 
 ``--threads N ...`` also measures masks per second at 1920x1080 with N threads at once (as the
 pipeline's postprocessing threads run), and ``--processes N ...`` with N processes (``[postprocess]
 processes``), for object masks and for speckled ones like a randomly initialised model's
-(mostly on, about 30% of the cells on the edge, tens of thousands of runs).
+(mostly on, about 30% of the cells on the edge, tens of thousands of runs). ``--device cuda``
+also times the device encoder (runtime/mask_encode.py, what the GPU worker uses by default with
+the torch backend on CUDA): milliseconds per mask to resize, encode and bring the runs back, and
+to pack them into strings on the host, for both kinds, and how many pixels of its masks differ
+from the host encoder's.
 
     python tools/postprocess_bench.py --out docs/bench/postprocess_cpu
 """
@@ -69,6 +73,50 @@ def masks_per_s(masks: list[npt.NDArray[np.float32]], workers: int, repeats: int
         return len(work) / (time.perf_counter() - start)
 
 
+def device_rates(masks: list[npt.NDArray[np.float32]], device: str, repeats: int) -> dict[str, float]:
+    """The device encoder on a block of masks at 1920x1080, as the backend calls it after a batch:
+    median ms per mask for the device part (resize, threshold, runs back to the host) and for the
+    host's string packing, and the most pixels in which one of its masks differs from the host's."""
+    import torch
+
+    from sam3stream.postprocess import _mask_counts
+    from sam3stream.rle import counts_to_string, decode
+    from sam3stream.runtime.mask_encode import encode_kept_masks
+    from sam3stream.stream.frames import Rle
+
+    block = torch.from_numpy(np.stack(masks)).to(device)[None, None]  # [1, 1, N, M, M]
+    index = torch.tensor([[0, 0, k] for k in range(len(masks))], device=device)
+    sizes = [(1920, 1080)]
+    encode, pack = [], []
+    for _ in range(repeats + 1):  # the first warms kernels and caches up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        counts = encode_kept_masks(block, index, sizes)
+        t1 = time.perf_counter()
+        strings = [counts_to_string(c) for c in counts]
+        t2 = time.perf_counter()
+        encode.append((t1 - t0) * 1e3 / len(masks))
+        pack.append((t2 - t1) * 1e3 / len(masks))
+
+    def pixels(c: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
+        return decode(Rle(size=(1080, 1920), counts=counts_to_string(c)))
+
+    differ = max(
+        int(
+            np.count_nonzero(
+                pixels(_mask_counts(m, 1920, 1080)) != decode(Rle(size=(1080, 1920), counts=got))
+            )
+        )
+        for m, got in zip(masks, strings, strict=True)
+    )
+    return {
+        "device_ms_per_mask": float(np.median(encode[1:])),
+        "pack_ms_per_mask": float(np.median(pack[1:])),
+        "most_pixels_differing_from_host": differ,
+    }
+
+
 def mask_ms(
     form: Callable[[npt.NDArray[np.float32], int, int], npt.NDArray[np.int64]],
     masks: list[npt.NDArray[np.float32]],
@@ -100,6 +148,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[], help="thread counts for masks/s")
     parser.add_argument("--processes", type=int, nargs="+", default=[], help="process counts for masks/s")
+    parser.add_argument("--device", default=None, help="also time the device encoder here (e.g. cuda)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/postprocess_cpu"))
     args = parser.parse_args()
 
@@ -137,12 +186,23 @@ def main() -> int:
                 rate = masks_per_s(logits_list, n, args.repeats, processes=how == "processes")
                 throughput.append({"masks": kind, "size": "1920x1080", how: n, "masks_per_s": rate})
                 print(f"{kind} masks, 1920x1080, {n} {how}: {rate:.0f} masks/s")
+    on_device = []
+    if args.device:
+        for kind, logits_list in kinds.items():
+            rates = device_rates(logits_list, args.device, args.repeats)
+            on_device.append({"masks": kind, "size": "1920x1080", "device": args.device, **rates})
+            print(
+                f"{kind} masks on {args.device}: {rates['device_ms_per_mask']:.3f} ms per mask on the "
+                f"device, {rates['pack_ms_per_mask']:.3f} ms packing on the host, at most "
+                f"{rates['most_pixels_differing_from_host']} pixels differing from the host's"
+            )
     result = {
         "command": "python tools/postprocess_bench.py " + " ".join(sys.argv[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "numpy": np.__version__,
         "rows": rows,
         "throughput": throughput,
+        "device_encoder": on_device,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -13,14 +13,18 @@ What makes it fast and small (docs/design.md has the reasoning):
   inside the vision step. ``submit`` returns before the GPU finishes, so the caller can
   upload batch n+1 while batch n computes (the GPU worker does this).
 - The text encoder runs on the host in float32 once per prompt set and never occupies the GPU.
+- Kept masks can be resized to the frames' size and run-length encoded on the device
+  (``mask_sizes``; runtime/mask_encode.py): the host then only packs the runs into strings.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +38,7 @@ from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuM
 from sam3stream.runtime.allocator import prefer_expandable_segments
 from sam3stream.runtime.contract import PAD_BOX_LABEL, check_frames
 from sam3stream.runtime.manifest import EngineManifest, read_manifest
+from sam3stream.runtime.mask_encode import encode_kept_masks, encode_masks
 from sam3stream.runtime.stream_lease import StreamLease
 from sam3stream.runtime.tokenize import PromptTokenizer
 from sam3stream.runtime.types import RawOutputs, TextFeatures
@@ -107,21 +112,40 @@ def _dtype(precision: str) -> torch.dtype:
 
 
 class Pending:
-    """A submitted batch: ``result()`` waits for the GPU and returns the outputs."""
+    """A submitted batch: ``result()`` waits for the GPU and returns the outputs.
 
-    def __init__(self, finish: Callable[[], RawOutputs]) -> None:
-        self._finish = finish
+    In two steps: ``collect`` takes the batch's outputs out of the backend's shared buffers
+    (the next batch's compute must not start before it), and returns what completes them
+    (encoding kept masks), which can then run while the next batch computes.
+    """
+
+    def __init__(self, collect: Callable[[], Callable[[], RawOutputs]]) -> None:
+        self._collect: Callable[[], Callable[[], RawOutputs]] | None = collect
+        self._complete: Callable[[], RawOutputs] | None = None
         self._result: RawOutputs | None = None
+
+    def collect(self) -> None:
+        if self._collect is not None:
+            self._complete, self._collect = self._collect(), None
 
     def result(self) -> RawOutputs:
         if self._result is None:
-            self._result = self._finish()
+            self.collect()
+            assert self._complete is not None
+            self._result, self._complete = self._complete(), None
         return self._result
 
 
 # Kept masks cross to the host this many at a time: the device holds one chunk's copy, not one
 # per kept mask (a threshold of 0 at 1008 x 8 keeps 1600, which held 760 MiB more at once).
 MASK_CHUNK = 64
+# Up to this many kept masks are encoded while the next batch computes (their logits copied out
+# of the shared buffers first: 42 MiB at 1008 in bf16); more are encoded before it starts.
+DEFERRED_MASKS = 256
+
+
+def _identity(result: RawOutputs) -> RawOutputs:
+    return result
 
 
 def _gather_masks(masks: Any, index: Any) -> npt.NDArray[np.float32]:
@@ -157,6 +181,10 @@ class TorchBackend:
             ) from exc
         self.options = options or TorchOptions()
         self.device = torch.device(device)
+        # Whether callers should have kept masks encoded here (``mask_sizes``): on a GPU that
+        # is microseconds a mask against milliseconds of host numpy; on the CPU the host's
+        # encoder, which skips the pixels away from a mask's edge, is faster.
+        self.encodes_masks = self.device.type == "cuda"
         prefer_expandable_segments(str(self.device))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError(
@@ -554,12 +582,23 @@ class TorchBackend:
             self._geo = torch.zeros(rows, *geo.shape[1:], dtype=geo.dtype, device=self.device)
             self._geo_mask = torch.zeros(rows, *geo_mask.shape[1:], dtype=geo_mask.dtype, device=self.device)
 
-    def submit(self, frames: npt.NDArray[np.uint8], text: TextFeatures, min_score: float) -> Pending:
-        """Queue a batch on the GPU and return at once; ``result()`` waits for it."""
+    def submit(
+        self,
+        frames: npt.NDArray[np.uint8],
+        text: TextFeatures,
+        min_score: float,
+        mask_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> Pending:
+        """Queue a batch on the GPU and return at once; ``result()`` waits for it.
+
+        ``mask_sizes``: (width, height) per frame to have the kept masks resized and encoded on
+        the device (``RawOutputs.mask_counts``); None returns their logits."""
         import torch
 
         check_frames(frames, self._manifest)
         batch = frames.shape[0]
+        if mask_sizes is not None and len(mask_sizes) != batch:
+            raise ValueError(f"{len(mask_sizes)} mask sizes for {batch} frames")
         with torch.no_grad(), self._out_of_memory_is_explained():
             self._ensure_geo_buffers()
             self._bind_text(text)
@@ -578,14 +617,14 @@ class TorchBackend:
                 self._collect_inflight()
                 self._compute_stream.wait_stream(self._copy_stream)
                 with torch.cuda.stream(self._compute_stream):
-                    self._inflight = self._launch(batch, min_score, events)
+                    self._inflight = self._launch(batch, min_score, events, mask_sizes)
                 return self._inflight
             device_frames[:batch].copy_(pinned[:batch])
-            return self._launch(batch, min_score, events)
+            return self._launch(batch, min_score, events, mask_sizes)
 
     def _collect_inflight(self) -> None:
         if self._inflight is not None:
-            self._inflight.result()
+            self._inflight.collect()
             self._inflight = None
 
     def _events(self) -> list[Any]:
@@ -595,7 +634,9 @@ class TorchBackend:
             return []
         return [torch.cuda.Event(enable_timing=True) for _ in range(3)]  # type: ignore[no-untyped-call]
 
-    def _launch(self, batch: int, min_score: float, events: list[Any]) -> Pending:
+    def _launch(
+        self, batch: int, min_score: float, events: list[Any], mask_sizes: Sequence[tuple[int, int]] | None
+    ) -> Pending:
         import torch
 
         t0 = time.perf_counter()
@@ -626,19 +667,26 @@ class TorchBackend:
             events[2].record()
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
-        def finish() -> RawOutputs:
+        def collect() -> Callable[[], RawOutputs]:
             if stream is not None:
                 stream.synchronize()
             with torch.no_grad():
                 kept_index = keep.nonzero() if index is None else index
+                mask_index = kept_index.cpu().numpy().astype(np.int64)
                 result = RawOutputs(
                     scores=scores.cpu().numpy(),
                     boxes=boxes.cpu().numpy(),
                     presence=presence.cpu().numpy(),
                     query_index=query_index.cpu().numpy().astype(np.int64),
-                    masks=_gather_masks(out["masks"], kept_index),
-                    mask_index=kept_index.cpu().numpy().astype(np.int64),
+                    masks=np.empty((len(mask_index), 0, 0), np.float32),
+                    mask_index=mask_index,
                 )
+                complete: Callable[[], RawOutputs]
+                if mask_sizes is None:
+                    result = dataclasses.replace(result, masks=_gather_masks(out["masks"], kept_index))
+                    complete = functools.partial(_identity, result)
+                else:
+                    complete = self._encode_masks(result, out["masks"], kept_index, mask_sizes, stream)
             if events:
                 self.last_timings = {
                     "vision": events[0].elapsed_time(events[1]),
@@ -646,9 +694,44 @@ class TorchBackend:
                 }
             else:
                 self.last_timings = {"total": (time.perf_counter() - t0) * 1e3}
-            return result
+            return complete
 
-        return Pending(finish)
+        return Pending(collect)
+
+    def _encode_masks(
+        self,
+        result: RawOutputs,
+        masks: torch.Tensor,
+        kept_index: torch.Tensor,
+        sizes: Sequence[tuple[int, int]],
+        stream: Any,
+    ) -> Callable[[], RawOutputs]:
+        """What completes ``result`` with its kept masks encoded at ``sizes``. On CUDA, and for
+        up to DEFERRED_MASKS of them, their logits are copied out of the shared buffers on the
+        batch's stream (ordered before the next batch's compute) and the encoding is left for
+        later, on the copy stream, idle by then; otherwise they are encoded now."""
+        import torch
+
+        def done(counts: list[npt.NDArray[np.int64]]) -> RawOutputs:
+            return dataclasses.replace(result, mask_counts=tuple(counts))
+
+        if stream is None or self._copy_stream is None or len(result.mask_index) > DEFERRED_MASKS:
+            counts = encode_kept_masks(masks, kept_index, sizes)
+            return functools.partial(done, counts)
+        with torch.cuda.stream(stream):
+            kept = masks[kept_index[:, 0], kept_index[:, 1], kept_index[:, 2]]
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record()
+        side = self._copy_stream
+        kept.record_stream(side)  # allocated on the batch's stream, read on the side stream
+        frames = result.mask_index[:, 0]
+
+        def later() -> RawOutputs:
+            with torch.no_grad(), torch.cuda.stream(side):
+                side.wait_event(ready)
+                return done(encode_masks(kept, frames, sizes))
+
+        return later
 
     def _launch_decoders(self, batch: int, vision_done: dict[int, Any]) -> None:
         """Queue the decoder steps: on the current stream, or (overlap) on the decoder stream, each
@@ -666,8 +749,14 @@ class TorchBackend:
         if side is not None:  # back on the main stream: it waits for the decoders
             torch.cuda.current_stream(self.device).wait_stream(side)
 
-    def infer(self, frames: npt.NDArray[np.uint8], text: TextFeatures, min_score: float) -> RawOutputs:
-        return self.submit(frames, text, min_score).result()
+    def infer(
+        self,
+        frames: npt.NDArray[np.uint8],
+        text: TextFeatures,
+        min_score: float,
+        mask_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> RawOutputs:
+        return self.submit(frames, text, min_score, mask_sizes).result()
 
     @property
     def _compiles_on_first_use(self) -> bool:

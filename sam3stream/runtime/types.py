@@ -43,6 +43,9 @@ class RawOutputs:
     - ``masks`` [N, M, M]: mask logits (M = 4 x patch grid) for the N detections whose score
       reached ``min_score`` in :meth:`Backend.infer`; ``mask_index`` [N, 3] gives (b, c, k) of each.
       Only kept masks cross from the device: at 1008 a dense [8, 4, 50, 288, 288] block is 265 MB.
+    - ``mask_counts``: when the backend encoded the kept masks itself (resized to each frame's
+      output size, thresholded at 0: runtime/mask_encode.py), their COCO run lengths, one array
+      per ``mask_index`` row; ``masks`` is then [N, 0, 0] (no logits cross). None otherwise.
     """
 
     scores: F32
@@ -51,6 +54,7 @@ class RawOutputs:
     query_index: npt.NDArray[np.int64]
     masks: F32
     mask_index: npt.NDArray[np.int64]
+    mask_counts: tuple[npt.NDArray[np.int64], ...] | None = None
 
     @property
     def batch(self) -> int:

@@ -431,6 +431,7 @@ class Pipeline:
             infer_pool=infer_pool,
             post_threads=self._post_threads,
             post_processes=self._post_processes,
+            device_masks=cfg.postprocess.device_masks,
         )
         for route in self.routes:
             publish_stats = getattr(route.sink, "publish_stats", None)

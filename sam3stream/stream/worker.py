@@ -5,7 +5,8 @@ postprocessing batch N overlaps inference of batch N+1 while results still
 leave in batch order (the post thread spreads a batch's frames over
 ``post_threads`` threads where the machine has cores to spare, or over
 ``post_processes`` processes, which escape Python's lock: each kept detection's
-mask costs milliseconds of numpy on the host):
+mask costs milliseconds of numpy on the host, unless the backend encoded it on
+the device):
 
     batches -> [infer thread] stack, backend.submit|infer -> handoff -> [post thread] detections -> publish
 
@@ -144,11 +145,14 @@ class GpuWorker:
         infer_pool: ThreadPoolExecutor | None = None,
         post_threads: int | None = None,
         post_processes: int = 0,
+        device_masks: bool = True,
     ) -> None:
         """``infer_pool``: the one thread that talks to the backend, when the caller made it
         (it loaded the backend there, so device contexts stay on one thread); else our own.
         ``post_processes`` > 0: a batch's frames are postprocessed in that many processes
-        (started with the worker) instead of ``post_threads`` threads."""
+        (started with the worker) instead of ``post_threads`` threads. ``device_masks``: have
+        kept masks encoded by a backend that offers it (``encodes_masks``), at each frame's
+        output size."""
         check_post_processes(post_processes, postprocess)
         self._backend = backend
         self._infer_pool = infer_pool
@@ -163,6 +167,7 @@ class GpuWorker:
         self._postprocess = postprocess if postprocess is not None else default_postprocess()
         self.post_threads = post_threads_or_default(post_threads)
         self.post_processes = post_processes
+        self.device_masks = device_masks and bool(getattr(backend, "encodes_masks", False))
         # A batch's frames: threads when post_threads > 1, processes when post_processes > 0.
         self._frame_pool: ThreadPoolExecutor | ProcessPoolExecutor | None = None
         self.text: TextFeatures | None = None
@@ -186,6 +191,7 @@ class GpuWorker:
                 min_score=self._min_score,
                 post_threads=0 if self.post_processes else self.post_threads,
                 post_processes=self.post_processes,
+                masks_encoded_on="device" if self.device_masks else "host",
             )
             handoff: asyncio.Queue[_Inferred] = asyncio.Queue(maxsize=1)
             try:
@@ -276,11 +282,13 @@ class GpuWorker:
         t0 = time.perf_counter()
         pixels = np.stack([f.pixels for f in batch.frames])
         t1 = time.perf_counter()
+        # Only a backend that encodes masks takes mask sizes (see device_masks).
+        sizes = (self._mask_sizes(batch.frames),) if self.device_masks else ()
         submit = getattr(self._backend, "submit", None)
         if callable(submit):
-            finish: Callable[[], RawOutputs] = submit(pixels, text, self._min_score).result
+            finish: Callable[[], RawOutputs] = submit(pixels, text, self._min_score, *sizes).result
         else:
-            raw = self._backend.infer(pixels, text, self._min_score)
+            raw = self._backend.infer(pixels, text, self._min_score, *sizes)
             finish = functools.partial(_identity, raw)
         return _Submitted(batch, started, (t1 - t0) * 1000, t1, finish)
 
@@ -319,6 +327,10 @@ class GpuWorker:
             self.batches_done += 1
             self._in_flight.done(len(frames))
 
+    def _mask_sizes(self, frames: Sequence[Frame]) -> list[tuple[int, int]]:
+        """(width, height) of each frame's masks: the configured size or the frame's own."""
+        return [self._mask_size or (f.width, f.height) for f in frames]
+
     def _post_args(self, raw: RawOutputs, b: int, frame: Frame) -> tuple[Any, ...]:
         """The postprocess call's arguments for frame ``b`` of ``raw``."""
         return (raw, b, self._labels, self._thresholds, frame.width, frame.height, self._mask_size)
@@ -334,7 +346,8 @@ class GpuWorker:
     ) -> list[list[Detection]]:
         """A batch's detections in frame order. A frame with masks is sent to the processes with
         its own outputs only; one without (most frames, often) is cheaper here than the round
-        trip. If a process dies, this batch and the rest are postprocessed here (``detect``)."""
+        trip, as is one whose masks the backend encoded. If a process dies, this batch and the
+        rest are postprocessed here (``detect``)."""
         from sam3stream.postprocess import frame_outputs
 
         frames, raw = inferred.batch.frames, inferred.raw
@@ -344,7 +357,7 @@ class GpuWorker:
                 one = frame_outputs(raw, b)
                 args = self._post_args(one, 0, f)
                 work.append(
-                    pool.submit(self._postprocess, *args) if len(one.masks) else self._postprocess(*args)
+                    pool.submit(self._postprocess, *args) if one.masks.size else self._postprocess(*args)
                 )
             return [item.result() if isinstance(item, Future) else item for item in work]
         except BrokenExecutor as exc:

@@ -238,3 +238,34 @@ def test_kept_masks_cross_in_chunks_and_come_out_the_same(
     assert chunked.masks.dtype == np.float32
     assert np.array_equal(chunked.mask_index, whole.mask_index)
     assert np.array_equal(chunked.masks, whole.masks)
+
+
+def test_masks_encoded_on_the_device_are_the_hosts_encoding_of_its_logits(backend: TorchBackend) -> None:
+    """``mask_sizes``: the same kept rows, each mask's runs at its own frame's size (two sizes in
+    one batch), and the detections the postprocessor makes from them are those it makes from
+    the logits; pipelined, so each batch's sizes stay with that batch."""
+    from sam3stream.postprocess import _mask_counts, to_detections
+
+    assert not backend.encodes_masks  # on the CPU the host's encoder is the faster one
+    rng = np.random.default_rng(8)
+    frames = rng.integers(0, 256, (3, 490, 490, 3), dtype=np.uint8)
+    text = backend.encode_text(PROMPTS)
+    sizes = [(320, 180), (320, 180), (97, 203)]
+    plain = backend.infer(frames, text, 0.0)
+    first = backend.submit(frames, text, 0.0, sizes)
+    second = backend.submit(frames[:1], text, 0.0, [(50, 40)])
+    encoded = first.result()
+    assert encoded.mask_counts is not None and encoded.masks.shape == (len(plain.mask_index), 0, 0)
+    np.testing.assert_array_equal(encoded.mask_index, plain.mask_index)
+    assert len(plain.mask_index) > 3
+    for row, (b, _, _) in enumerate(plain.mask_index):
+        w, h = sizes[b]
+        np.testing.assert_array_equal(encoded.mask_counts[row], _mask_counts(plain.masks[row], w, h))
+    for b, (w, h) in enumerate(sizes):
+        args = (["person", "hand"], [0.0, 0.0], 1920, 1080, (w, h))
+        assert to_detections(encoded, b, *args) == to_detections(plain, b, *args)
+    small = second.result()
+    assert small.mask_counts is not None
+    assert {int(c.sum()) for c in small.mask_counts} == {50 * 40}
+    with pytest.raises(ValueError, match="2 mask sizes for 3 frames"):
+        backend.submit(frames, text, 0.0, sizes[:2])
