@@ -116,3 +116,32 @@ def test_matches_pycocotools() -> None:
         n = sum(counts)
         ref = coco_mask.frPyObjects({"size": [1, n], "counts": counts}, 1, n)
         assert ref["counts"].decode() == string
+
+
+def _rle_to_string(counts: list[int]) -> str:
+    """pycocotools' rleToString, line by line (C's arithmetic shift is Python's >>)."""
+    out = []
+    for i, c in enumerate(counts):
+        x = c - counts[i - 2] if i > 2 else c
+        more = True
+        while more:
+            chunk = x & 0x1F
+            x >>= 5
+            more = x != -1 if chunk & 0x10 else x != 0
+            out.append(chr((chunk | (0x20 if more else 0)) + 48))
+    return "".join(out)
+
+
+def test_packing_matches_rle_to_string_line_by_line() -> None:
+    """Runs of every magnitude, so that same-kind deltas of every chunk count and both signs occur
+    (including the boundaries where one more chunk is needed)."""
+    rng = np.random.default_rng(11)
+    edges = [0, 15, 16, 511, 512, 16383, 16384, 2**19 - 1, 2**19, 2**24, 2**34, 2**44 + 3, 2**54]
+    for trial in range(50):
+        size = int(rng.integers(1, 400))
+        scale = 10.0 ** rng.uniform(0, 17, size)
+        counts = (rng.uniform(0, 1, size) * scale).astype(np.int64).tolist()
+        if trial % 5 == 0:
+            counts = [int(v) for v in rng.choice(edges, size)]
+        assert rle.counts_to_string(counts) == _rle_to_string(counts), trial
+        assert rle.counts_from_string(rle.counts_to_string(counts)).tolist() == counts
