@@ -712,12 +712,13 @@ class TorchBackend:
         later, on the copy stream, idle by then; otherwise they are encoded now."""
         import torch
 
-        def done(counts: list[npt.NDArray[np.int64]]) -> RawOutputs:
-            return dataclasses.replace(result, mask_counts=tuple(counts))
-
         if stream is None or self._copy_stream is None or len(result.mask_index) > DEFERRED_MASKS:
-            counts = encode_kept_masks(masks, kept_index, sizes)
-            return functools.partial(done, counts)
+            done = self._encoded_or_logits(
+                result,
+                lambda: encode_kept_masks(masks, kept_index, sizes),
+                lambda: _gather_masks(masks, kept_index),
+            )
+            return functools.partial(_identity, done)
         with torch.cuda.stream(stream):
             kept = masks[kept_index[:, 0], kept_index[:, 1], kept_index[:, 2]]
             ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
@@ -729,9 +730,36 @@ class TorchBackend:
         def later() -> RawOutputs:
             with torch.no_grad(), torch.cuda.stream(side):
                 side.wait_event(ready)
-                return done(encode_masks(kept, frames, sizes))
+                return self._encoded_or_logits(
+                    result,
+                    lambda: encode_masks(kept, frames, sizes),
+                    lambda: np.asarray(kept.float().cpu().numpy(), np.float32),
+                )
 
         return later
+
+    def _encoded_or_logits(
+        self,
+        result: RawOutputs,
+        encode: Callable[[], list[npt.NDArray[np.int64]]],
+        logits: Callable[[], npt.NDArray[np.float32]],
+    ) -> RawOutputs:
+        """``result`` with its masks encoded; if the device runs out of memory for that, with
+        their logits, for the host to encode: the batch is not lost over its masks."""
+        import torch
+
+        try:
+            return dataclasses.replace(result, mask_counts=tuple(encode()))
+        except torch.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning(
+                "mask_encoding_out_of_memory",
+                masks=len(result.mask_index),
+                detail="this batch's masks are encoded on the host",
+                error=str(exc).splitlines()[0] if str(exc) else repr(exc),
+            )
+            return dataclasses.replace(result, masks=logits())
 
     def _launch_decoders(self, batch: int, vision_done: dict[int, Any]) -> None:
         """Queue the decoder steps: on the current stream, or (overlap) on the decoder stream, each

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog
 import torch
 
 from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuMemoryError, InputError
@@ -269,3 +270,31 @@ def test_masks_encoded_on_the_device_are_the_hosts_encoding_of_its_logits(backen
     assert {int(c.sum()) for c in small.mask_counts} == {50 * 40}
     with pytest.raises(ValueError, match="2 mask sizes for 3 frames"):
         backend.submit(frames, text, 0.0, sizes[:2])
+
+
+def test_masks_the_device_has_no_memory_to_encode_go_to_the_host(
+    backend: TorchBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of memory while encoding masks costs the batch nothing: its logits come back for the
+    host's encoder, and the detections are the same."""
+    from sam3stream.postprocess import to_detections
+    from sam3stream.runtime import torch_backend as tb
+
+    def no_memory(*args: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+
+    frames = np.random.default_rng(9).integers(0, 256, (2, 490, 490, 3), dtype=np.uint8)
+    text = backend.encode_text(PROMPTS)
+    plain = backend.infer(frames, text, 0.0)
+    monkeypatch.setattr(tb, "encode_kept_masks", no_memory)
+    with structlog.testing.capture_logs() as logs:
+        fallen_back = backend.infer(frames, text, 0.0, [(64, 48), (64, 48)])
+    assert fallen_back.mask_counts is None
+    warned = [e for e in logs if e["event"] == "mask_encoding_out_of_memory"]
+    assert warned and warned[0]["masks"] == len(plain.masks) and "64.00 MiB" in warned[0]["error"]
+    np.testing.assert_array_equal(fallen_back.masks, plain.masks)
+    assert len(plain.masks) > 0
+    args = (PROMPTS, [0.0, 0.0], 64, 48)
+    assert [to_detections(fallen_back, b, *args) for b in range(2)] == [
+        to_detections(plain, b, *args) for b in range(2)
+    ]
