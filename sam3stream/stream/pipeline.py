@@ -65,7 +65,10 @@ class Pipeline:
     embedding); the caller keeps ownership and closes it. ``sinks``: extra
     sinks next to the configured ones. ``post_threads`` / ``post_processes``: threads or
     processes a batch's postprocessing is spread over (None: the config's ``[postprocess]``,
-    whose defaults are a quarter of the cores in threads, 1 to 4). ``results_queue``: how many results
+    whose defaults are a quarter of the cores in threads, 1 to 4). ``postprocess``: replaces
+    :func:`sam3stream.postprocess.to_detections`; the outputs it is given may carry their masks
+    already encoded (``RawOutputs.mask_counts``) unless ``[postprocess] device_masks = false``.
+    ``results_queue``: how many results
     :meth:`results` keeps for a slow reader before dropping the oldest (0: no
     :meth:`results` at all, for programs that only use sinks).
     """
