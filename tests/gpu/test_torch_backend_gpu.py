@@ -187,8 +187,12 @@ def test_live_backends_never_share_a_stream() -> None:
     import gc
 
     from sam3stream.errors import BackendUnavailableError
+    from sam3stream.runtime import stream_lease
 
     gc.collect()  # backends of earlier tests give their streams back when collected
+    # Streams an earlier test's backend still holds would make this test fail for another reason.
+    held = {str(device): len(ids) for device, ids in stream_lease._held.items() if ids}
+    assert not held, f"streams still held by earlier backends: {held}"
     install_into_transformers()
     model = random_model("tiny", 448, seed=0, device="cuda")
     options = TorchOptions("fp32", overlap=True, fused_gelu=False, attention_kernel=False)
