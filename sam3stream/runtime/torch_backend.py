@@ -389,11 +389,20 @@ class TorchBackend:
 
     def _choose_attention_kernel(self, forced: bool | None, rows: int, attention: Any, tokens: int) -> bool:
         """Whether the DETR encoder's self-attention runs through our Triton kernel: as forced,
-        else by timing it against SDPA on ``rows`` x heads x ``tokens`` (CUDA with Triton)."""
+        else by timing it against SDPA on ``rows`` x heads x ``tokens`` (CUDA with Triton). As
+        with the MLPs, a model whose attention another backend already swapped keeps it."""
         import torch
 
         from sam3stream.runtime import attention_kernel
+        from sam3stream.runtime.decoder_rewrite import KernelAttention
 
+        if isinstance(attention, KernelAttention):
+            if forced is False:
+                raise InputError(
+                    "this model's DETR encoder attention was already swapped for the kernel by another "
+                    "backend built from the same model; load the model again for a backend without it"
+                )
+            return True
         if forced and self.dtype == torch.float32:
             raise InputError("attention_kernel=True needs precision bf16 or fp16, not fp32")
         usable = self.device.type == "cuda" and attention_kernel.available()
@@ -420,9 +429,20 @@ class TorchBackend:
 
     def _choose_epilogue(self, forced: bool | None, mlp: Any, activation: str, tokens: int) -> bool:
         """Whether an MLP's activation goes into its first GEMM's epilogue: as forced, else by
-        timing both forms on ``tokens`` tokens (CUDA; on the CPU the op is plain addmm + act)."""
-        from sam3stream.runtime.fused_mlp import fused_mlp_pays
+        timing both forms on ``tokens`` tokens (CUDA; on the CPU the op is plain addmm + act).
 
+        Backends built from one model share its modules: if another backend already fused
+        them, so is this one (they cannot be timed again, nor unfused under the other)."""
+        from sam3stream.runtime.fused_mlp import FusedMLP, fused_mlp_pays
+
+        if isinstance(mlp, FusedMLP):
+            if forced is False:
+                raise InputError(
+                    f"this model's {activation.upper()} MLPs were already fused by another backend "
+                    "built from the same model; load the model again for a backend without it"
+                )
+            log.info("MLP epilogue already in place", activation=activation, reason="shared model")
+            return True
         if forced is not None:
             return forced
         if self.device.type != "cuda":

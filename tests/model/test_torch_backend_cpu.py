@@ -298,3 +298,40 @@ def test_masks_the_device_has_no_memory_to_encode_go_to_the_host(
     assert [to_detections(fallen_back, b, *args) for b in range(2)] == [
         to_detections(plain, b, *args) for b in range(2)
     ]
+
+
+def test_backends_built_from_one_model_agree_on_its_fused_mlps(tmp_path: Path) -> None:
+    """Backends from one model share its modules. A second backend finds the ViT's MLPs already
+    fused by the first: it takes them as they are (it used to time a fused MLP as if it were the
+    plain one and fail), and one that insists on the plain form is told what to do."""
+    from sam3stream.model.build import random_model
+    from sam3stream.model.checkpoint import LoadedModel
+    from sam3stream.model.roi_align import install_into_transformers
+    from sam3stream.model.tokenizer_files import write_tiny_tokenizer
+
+    install_into_transformers()
+    write_tiny_tokenizer(tmp_path)
+    loaded = LoadedModel(
+        model=random_model("tiny", 448, seed=0),
+        tokenizer_dir=tmp_path,
+        checkpoint_sha256="random",
+        source="random",
+    )
+
+    def build(fused_gelu: bool | None) -> TorchBackend:
+        options = TorchOptions("fp32", fused_gelu=fused_gelu)
+        return TorchBackend.from_model(
+            loaded, resolution=448, batch=1, queries=20, device="cpu", options=options
+        )
+
+    first = build(True)
+    assert first.fused_gelu
+    second = build(None)
+    assert second.fused_gelu
+    frames = np.random.default_rng(5).integers(0, 256, (1, 448, 448, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(
+        second.infer(frames, second.encode_text(PROMPTS), 0.5).scores,
+        first.infer(frames, first.encode_text(PROMPTS), 0.5).scores,
+    )
+    with pytest.raises(InputError, match=r"already fused by another backend.*load the model again"):
+        build(False)
