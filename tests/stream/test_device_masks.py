@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import numpy.typing as npt
+import pytest
 
 from sam3stream.config import Config
 from sam3stream.postprocess import _mask_counts
@@ -108,3 +109,10 @@ async def test_encoded_frames_stay_out_of_the_processes(tmp_path: Path, video: C
     sink = await _run(_config(tmp_path, video), _Encodes(), postprocess=labelled_by_process, post_processes=2)
     pids = {d.label for results in sink.results.values() for r in results for d in r.detections}
     assert pids == {str(os.getpid())}
+
+
+def test_a_bad_device_masks_value_names_the_key(tmp_path: Path, video: Callable[..., Path]) -> None:
+    from sam3stream.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"postprocess\.device_masks"):
+        _config(tmp_path, video, extra='[postprocess]\ndevice_masks = "gpu"\n')
