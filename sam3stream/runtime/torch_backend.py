@@ -739,6 +739,9 @@ class TorchBackend:
                 lambda: _gather_masks(masks, kept_index),
             )
             return functools.partial(_identity, done)
+        # The index was made on the current stream: keep its memory from being reused there
+        # before the batch's stream has read it.
+        kept_index.record_stream(stream)
         with torch.cuda.stream(stream):
             kept = masks[kept_index[:, 0], kept_index[:, 1], kept_index[:, 2]]
             ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
