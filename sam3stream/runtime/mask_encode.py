@@ -23,8 +23,9 @@ from sam3stream.rle import counts_from_edges
 
 __all__ = ["PIXEL_BUDGET", "encode_kept_masks", "encode_masks"]
 
-# Output pixels resized at once: ~5 bytes each at the peak (float32 values, then the mask), so
-# 8 Mi pixels (four full-HD masks) hold ~40 MiB of device memory for a moment.
+# Output pixels resized at once: float32 values, the mask, its column-major copy and where it
+# changes, up to ~7 bytes a pixel, so 8 Mi pixels (four full-HD masks) hold ~40-60 MiB for a
+# moment (the process held 80-100 MiB more at 1008 x 8 on the H200 with it, docs/bench).
 PIXEL_BUDGET = 8 * 1024 * 1024
 
 Counts = npt.NDArray[np.int64]
@@ -94,8 +95,8 @@ def encode_masks(
             x = logits[start:stop].float()[:, None]
             on = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)[:, 0] > 0
             flat = on.transpose(1, 2).reshape(stop - start, h * w)  # column-major, as COCO
-            first = flat[:, 0].cpu().numpy()
-            change = (flat[:, 1:] != flat[:, :-1]).nonzero().cpu().numpy()
+            change = (flat[:, 1:] != flat[:, :-1]).nonzero().cpu().numpy()  # waits for the group
+            first = flat[:, 0].cpu().numpy()  # nothing left to wait for
             del on, flat
             # nonzero is row-major: each mask's changes are contiguous and in order.
             bounds = np.searchsorted(change[:, 0], np.arange(stop - start + 1))
