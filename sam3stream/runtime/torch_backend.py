@@ -732,6 +732,8 @@ class TorchBackend:
         later, on the copy stream, idle by then; otherwise they are encoded now."""
         import torch
 
+        if not len(result.mask_index):  # the common case: nothing to copy out or wait for
+            return functools.partial(_identity, dataclasses.replace(result, mask_counts=()))
         if stream is None or self._copy_stream is None or len(result.mask_index) > DEFERRED_MASKS:
             done = self._encoded_or_logits(
                 result,

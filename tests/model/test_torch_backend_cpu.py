@@ -270,6 +270,8 @@ def test_masks_encoded_on_the_device_are_the_hosts_encoding_of_its_logits(backen
     assert {int(c.sum()) for c in small.mask_counts} == {50 * 40}
     with pytest.raises(ValueError, match="2 mask sizes for 3 frames"):
         backend.submit(frames, text, 0.0, sizes[:2])
+    nothing = backend.infer(frames, text, 1.5, sizes)  # no score reaches 1.5
+    assert nothing.mask_counts == () and nothing.masks.shape[0] == 0 == len(nothing.mask_index)
 
 
 def test_masks_the_device_has_no_memory_to_encode_go_to_the_host(
