@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from sam3stream.rle import counts_from_edges
 
-__all__ = ["PIXEL_BUDGET", "encode_kept_masks", "encode_masks"]
+__all__ = ["PIXEL_BUDGET", "encode_kept_masks", "encode_masks", "kept_rows"]
 
 # Output pixels resized at once: float32 values, the mask, its column-major copy and where it
 # changes, up to ~7 bytes a pixel, so 8 Mi pixels (four full-HD masks) hold ~40-60 MiB for a
@@ -55,6 +55,11 @@ def _groups(
     return groups
 
 
+def kept_rows(masks: Any, index: Any) -> Any:
+    """The rows of ``masks`` [B, C, K, ...] at ``index`` [N, 3] (frame, class, query): [N, ...]."""
+    return masks[index[:, 0], index[:, 1], index[:, 2]]
+
+
 def encode_kept_masks(
     masks: Any,
     index: Any,
@@ -71,9 +76,7 @@ def encode_kept_masks(
     frames = index[:, 0].cpu().numpy().astype(np.int64)
     counts: list[Counts] = []
     for start, stop in _groups(frames, sizes, budget):
-        rows = index[start:stop]
-        logits = masks[rows[:, 0], rows[:, 1], rows[:, 2]]
-        counts += encode_masks(logits, frames[start:stop], sizes, budget)
+        counts += encode_masks(kept_rows(masks, index[start:stop]), frames[start:stop], sizes, budget)
     return counts
 
 

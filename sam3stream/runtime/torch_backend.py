@@ -38,7 +38,7 @@ from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuM
 from sam3stream.runtime.allocator import prefer_expandable_segments
 from sam3stream.runtime.contract import PAD_BOX_LABEL, check_frames
 from sam3stream.runtime.manifest import EngineManifest, read_manifest
-from sam3stream.runtime.mask_encode import encode_kept_masks, encode_masks
+from sam3stream.runtime.mask_encode import encode_kept_masks, encode_masks, kept_rows
 from sam3stream.runtime.stream_lease import StreamLease
 from sam3stream.runtime.tokenize import PromptTokenizer
 from sam3stream.runtime.types import RawOutputs, TextFeatures
@@ -144,6 +144,18 @@ MASK_CHUNK = 64
 DEFERRED_MASKS = 256
 
 
+def _swapped_by_another_backend(forced: bool | None, what: str) -> bool:
+    """For a rewrite that a backend built earlier from the same model already made to the
+    modules they share: this backend has it too (True), unless it was forced off."""
+    if forced is False:
+        raise InputError(
+            f"this model's {what} by another backend built from the same model; load the model "
+            "again for a backend without it"
+        )
+    log.info("rewrite already in place", what=what, reason="shared model")
+    return True
+
+
 def _identity(result: RawOutputs) -> RawOutputs:
     return result
 
@@ -155,7 +167,7 @@ def _gather_masks(masks: Any, index: Any) -> npt.NDArray[np.float32]:
     host = np.empty((count, size, size), np.float32)
     for start in range(0, count, MASK_CHUNK):
         rows = index[start : start + MASK_CHUNK]
-        host[start : start + rows.shape[0]] = masks[rows[:, 0], rows[:, 1], rows[:, 2]].float().cpu().numpy()
+        host[start : start + rows.shape[0]] = kept_rows(masks, rows).float().cpu().numpy()
     return host
 
 
@@ -397,12 +409,9 @@ class TorchBackend:
         from sam3stream.runtime.decoder_rewrite import KernelAttention
 
         if isinstance(attention, KernelAttention):
-            if forced is False:
-                raise InputError(
-                    "this model's DETR encoder attention was already swapped for the kernel by another "
-                    "backend built from the same model; load the model again for a backend without it"
-                )
-            return True
+            return _swapped_by_another_backend(
+                forced, "DETR encoder attention was already swapped for the kernel"
+            )
         if forced and self.dtype == torch.float32:
             raise InputError("attention_kernel=True needs precision bf16 or fp16, not fp32")
         usable = self.device.type == "cuda" and attention_kernel.available()
@@ -436,13 +445,7 @@ class TorchBackend:
         from sam3stream.runtime.fused_mlp import FusedMLP, fused_mlp_pays
 
         if isinstance(mlp, FusedMLP):
-            if forced is False:
-                raise InputError(
-                    f"this model's {activation.upper()} MLPs were already fused by another backend "
-                    "built from the same model; load the model again for a backend without it"
-                )
-            log.info("MLP epilogue already in place", activation=activation, reason="shared model")
-            return True
+            return _swapped_by_another_backend(forced, f"{activation.upper()} MLPs were already fused")
         if forced is not None:
             return forced
         if self.device.type != "cuda":
@@ -745,7 +748,7 @@ class TorchBackend:
         # before the batch's stream has read it.
         kept_index.record_stream(stream)
         with torch.cuda.stream(stream):
-            kept = masks[kept_index[:, 0], kept_index[:, 1], kept_index[:, 2]]
+            kept = kept_rows(masks, kept_index)
             ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
             ready.record()
         side = self._copy_stream
