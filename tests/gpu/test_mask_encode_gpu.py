@@ -11,10 +11,8 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-from sam3stream.postprocess import _mask_counts  # noqa: E402
-from sam3stream.rle import counts_to_string, decode  # noqa: E402
 from sam3stream.runtime.mask_encode import encode_kept_masks  # noqa: E402
-from sam3stream.stream.frames import Rle  # noqa: E402
+from tests.runtime.test_mask_encode import host_counts, pixels_differing  # noqa: E402
 from tests.test_postprocess import MASKS  # noqa: E402
 
 
@@ -28,13 +26,9 @@ def test_cuda_masks_match_the_hosts(width: int, height: int, dtype: str) -> None
     index = torch.tensor([[0, 0, k] for k in range(len(names))], device="cuda")
     got = encode_kept_masks(block, index, [(width, height)])
     for k, name in enumerate(names):
-        source = block[0, 0, k].float().cpu().numpy()
-        with np.errstate(invalid="ignore", over="ignore"):
-            want = _mask_counts(source, width, height)
+        want = host_counts(block[0, 0, k].float().cpu().numpy(), width, height)
         assert got[k].sum() == width * height, name
-        ours = decode(Rle(size=(height, width), counts=counts_to_string(got[k])))
-        theirs = decode(Rle(size=(height, width), counts=counts_to_string(want)))
-        differ = int(np.count_nonzero(ours != theirs))
+        differ = pixels_differing(got[k], want, width, height)
         assert differ <= max(8, width * height // 100_000), (name, differ)
 
 
@@ -45,29 +39,16 @@ def test_backend_encodes_while_the_next_batch_computes(
     """Batches submitted ahead (the worker's order) with ``mask_sizes``: each batch's masks are
     encoded after the next batch was queued (deferred, from a copy of their logits) or before
     (more than DEFERRED_MASKS kept), and either way match the logits that batch gave alone."""
-    import tempfile
-    from pathlib import Path
-
     from sam3stream.model.build import random_model
-    from sam3stream.model.checkpoint import LoadedModel
     from sam3stream.model.roi_align import install_into_transformers
-    from sam3stream.model.tokenizer_files import write_tiny_tokenizer
     from sam3stream.runtime import torch_backend as tb
+    from tests.gpu.test_torch_backend_gpu import torch_backend
 
     if not deferred:
         monkeypatch.setattr(tb, "DEFERRED_MASKS", 1)
     install_into_transformers()
-    tok = Path(tempfile.mkdtemp())
-    write_tiny_tokenizer(tok)
-    loaded = LoadedModel(
-        model=random_model("tiny", 448, seed=0, device="cuda"),
-        tokenizer_dir=tok,
-        checkpoint_sha256="random",
-        source="random:tiny:seed=0",
-    )
-    backend = tb.TorchBackend.from_model(
-        loaded, resolution=448, batch=4, queries=20, options=tb.TorchOptions("fp32")
-    )
+    model = random_model("tiny", 448, seed=0, device="cuda")
+    backend = torch_backend(model, "tiny", 448, 4, 20, tb.TorchOptions("fp32"))
     assert backend.encodes_masks
     text = backend.encode_text(["person", "hand"])
     rng = np.random.default_rng(4)
@@ -81,8 +62,6 @@ def test_backend_encodes_while_the_next_batch_computes(
         assert got.mask_counts is not None and len(got.mask_counts) == len(want.mask_index) > 1
         for row, (b, _, _) in enumerate(want.mask_index):
             w, h = frame_sizes[b]
-            host = _mask_counts(want.masks[row], w, h)
-            ours = decode(Rle(size=(h, w), counts=counts_to_string(got.mask_counts[row])))
-            theirs = decode(Rle(size=(h, w), counts=counts_to_string(host)))
-            assert int(np.count_nonzero(ours != theirs)) <= 8, (n, row)
+            differ = pixels_differing(got.mask_counts[row], host_counts(want.masks[row], w, h), w, h)
+            assert differ <= 8, (n, row)
     backend.close()

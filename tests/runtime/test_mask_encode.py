@@ -18,13 +18,18 @@ from tests.test_postprocess import MASKS
 SIZES = [(1920, 1080), (641, 359), (2000, 30), (100, 77), (288, 288)]
 
 
-def _host(logits: npt.NDArray[np.float32], width: int, height: int) -> npt.NDArray[np.int64]:
+def host_counts(logits: npt.NDArray[np.float32], width: int, height: int) -> npt.NDArray[np.int64]:
     with np.errstate(invalid="ignore", over="ignore"):
         return _mask_counts(logits, width, height)
 
 
-def _pixels(counts: npt.NDArray[np.int64], width: int, height: int) -> npt.NDArray[np.uint8]:
-    return decode(Rle(size=(height, width), counts=counts_to_string(counts)))
+def pixels_differing(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64], width: int, height: int) -> int:
+    """How many pixels of the [height, width] masks that the runs ``a`` and ``b`` describe differ."""
+
+    def pixels(counts: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        return decode(Rle(size=(height, width), counts=counts_to_string(counts)))
+
+    return int(np.count_nonzero(pixels(a) != pixels(b)))
 
 
 @pytest.mark.parametrize(("width", "height"), SIZES)
@@ -38,12 +43,12 @@ def test_each_mask_has_the_host_encoders_runs(width: int, height: int) -> None:
     got = encode_kept_masks(masks, index, [(width, height)])
     assert len(got) == len(names)
     for k, name in enumerate(names):
-        want = _host(masks[0, 0, k].numpy(), width, height)
+        want = host_counts(masks[0, 0, k].numpy(), width, height)
         assert got[k].dtype == np.int64 and got[k].sum() == width * height, name
         if np.isfinite(MASKS[name]).all():
             np.testing.assert_array_equal(got[k], want, err_msg=name)
         else:  # inf x a zero weight: torch's kernels and ours may part on a pixel or two
-            differ = np.count_nonzero(_pixels(got[k], width, height) != _pixels(want, width, height))
+            differ = pixels_differing(got[k], want, width, height)
             assert differ <= 8, (name, differ)
 
 
@@ -67,13 +72,13 @@ def test_frames_of_other_sizes_in_groups_under_the_budget() -> None:
     assert len(got) == len(index)
     for row, (b, c, k) in enumerate(index.tolist()):
         w, h = sizes[b]
-        np.testing.assert_array_equal(got[row], _host(masks[b, c, k].numpy(), w, h))
+        np.testing.assert_array_equal(got[row], host_counts(masks[b, c, k].numpy(), w, h))
 
 
 def test_a_mask_larger_than_the_budget_is_still_encoded() -> None:
     masks = torch.from_numpy(MASKS["blobs"])[None, None, None]
     got = encode_kept_masks(masks, torch.zeros(1, 3, dtype=torch.long), [(300, 200)], budget=10)
-    np.testing.assert_array_equal(got[0], _host(MASKS["blobs"], 300, 200))
+    np.testing.assert_array_equal(got[0], host_counts(MASKS["blobs"], 300, 200))
 
 
 def test_nothing_kept_is_nothing_encoded() -> None:
