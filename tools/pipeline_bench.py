@@ -255,8 +255,9 @@ def main() -> int:
     _say(f"bare GPU worker: {bare:.1f} frames/s, memory {bare_memory}")
     # The first run keeps the usual threshold (random weights: no detection passes it); each
     # --detections value then runs again with about that many masks per frame to postprocess,
-    # once per --post-threads and per --post-processes value. The threshold comes from the clips'
-    # own first frames: the scores of random weights depend on the picture.
+    # per --masks-on value once per --post-threads value (and, masks on the host, once per
+    # --post-processes value). The threshold comes from the clips' own first frames: the scores
+    # of random weights depend on the picture.
     runs_for: list[tuple[float | None, int | None, int, str]] = [(None, None, 0, "device")]
     for d in args.detections or []:
         for where in args.masks_on:
