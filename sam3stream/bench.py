@@ -60,6 +60,7 @@ class BenchArgs:
     peer: bool = True
     peer_iters: int = 5
     compile_mode: str | None = None
+    compile_cache: str | None = None  # a folder for torch.compile's artifacts (restarts)
     vision_chunk: int | None = None
     # Frames the backend is built for (`batching.max_batch` of a service); None: the most
     # cameras measured. A child measuring fewer cameras sizes its vision steps for them.

@@ -86,6 +86,9 @@ class EnginesConfig(_Section, frozen=True, kw_only=True):
     overlap: bool = True  # torch only: decoder on a second CUDA stream (+5% frames/s, ~150 MiB)
     # torch only: the ViT's GELU in its GEMM's epilogue; unset: both forms timed at start.
     fused_gelu: bool | None = None
+    # torch only: keep torch.compile's artifacts in <dir>/compile-cache, so that a start where
+    # inductor's own cache is empty (a new container) loads kernels instead of generating them.
+    compile_cache: bool = True
     export: ExportConfig | None = None
 
 

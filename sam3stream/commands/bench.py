@@ -36,6 +36,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--no-peer", action="store_true", help="skip transformers' eager Sam3Model")
     p.add_argument("--peer-iters", type=int, default=5)
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument(
+        "--compile-cache",
+        type=Path,
+        default=None,
+        help="a folder for torch.compile's artifacts: loaded before the warm-up, saved after it "
+        "(an engine directory's runs use <dir>/compile-cache)",
+    )
     p.add_argument("--vision-chunk", type=int, default=None)
     p.add_argument("--decoder-frames", type=int, default=1)
     p.add_argument(
@@ -112,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         peer=not args.no_peer and args.engines is None,
         peer_iters=args.peer_iters,
         compile_mode=args.compile_mode,
+        compile_cache=str(args.compile_cache) if args.compile_cache else None,
         vision_chunk=args.vision_chunk,
         engine_batch=engine_batch,
         decoder_frames=args.decoder_frames,

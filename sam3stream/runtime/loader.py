@@ -12,6 +12,7 @@ from sam3stream.runtime.types import Backend
 __all__ = ["BACKENDS", "open_backend"]
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt", "fake")
+COMPILE_CACHE_DIR = "compile-cache"  # inside an engine directory
 
 # What to install when a backend's dependency is missing.
 _INSTALL = {
@@ -37,13 +38,15 @@ def open_backend(
     overlap: bool = False,
     fused_gelu: bool | None = None,
     typical_batch: int | None = None,
+    compile_cache: bool = False,
 ) -> Backend:
     """Load the engines in ``engine_dir`` with the ``kind`` runtime on ``device``.
 
     ``precision`` (bf16, fp16, fp32) goes to backends that take it (torch: as
     ``TorchOptions(precision=...)``); the others run at the precision their engines
     were made with. ``overlap``, ``fused_gelu`` and ``typical_batch`` are the torch backend's
-    ``TorchOptions``.
+    ``TorchOptions``; ``compile_cache`` gives it ``engine_dir/compile-cache`` for its compiled
+    kernels (``TorchOptions.compile_cache``).
     """
     engine_dir = Path(engine_dir)
     if kind == "fake":
@@ -70,7 +73,11 @@ def open_backend(
     elif "options" in params and hasattr(module, "TorchOptions"):
         chosen = {"precision": precision} if precision is not None else {}
         extra["options"] = module.TorchOptions(
-            **chosen, overlap=overlap, fused_gelu=fused_gelu, typical_batch=typical_batch
+            **chosen,
+            overlap=overlap,
+            fused_gelu=fused_gelu,
+            typical_batch=typical_batch,
+            compile_cache=str(engine_dir / COMPILE_CACHE_DIR) if compile_cache else None,
         )
     backend: Backend = cls(engine_dir, **kwargs, **extra)
     return backend

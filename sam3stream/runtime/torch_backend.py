@@ -35,6 +35,7 @@ import numpy.typing as npt
 import structlog
 
 from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuMemoryError, InputError
+from sam3stream.runtime import compile_cache
 from sam3stream.runtime.allocator import prefer_expandable_segments
 from sam3stream.runtime.contract import PAD_BOX_LABEL, check_frames
 from sam3stream.runtime.manifest import EngineManifest, read_manifest
@@ -89,6 +90,9 @@ class TorchOptions:
     # None: on CUDA with Triton installed, time it against SDPA at the encoder's shape at start
     # and keep the faster; True requires Triton.
     attention_kernel: bool | None = None
+    # A folder for torch.compile's artifacts (runtime/compile_cache.py): loaded at start, saved
+    # after the warm-up, so that a start where inductor's own cache is empty skips code generation.
+    compile_cache: str | None = None
 
 
 def default_vision_chunk(resolution: int, batch: int) -> int:
@@ -260,6 +264,19 @@ class TorchBackend:
         m = self._manifest
         opts = self.options
         on_cuda = self.device.type == "cuda"
+        self._compile_cache: Path | None = None
+        if on_cuda and opts.compile and opts.compile_cache:
+            # Before anything compiles: what was loaded is what the compiles below can hit.
+            self._compile_cache = compile_cache.cache_file(
+                Path(opts.compile_cache),
+                torch_version=torch.__version__,
+                device=compile_cache.device_label(self.device),
+                resolution=m.resolution,
+                batch=m.batch,
+                precision=opts.precision,
+                mode=opts.compile_mode,
+            )
+            compile_cache.load(self._compile_cache)
         if on_cuda and opts.precision != "fp32":
             # The float32 query path may use TF32 tensor cores: 10 mantissa bits keep boxes well
             # inside a pixel at 1008 (bf16's 7 do not) at a fraction of full float32's cost.
@@ -830,7 +847,14 @@ class TorchBackend:
         frames = np.zeros((self.manifest.batch, r, r, 3), np.uint8)
         for _ in range(2):
             self.infer(frames, text, 1.0)
+        self.save_compile_cache()
         return time.perf_counter() - t0
+
+    def save_compile_cache(self) -> int:
+        """Save what this process compiled to the compile cache (TorchOptions.compile_cache), if
+        one is set and it changed; bytes written. warm_up does this; call it after compiling
+        otherwise (the bench's own warm-up batches)."""
+        return compile_cache.save(self._compile_cache) if self._compile_cache is not None else 0
 
     def buffer_bytes(self) -> int:
         """Bytes held in static device buffers (inputs, FPN levels, outputs)."""

@@ -276,6 +276,7 @@ class Pipeline:
             precision=engines.precision,
             overlap=engines.overlap,
             fused_gelu=engines.fused_gelu,
+            compile_cache=engines.compile_cache,
             # A camera sends one frame per round, so fewer cameras than max_batch mean smaller batches.
             typical_batch=min(self.config.batching.max_batch, len(self.config.cameras)),
         )

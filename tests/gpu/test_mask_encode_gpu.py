@@ -65,3 +65,40 @@ def test_backend_encodes_while_the_next_batch_computes(
             differ = pixels_differing(got.mask_counts[row], host_counts(want.masks[row], w, h), w, h)
             assert differ <= 8, (n, row)
     backend.close()
+
+
+@pytest.mark.parametrize("deferred", [True, False])
+def test_out_of_memory_while_encoding_returns_the_logits(
+    deferred: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of device memory while encoding, deferred (on the copy stream, from the copied kept
+    logits) or not: the batch comes back with its kept logits for the host, one warning each."""
+    import structlog
+
+    from sam3stream.model.build import random_model
+    from sam3stream.model.roi_align import install_into_transformers
+    from sam3stream.runtime import torch_backend as tb
+    from tests.gpu.test_torch_backend_gpu import torch_backend
+
+    def no_memory(*args: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
+
+    monkeypatch.setattr(tb, "encode_masks" if deferred else "encode_kept_masks", no_memory)
+    if not deferred:
+        monkeypatch.setattr(tb, "DEFERRED_MASKS", 1)
+    install_into_transformers()
+    model = random_model("tiny", 448, seed=0, device="cuda")
+    backend = torch_backend(model, "tiny", 448, 2, 20, tb.TorchOptions("fp32"))
+    text = backend.encode_text(["person", "hand"])
+    frames = np.random.default_rng(6).integers(0, 256, (2, 448, 448, 3), dtype=np.uint8)
+    plain = backend.infer(frames, text, 0.0)
+    with structlog.testing.capture_logs() as logs:
+        pending = [backend.submit(frames, text, 0.0, [(64, 48), (97, 203)]) for _ in range(2)]
+        results = [p.result() for p in pending]
+    warned = [e for e in logs if e["event"] == "mask_encoding_out_of_memory"]
+    assert len(warned) == 2 and all(e["masks"] == len(plain.masks) > 1 for e in warned)
+    for got in results:
+        assert got.mask_counts is None
+        np.testing.assert_array_equal(got.mask_index, plain.mask_index)
+        np.testing.assert_array_equal(got.masks, plain.masks)
+    backend.close()

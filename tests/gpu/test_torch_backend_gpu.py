@@ -139,14 +139,18 @@ def test_partial_batch_needs_no_recapture_and_matches_full_batch(overlap: bool) 
     backend.close()
 
 
-def test_after_warm_up_no_batch_compiles_or_captures() -> None:
+def test_after_warm_up_no_batch_compiles_or_captures(tmp_path: Path) -> None:
     """What the pipeline relies on to start cameras only when the engine is ready: after
-    warm_up, full and partial batches on either frame buffer replay graphs that exist."""
+    warm_up, full and partial batches on either frame buffer replay graphs that exist. The
+    warm-up also leaves what it compiled in the compile cache."""
     install_into_transformers()
     model = random_model("tiny", 448, seed=0, device="cuda")
-    backend = torch_backend(model, "tiny", 448, 4, 20, TorchOptions("fp32", typical_batch=1))
+    options = TorchOptions("fp32", typical_batch=1, compile_cache=str(tmp_path))
+    backend = torch_backend(model, "tiny", 448, 4, 20, options)
     text = backend.encode_text(PROMPTS[:2])
     assert backend.warm_up(text) > 0
+    saved = list(tmp_path.glob("*.bin"))
+    assert len(saved) == 1 and saved[0].name.endswith("_448x4_fp32.bin") and saved[0].stat().st_size > 0
     captured = (dict(backend._vision_graphs), dict(backend._decoder_graphs))
     assert len(captured[0]) == 2 * 4 and len(captured[1]) == 4  # chunk 1: 4 slots x 2 buffers
     frames = np.random.default_rng(2).integers(0, 256, (4, 448, 448, 3), dtype=np.uint8)

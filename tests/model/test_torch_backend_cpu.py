@@ -337,3 +337,51 @@ def test_backends_built_from_one_model_agree_on_its_fused_mlps(tmp_path: Path) -
     )
     with pytest.raises(InputError, match=r"already fused by another backend.*load the model again"):
         build(False)
+
+
+def test_backends_built_from_one_model_agree_on_its_attention_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for the DETR encoder's attention: once another backend swapped it for our kernel,
+    a later backend keeps it (without timing or Triton) and one that forbids it is told what to
+    do. The kernel itself runs only on CUDA; this builds backends and runs nothing."""
+    from sam3stream.model.build import random_model
+    from sam3stream.model.checkpoint import LoadedModel
+    from sam3stream.model.roi_align import install_into_transformers
+    from sam3stream.model.tokenizer_files import write_tiny_tokenizer
+    from sam3stream.runtime import attention_kernel
+    from sam3stream.runtime.decoder_rewrite import KernelAttention, use_attention_kernel
+
+    install_into_transformers()
+    write_tiny_tokenizer(tmp_path)
+    model = random_model("tiny", 448, seed=0)
+    # The tiny model's head dim (8) is not one the kernel is built for; the swap is what matters.
+    monkeypatch.setattr(attention_kernel, "config_for", lambda dim: None)
+    assert use_attention_kernel(model.detr_encoder) == 2  # what a first backend on CUDA does
+    loaded = LoadedModel(model=model, tokenizer_dir=tmp_path, checkpoint_sha256="random", source="random")
+
+    def build(kernel: bool | None) -> TorchBackend:
+        options = TorchOptions("fp32", attention_kernel=kernel)
+        return TorchBackend.from_model(
+            loaded, resolution=448, batch=1, queries=20, device="cpu", options=options
+        )
+
+    with structlog.testing.capture_logs() as logs:
+        second = build(None)
+    assert second.attention_kernel
+    assert all(isinstance(layer.self_attn, KernelAttention) for layer in second._decoder.detr_encoder.layers)
+    assert any(e["event"] == "rewrite already in place" and "attention" in e["what"] for e in logs)
+    with pytest.raises(InputError, match=r"swapped for the kernel by another backend.*load the model"):
+        build(False)
+
+
+def test_the_service_gives_the_torch_backend_its_engine_directorys_cache(tiny_engines: Path) -> None:
+    from sam3stream.runtime.loader import COMPILE_CACHE_DIR, open_backend
+
+    backend = open_backend("torch", tiny_engines, "cpu", precision="fp32", compile_cache=True)
+    assert backend.options.compile_cache == str(tiny_engines / COMPILE_CACHE_DIR)  # type: ignore[attr-defined]
+    # Nothing compiles on the CPU, so nothing is read or written there.
+    assert backend.save_compile_cache() == 0  # type: ignore[attr-defined]
+    assert not (tiny_engines / COMPILE_CACHE_DIR).exists()
+    plain = open_backend("torch", tiny_engines, "cpu", precision="fp32")
+    assert plain.options.compile_cache is None  # type: ignore[attr-defined]
