@@ -104,6 +104,7 @@ def save(path: Path) -> int:
         # Written whole, then renamed: a start that reads it meanwhile sees the old file or the new.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide it from a service running as another user
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
             os.replace(tmp, path)
