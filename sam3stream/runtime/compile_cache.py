@@ -1,6 +1,9 @@
 """torch.compile's artifacts kept in a folder (by default beside the engines), so that a start on a
 machine whose own inductor cache is empty (a new container: that cache lives under /tmp) loads
-the generated kernels instead of generating and compiling them again.
+the generated kernels instead of generating and compiling them again. Beside them, the start-up
+choices the backend timed (epilogue forms, attention kernel): a restart takes them as recorded,
+so it compiles the graphs that were saved and runs as the last start did (the timings are close
+enough that they can draw differently from one start to the next).
 
 The artifacts are keyed inside by the graphs they were made from, so a file from other code or
 options is harmless: it is loaded and simply not hit. One file per torch build, GPU model,
@@ -10,6 +13,7 @@ cannot be read or written costs a warning, never the start.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -21,13 +25,25 @@ import structlog
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["cache_file", "device_label", "load", "save"]
+__all__ = [
+    "CHOICES",
+    "cache_file",
+    "choices_file",
+    "device_label",
+    "load",
+    "load_choices",
+    "save",
+    "save_choices",
+]
 
 log = structlog.get_logger(__name__)
 
 # path -> the artifacts (kind, key) it was loaded with or last saved with in this process: a
 # save that adds none leaves the file alone (the serialised order varies, so bytes cannot tell).
 _known: dict[Path, set[tuple[str, str]]] = {}
+
+# The start-up choices a backend times and records (TorchBackend attributes of these names).
+CHOICES = ("fused_gelu", "fused_relu", "attention_kernel")
 
 
 def _keys(info: Any) -> set[tuple[str, str]]:
@@ -99,9 +115,50 @@ def save(path: Path) -> int:
     keys = _keys(info)
     if path in _known and keys <= _known[path] and path.is_file():
         return 0
+    if not _write(path, data):
+        return 0
+    _known[path] = keys
+    log.info("compile cache saved", path=str(path), artifacts=len(keys), bytes=len(data))
+    return len(data)
+
+
+def choices_file(cache: Path) -> Path:
+    """Where the start-up choices that go with the artifacts at ``cache`` are recorded."""
+    return cache.with_name(f"{cache.stem}.choices.json")
+
+
+def load_choices(path: Path) -> dict[str, bool]:
+    """The choices recorded at ``path`` (names in CHOICES -> kept or not); {} without a usable file."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        log.warning(
+            "compile_cache_choices_unusable",
+            path=str(path),
+            error=f"{type(exc).__name__}: {exc}",
+            detail="the choices are timed again and the file replaced",
+        )
+        return {}
+    chosen = {name: value for name, value in data.items() if name in CHOICES and isinstance(value, bool)}
+    log.info("start-up choices recorded earlier", path=str(path), **chosen)
+    return chosen
+
+
+def save_choices(path: Path, choices: dict[str, bool]) -> bool:
+    """Record ``choices`` at ``path``; False if it could not be written (a warning says why)."""
+    data = json.dumps({name: choices[name] for name in CHOICES if name in choices}, indent=2)
+    return _write(path, (data + "\n").encode())
+
+
+def _write(path: Path, data: bytes) -> bool:
+    """Write ``data`` whole, then rename it into place: a start that reads the file meanwhile sees
+    the old one or the new. A failure is a warning that names the path."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Written whole, then renamed: a start that reads it meanwhile sees the old file or the new.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide it from a service running as another user
@@ -118,7 +175,5 @@ def save(path: Path) -> int:
             error=f"{type(exc).__name__}: {exc}",
             detail="the next start on a fresh machine compiles again",
         )
-        return 0
-    _known[path] = keys
-    log.info("compile cache saved", path=str(path), artifacts=len(keys), bytes=len(data))
-    return len(data)
+        return False
+    return True

@@ -91,7 +91,8 @@ class TorchOptions:
     # and keep the faster; True requires Triton.
     attention_kernel: bool | None = None
     # A folder for torch.compile's artifacts (runtime/compile_cache.py): loaded at start, saved
-    # after the warm-up, so that a start where inductor's own cache is empty skips code generation.
+    # after the warm-up, so that a start where inductor's own cache is empty skips code generation;
+    # with them the start-up choices timed (the forms above left to None), taken as recorded later.
     compile_cache: str | None = None
 
 
@@ -265,8 +266,10 @@ class TorchBackend:
         opts = self.options
         on_cuda = self.device.type == "cuda"
         self._compile_cache: Path | None = None
-        if on_cuda and opts.compile and opts.compile_cache:
-            # Before anything compiles: what was loaded is what the compiles below can hit.
+        self._saves_artifacts = on_cuda and opts.compile
+        recorded: dict[str, bool] = {}  # start-up choices an earlier start timed
+        self._timed: dict[str, bool] = {}  # and those this start times
+        if opts.compile_cache:
             self._compile_cache = compile_cache.cache_file(
                 Path(opts.compile_cache),
                 torch_version=torch.__version__,
@@ -276,7 +279,10 @@ class TorchBackend:
                 precision=opts.precision,
                 mode=opts.compile_mode,
             )
-            compile_cache.load(self._compile_cache)
+            recorded = compile_cache.load_choices(compile_cache.choices_file(self._compile_cache))
+            if self._saves_artifacts:
+                # Before anything compiles: what was loaded is what the compiles below can hit.
+                compile_cache.load(self._compile_cache)
         if on_cuda and opts.precision != "fp32":
             # The float32 query path may use TF32 tensor cores: 10 mantissa bits keep boxes well
             # inside a pixel at 1008 (bf16's 7 do not) at a fraction of full float32's cost.
@@ -317,7 +323,11 @@ class TorchBackend:
         typical = min(m.batch, opts.typical_batch or m.batch)
         self.vision_chunk = opts.vision_chunk or default_vision_chunk(m.resolution, typical)
         self.fused_gelu = self._choose_epilogue(
-            opts.fused_gelu, self._vision.backbone.layers[0].mlp, "gelu", m.grid**2 * self.vision_chunk
+            opts.fused_gelu,
+            self._vision.backbone.layers[0].mlp,
+            "gelu",
+            m.grid**2 * self.vision_chunk,
+            recorded.get("fused_gelu"),
         )
         if self.fused_gelu:
             fuse_mlp_gelu(self._vision.backbone)
@@ -329,15 +339,25 @@ class TorchBackend:
             # Timed for 4 classes, the common prompt count; the choice does not change later.
             tokens = self.decoder_frames * 4 * m.grid**2
             encoder = self._decoder.detr_encoder
-            self.fused_relu = self._choose_epilogue(None, encoder.layers[0].mlp, "relu", tokens)
+            self.fused_relu = self._choose_epilogue(
+                None, encoder.layers[0].mlp, "relu", tokens, recorded.get("fused_relu")
+            )
             if self.fused_relu:
                 fuse_encoder_relu(encoder)
         attention = self._decoder.detr_encoder.layers[0].self_attn
         self.attention_kernel = self._choose_attention_kernel(
-            opts.attention_kernel, self.decoder_frames * 4, attention, m.grid**2
+            opts.attention_kernel,
+            self.decoder_frames * 4,
+            attention,
+            m.grid**2,
+            recorded.get("attention_kernel"),
         )
         if self.attention_kernel:
             use_attention_kernel(self._decoder.detr_encoder)
+        if self._timed and self._compile_cache is not None:
+            compile_cache.save_choices(
+                compile_cache.choices_file(self._compile_cache), {**recorded, **self._timed}
+            )
         slots = -(-m.batch // self.vision_chunk) * self.vision_chunk
         dec_slots = -(-m.batch // self.decoder_frames) * self.decoder_frames
         r, g, d = m.resolution, m.grid, m.model.hidden_size
@@ -416,10 +436,13 @@ class TorchBackend:
             attention_kernel=self.attention_kernel,
         )
 
-    def _choose_attention_kernel(self, forced: bool | None, rows: int, attention: Any, tokens: int) -> bool:
+    def _choose_attention_kernel(
+        self, forced: bool | None, rows: int, attention: Any, tokens: int, recorded: bool | None
+    ) -> bool:
         """Whether the DETR encoder's self-attention runs through our Triton kernel: as forced,
-        else by timing it against SDPA on ``rows`` x heads x ``tokens`` (CUDA with Triton). As
-        with the MLPs, a model whose attention another backend already swapped keeps it."""
+        else as an earlier start recorded (where the kernel can run), else by timing it against
+        SDPA on ``rows`` x heads x ``tokens`` (CUDA with Triton). As with the MLPs, a model whose
+        attention another backend already swapped keeps it."""
         import torch
 
         from sam3stream.runtime import attention_kernel
@@ -444,7 +467,10 @@ class TorchBackend:
             return forced
         if not usable or self.dtype == torch.float32 or not attention_kernel.supports(dim):
             return False
+        if recorded is not None:
+            return recorded
         pays, sdpa_ms, kernel_ms = attention_kernel.kernel_pays(rows, heads, tokens, dim, self.dtype)
+        self._timed["attention_kernel"] = pays
         log.info(
             "attention kernel timed",
             shape=[rows, heads, tokens, dim],
@@ -453,9 +479,12 @@ class TorchBackend:
         )
         return pays
 
-    def _choose_epilogue(self, forced: bool | None, mlp: Any, activation: str, tokens: int) -> bool:
-        """Whether an MLP's activation goes into its first GEMM's epilogue: as forced, else by
-        timing both forms on ``tokens`` tokens (CUDA; on the CPU the op is plain addmm + act).
+    def _choose_epilogue(
+        self, forced: bool | None, mlp: Any, activation: str, tokens: int, recorded: bool | None
+    ) -> bool:
+        """Whether an MLP's activation goes into its first GEMM's epilogue: as forced, else as
+        an earlier start recorded, else by timing both forms on ``tokens`` tokens (CUDA; on the
+        CPU the op is plain addmm + act).
 
         Backends built from one model share its modules: if another backend already fused
         them, so is this one (they cannot be timed again, nor unfused under the other)."""
@@ -465,9 +494,12 @@ class TorchBackend:
             return _swapped_by_another_backend(forced, f"{activation.upper()} MLPs were already fused")
         if forced is not None:
             return forced
+        if recorded is not None:
+            return recorded
         if self.device.type != "cuda":
             return False
         pays, plain_ms, fused_ms = fused_mlp_pays(mlp, activation, tokens)
+        self._timed[f"fused_{activation}"] = pays
         log.info(
             "MLP epilogue timed",
             activation=activation,
@@ -854,7 +886,9 @@ class TorchBackend:
         """Save what this process compiled to the compile cache (TorchOptions.compile_cache), if
         one is set and it changed; bytes written. warm_up does this; call it after compiling
         otherwise (the bench's own warm-up batches)."""
-        return compile_cache.save(self._compile_cache) if self._compile_cache is not None else 0
+        if self._compile_cache is None or not self._saves_artifacts:
+            return 0
+        return compile_cache.save(self._compile_cache)
 
     def buffer_bytes(self) -> int:
         """Bytes held in static device buffers (inputs, FPN levels, outputs)."""

@@ -385,3 +385,49 @@ def test_the_service_gives_the_torch_backend_its_engine_directorys_cache(tiny_en
     assert not (tiny_engines / COMPILE_CACHE_DIR).exists()
     plain = open_backend("torch", tiny_engines, "cpu", precision="fp32")
     assert plain.options.compile_cache is None  # type: ignore[attr-defined]
+
+
+def test_a_restart_takes_the_start_up_choices_an_earlier_start_recorded(tmp_path: Path) -> None:
+    """With a compile cache, the choices an earlier start timed are taken as recorded (a restart
+    compiles what was saved); an explicit option still wins, and a choice the device cannot
+    run (the attention kernel on the CPU) is not taken."""
+    from sam3stream.model.build import random_model
+    from sam3stream.model.checkpoint import LoadedModel
+    from sam3stream.model.roi_align import install_into_transformers
+    from sam3stream.model.tokenizer_files import write_tiny_tokenizer
+    from sam3stream.runtime import compile_cache
+    from sam3stream.runtime.fused_mlp import FusedMLP
+
+    install_into_transformers()
+    write_tiny_tokenizer(tmp_path / "tok")
+    cache = tmp_path / "compile-cache"
+
+    def build(fused_gelu: bool | None = None) -> TorchBackend:
+        loaded = LoadedModel(
+            model=random_model("tiny", 448, seed=0),  # a model per backend: fusing rewrites it
+            tokenizer_dir=tmp_path / "tok",
+            checkpoint_sha256="random",
+            source="random",
+        )
+        options = TorchOptions("fp32", fused_gelu=fused_gelu, compile_cache=str(cache))
+        return TorchBackend.from_model(
+            loaded, resolution=448, batch=1, queries=20, device="cpu", options=options
+        )
+
+    assert not build().fused_gelu
+    assert not cache.exists()  # nothing was timed on the CPU, so nothing was recorded
+    record = compile_cache.choices_file(
+        compile_cache.cache_file(
+            cache, torch_version=torch.__version__, device="cpu", resolution=448, batch=1, precision="fp32"
+        )
+    )
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"fused_gelu": True, "attention_kernel": True, "vision_chunk": 3}))
+    restarted = build()
+    assert restarted.fused_gelu and not restarted.attention_kernel
+    assert all(isinstance(layer.mlp, FusedMLP) for layer in restarted._vision.backbone.layers)
+    assert not build(fused_gelu=False).fused_gelu
+    record.write_text("{truncated")
+    with structlog.testing.capture_logs() as logs:
+        assert not build().fused_gelu
+    assert [e["path"] for e in logs if e["event"] == "compile_cache_choices_unusable"] == [str(record)]

@@ -115,3 +115,14 @@ def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path: Path, monkeypatch
     assert compile_cache.save(good) == len(b"artifacts") and good.read_bytes() == b"artifacts"
     assert compile_cache.save(good) == 0  # unchanged: not rewritten
     assert [p.name for p in good.parent.iterdir()] == ["x.bin"]  # no temporary left behind
+
+
+def test_start_up_choices_round_trip(tmp_path: Path) -> None:
+    path = compile_cache.choices_file(tmp_path / "torch-2.11_h200_1008x8_bf16.bin")
+    assert path.name == "torch-2.11_h200_1008x8_bf16.choices.json"
+    assert compile_cache.load_choices(path) == {}
+    chosen = {"fused_gelu": True, "fused_relu": False, "attention_kernel": True}
+    assert compile_cache.save_choices(path, {**chosen, "unknown": True})
+    assert compile_cache.load_choices(path) == chosen
+    path.write_text(json.dumps({"fused_gelu": "yes", "fused_relu": False}))
+    assert compile_cache.load_choices(path) == {"fused_relu": False}  # only booleans are taken
