@@ -40,6 +40,7 @@ from sam3stream.runtime.allocator import prefer_expandable_segments
 from sam3stream.runtime.contract import PAD_BOX_LABEL, check_frames
 from sam3stream.runtime.manifest import EngineManifest, read_manifest
 from sam3stream.runtime.mask_encode import encode_kept_masks, encode_masks, kept_rows
+from sam3stream.runtime.startup_choices import StartupChoices
 from sam3stream.runtime.stream_lease import StreamLease
 from sam3stream.runtime.tokenize import PromptTokenizer
 from sam3stream.runtime.types import RawOutputs, TextFeatures
@@ -149,18 +150,6 @@ MASK_CHUNK = 64
 DEFERRED_MASKS = 256
 
 
-def _swapped_by_another_backend(forced: bool | None, what: str) -> bool:
-    """For a rewrite that a backend built earlier from the same model already made to the
-    modules they share: this backend has it too (True), unless it was forced off."""
-    if forced is False:
-        raise InputError(
-            f"this model's {what} by another backend built from the same model; load the model "
-            "again for a backend without it"
-        )
-    log.info("rewrite already in place", what=what, reason="shared model")
-    return True
-
-
 def _identity(result: RawOutputs) -> RawOutputs:
     return result
 
@@ -268,7 +257,6 @@ class TorchBackend:
         self._compile_cache: Path | None = None
         self._saves_artifacts = on_cuda and opts.compile
         recorded: dict[str, bool] = {}  # start-up choices an earlier start timed
-        self._timed: dict[str, bool] = {}  # and those this start times
         if opts.compile_cache:
             self._compile_cache = compile_cache.cache_file(
                 Path(opts.compile_cache),
@@ -289,6 +277,7 @@ class TorchBackend:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.dtype = _dtype(opts.precision)
+        choices = StartupChoices(self.device, self.dtype, recorded)
         model = loaded.model
         model.config._attn_implementation = "sdpa"
         sub: Any  # transformers types each sub-config as dict | PreTrainedConfig | None
@@ -322,12 +311,8 @@ class TorchBackend:
         self._decoder.position_encoding = self._geometry.position_encoding = positions
         typical = min(m.batch, opts.typical_batch or m.batch)
         self.vision_chunk = opts.vision_chunk or default_vision_chunk(m.resolution, typical)
-        self.fused_gelu = self._choose_epilogue(
-            opts.fused_gelu,
-            self._vision.backbone.layers[0].mlp,
-            "gelu",
-            m.grid**2 * self.vision_chunk,
-            recorded.get("fused_gelu"),
+        self.fused_gelu = choices.epilogue(
+            opts.fused_gelu, self._vision.backbone.layers[0].mlp, "gelu", m.grid**2 * self.vision_chunk
         )
         if self.fused_gelu:
             fuse_mlp_gelu(self._vision.backbone)
@@ -339,24 +324,18 @@ class TorchBackend:
             # Timed for 4 classes, the common prompt count; the choice does not change later.
             tokens = self.decoder_frames * 4 * m.grid**2
             encoder = self._decoder.detr_encoder
-            self.fused_relu = self._choose_epilogue(
-                None, encoder.layers[0].mlp, "relu", tokens, recorded.get("fused_relu")
-            )
+            self.fused_relu = choices.epilogue(None, encoder.layers[0].mlp, "relu", tokens)
             if self.fused_relu:
                 fuse_encoder_relu(encoder)
         attention = self._decoder.detr_encoder.layers[0].self_attn
-        self.attention_kernel = self._choose_attention_kernel(
-            opts.attention_kernel,
-            self.decoder_frames * 4,
-            attention,
-            m.grid**2,
-            recorded.get("attention_kernel"),
+        self.attention_kernel = choices.attention_kernel(
+            opts.attention_kernel, self.decoder_frames * 4, attention, m.grid**2
         )
         if self.attention_kernel:
             use_attention_kernel(self._decoder.detr_encoder)
-        if self._timed and self._compile_cache is not None:
+        if choices.timed and self._compile_cache is not None:
             compile_cache.save_choices(
-                compile_cache.choices_file(self._compile_cache), {**recorded, **self._timed}
+                compile_cache.choices_file(self._compile_cache), {**recorded, **choices.timed}
             )
         slots = -(-m.batch // self.vision_chunk) * self.vision_chunk
         dec_slots = -(-m.batch // self.decoder_frames) * self.decoder_frames
@@ -435,79 +414,6 @@ class TorchBackend:
             fused_relu=self.fused_relu,
             attention_kernel=self.attention_kernel,
         )
-
-    def _choose_attention_kernel(
-        self, forced: bool | None, rows: int, attention: Any, tokens: int, recorded: bool | None
-    ) -> bool:
-        """Whether the DETR encoder's self-attention runs through our Triton kernel: as forced,
-        else as an earlier start recorded (where the kernel can run), else by timing it against
-        SDPA on ``rows`` x heads x ``tokens`` (CUDA with Triton). As with the MLPs, a model whose
-        attention another backend already swapped keeps it."""
-        import torch
-
-        from sam3stream.runtime import attention_kernel
-        from sam3stream.runtime.decoder_rewrite import KernelAttention
-
-        if isinstance(attention, KernelAttention):
-            return _swapped_by_another_backend(
-                forced, "DETR encoder attention was already swapped for the kernel"
-            )
-        if forced and self.dtype == torch.float32:
-            raise InputError("attention_kernel=True needs precision bf16 or fp16, not fp32")
-        usable = self.device.type == "cuda" and attention_kernel.available()
-        if forced and not usable:
-            raise BackendUnavailableError(
-                "attention_kernel=True needs Triton and a CUDA device: `pip install triton` on a "
-                "CUDA machine, or leave attention_kernel unset to use it only where it is faster"
-            )
-        heads, dim = int(attention.num_attention_heads), int(attention.head_dim)
-        if forced and not attention_kernel.supports(dim):
-            raise InputError(f"attention_kernel=True: the DETR encoder's head dim {dim} is not 32 or 64")
-        if forced is not None:
-            return forced
-        if not usable or self.dtype == torch.float32 or not attention_kernel.supports(dim):
-            return False
-        if recorded is not None:
-            return recorded
-        pays, sdpa_ms, kernel_ms = attention_kernel.kernel_pays(rows, heads, tokens, dim, self.dtype)
-        self._timed["attention_kernel"] = pays
-        log.info(
-            "attention kernel timed",
-            shape=[rows, heads, tokens, dim],
-            sdpa_ms=round(sdpa_ms, 4),
-            kernel_ms=round(kernel_ms, 4),
-        )
-        return pays
-
-    def _choose_epilogue(
-        self, forced: bool | None, mlp: Any, activation: str, tokens: int, recorded: bool | None
-    ) -> bool:
-        """Whether an MLP's activation goes into its first GEMM's epilogue: as forced, else as
-        an earlier start recorded, else by timing both forms on ``tokens`` tokens (CUDA; on the
-        CPU the op is plain addmm + act).
-
-        Backends built from one model share its modules: if another backend already fused
-        them, so is this one (they cannot be timed again, nor unfused under the other)."""
-        from sam3stream.runtime.fused_mlp import FusedMLP, fused_mlp_pays
-
-        if isinstance(mlp, FusedMLP):
-            return _swapped_by_another_backend(forced, f"{activation.upper()} MLPs were already fused")
-        if forced is not None:
-            return forced
-        if recorded is not None:
-            return recorded
-        if self.device.type != "cuda":
-            return False
-        pays, plain_ms, fused_ms = fused_mlp_pays(mlp, activation, tokens)
-        self._timed[f"fused_{activation}"] = pays
-        log.info(
-            "MLP epilogue timed",
-            activation=activation,
-            tokens=tokens,
-            separate_ms=round(plain_ms, 4),
-            fused_ms=round(fused_ms, 4),
-        )
-        return pays
 
     def _maybe_compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         if not (self.options.compile and self.device.type == "cuda"):
