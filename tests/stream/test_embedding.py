@@ -179,20 +179,25 @@ async def test_the_engine_is_told_how_many_frames_a_batch_usually_holds(
     typical: int,
 ) -> None:
     """One frame per camera per round: fewer cameras than max_batch mean batches of that many
-    frames, and the torch backend sizes its vision steps for them (no padding frames)."""
+    frames, and the torch backend sizes its vision steps for them (no padding frames). It is
+    also given engines.compile_cache (on unless the config turns it off)."""
+    import msgspec
+
     import sam3stream.stream.pipeline as pipeline_module
 
     asked: list[object] = []
 
     def recording_open(*args: object, **kwargs: object) -> FakeBackend:
-        asked.append(kwargs.get("typical_batch"))
+        asked.append((kwargs.get("typical_batch"), kwargs.get("compile_cache")))
         return FakeBackend()
 
     monkeypatch.setattr(pipeline_module, "open_backend", recording_open)
     config = make_config(tmp_path, looping_cameras(video, cameras), max_batch=max_batch)
-    async with Pipeline(config, postprocess=stub_postprocess) as p:
-        p.request_stop()
-    assert asked == [typical]
+    no_cache = msgspec.structs.replace(config.engines, compile_cache=False)
+    for run in (config, msgspec.structs.replace(config, engines=no_cache)):
+        async with Pipeline(run, postprocess=stub_postprocess) as p:
+            p.request_stop()
+    assert asked == [(typical, True), (typical, False)]
 
 
 class WarmingBackend(FakeBackend):
