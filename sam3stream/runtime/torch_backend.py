@@ -38,8 +38,8 @@ from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuM
 from sam3stream.runtime import compile_cache
 from sam3stream.runtime.allocator import prefer_expandable_segments
 from sam3stream.runtime.contract import PAD_BOX_LABEL, check_frames
+from sam3stream.runtime.kept_masks import Pending, already_complete, gather_masks, with_encoded_masks
 from sam3stream.runtime.manifest import EngineManifest, read_manifest
-from sam3stream.runtime.mask_encode import encode_kept_masks, encode_masks, kept_rows
 from sam3stream.runtime.startup_choices import StartupChoices
 from sam3stream.runtime.stream_lease import StreamLease
 from sam3stream.runtime.tokenize import PromptTokenizer
@@ -115,54 +115,6 @@ def _dtype(precision: str) -> torch.dtype:
     if precision not in table:
         raise InputError(f"precision must be one of {', '.join(table)}, got {precision!r}")
     return table[precision]
-
-
-class Pending:
-    """A submitted batch: ``result()`` waits for the GPU and returns the outputs.
-
-    In two steps: ``collect`` takes the batch's outputs out of the backend's shared buffers
-    (the next batch's compute must not start before it), and returns what completes them
-    (encoding kept masks), which can then run while the next batch computes.
-    """
-
-    def __init__(self, collect: Callable[[], Callable[[], RawOutputs]]) -> None:
-        self._collect: Callable[[], Callable[[], RawOutputs]] | None = collect
-        self._complete: Callable[[], RawOutputs] | None = None
-        self._result: RawOutputs | None = None
-
-    def collect(self) -> None:
-        if self._collect is not None:
-            self._complete, self._collect = self._collect(), None
-
-    def result(self) -> RawOutputs:
-        if self._result is None:
-            self.collect()
-            assert self._complete is not None
-            self._result, self._complete = self._complete(), None
-        return self._result
-
-
-# Kept masks cross to the host this many at a time: the device holds one chunk's copy, not one
-# per kept mask (a threshold of 0 at 1008 x 8 keeps 1600, which held 760 MiB more at once).
-MASK_CHUNK = 64
-# Up to this many kept masks are encoded while the next batch computes (their logits copied out
-# of the shared buffers first: 42 MiB at 1008 in bf16); more are encoded before it starts.
-DEFERRED_MASKS = 256
-
-
-def _identity(result: RawOutputs) -> RawOutputs:
-    return result
-
-
-def _gather_masks(masks: Any, index: Any) -> npt.NDArray[np.float32]:
-    """The masks at ``index`` rows (frame, class, query) of ``masks`` [B, C, K, M, M], as float32
-    on the host, copied in chunks of MASK_CHUNK."""
-    count, size = int(index.shape[0]), int(masks.shape[-1])
-    host = np.empty((count, size, size), np.float32)
-    for start in range(0, count, MASK_CHUNK):
-        rows = index[start : start + MASK_CHUNK]
-        host[start : start + rows.shape[0]] = kept_rows(masks, rows).float().cpu().numpy()
-    return host
 
 
 class TorchBackend:
@@ -661,10 +613,12 @@ class TorchBackend:
                 )
                 complete: Callable[[], RawOutputs]
                 if mask_sizes is None:
-                    result = dataclasses.replace(result, masks=_gather_masks(out["masks"], kept_index))
-                    complete = functools.partial(_identity, result)
+                    result = dataclasses.replace(result, masks=gather_masks(out["masks"], kept_index))
+                    complete = functools.partial(already_complete, result)
                 else:
-                    complete = self._encode_masks(result, out["masks"], kept_index, mask_sizes, stream)
+                    complete = with_encoded_masks(
+                        result, out["masks"], kept_index, mask_sizes, stream, self._copy_stream
+                    )
             if events:
                 self.last_timings = {
                     "vision": events[0].elapsed_time(events[1]),
@@ -675,74 +629,6 @@ class TorchBackend:
             return complete
 
         return Pending(collect)
-
-    def _encode_masks(
-        self,
-        result: RawOutputs,
-        masks: torch.Tensor,
-        kept_index: torch.Tensor,
-        sizes: Sequence[tuple[int, int]],
-        stream: Any,
-    ) -> Callable[[], RawOutputs]:
-        """What completes ``result`` with its kept masks encoded at ``sizes``. On CUDA, and for
-        up to DEFERRED_MASKS of them, their logits are copied out of the shared buffers on the
-        batch's stream (ordered before the next batch's compute) and the encoding is left for
-        later, on the copy stream, idle by then; otherwise they are encoded now."""
-        import torch
-
-        if not len(result.mask_index):  # the common case: nothing to copy out or wait for
-            return functools.partial(_identity, dataclasses.replace(result, mask_counts=()))
-        if stream is None or self._copy_stream is None or len(result.mask_index) > DEFERRED_MASKS:
-            done = self._encoded_or_logits(
-                result,
-                lambda: encode_kept_masks(masks, kept_index, sizes),
-                lambda: _gather_masks(masks, kept_index),
-            )
-            return functools.partial(_identity, done)
-        # The index was made on the current stream: keep its memory from being reused there
-        # before the batch's stream has read it.
-        kept_index.record_stream(stream)
-        with torch.cuda.stream(stream):
-            kept = kept_rows(masks, kept_index)
-            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            ready.record()
-        side = self._copy_stream
-        kept.record_stream(side)  # allocated on the batch's stream, read on the side stream
-        frames = result.mask_index[:, 0]
-
-        def later() -> RawOutputs:
-            with torch.no_grad(), torch.cuda.stream(side):
-                side.wait_event(ready)
-                return self._encoded_or_logits(
-                    result,
-                    lambda: encode_masks(kept, frames, sizes),
-                    lambda: np.asarray(kept.float().cpu().numpy(), np.float32),
-                )
-
-        return later
-
-    def _encoded_or_logits(
-        self,
-        result: RawOutputs,
-        encode: Callable[[], list[npt.NDArray[np.int64]]],
-        logits: Callable[[], npt.NDArray[np.float32]],
-    ) -> RawOutputs:
-        """``result`` with its masks encoded; if the device runs out of memory for that, with
-        their logits, for the host to encode: the batch is not lost over its masks."""
-        import torch
-
-        try:
-            return dataclasses.replace(result, mask_counts=tuple(encode()))
-        except torch.OutOfMemoryError as exc:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            log.warning(
-                "mask_encoding_out_of_memory",
-                masks=len(result.mask_index),
-                detail="this batch's masks are encoded on the host",
-                error=str(exc).splitlines()[0] if str(exc) else repr(exc),
-            )
-            return dataclasses.replace(result, masks=logits())
 
     def _launch_decoders(self, batch: int, vision_done: dict[int, Any]) -> None:
         """Queue the decoder steps: on the current stream, or (overlap) on the decoder stream, each

@@ -41,11 +41,12 @@ def test_backend_encodes_while_the_next_batch_computes(
     (more than DEFERRED_MASKS kept), and either way match the logits that batch gave alone."""
     from sam3stream.model.build import random_model
     from sam3stream.model.roi_align import install_into_transformers
+    from sam3stream.runtime import kept_masks
     from sam3stream.runtime import torch_backend as tb
     from tests.gpu.test_torch_backend_gpu import torch_backend
 
     if not deferred:
-        monkeypatch.setattr(tb, "DEFERRED_MASKS", 1)
+        monkeypatch.setattr(kept_masks, "DEFERRED_MASKS", 1)
     install_into_transformers()
     model = random_model("tiny", 448, seed=0, device="cuda")
     backend = torch_backend(model, "tiny", 448, 4, 20, tb.TorchOptions("fp32"))
@@ -77,15 +78,16 @@ def test_out_of_memory_while_encoding_returns_the_logits(
 
     from sam3stream.model.build import random_model
     from sam3stream.model.roi_align import install_into_transformers
+    from sam3stream.runtime import kept_masks
     from sam3stream.runtime import torch_backend as tb
     from tests.gpu.test_torch_backend_gpu import torch_backend
 
     def no_memory(*args: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
 
-    monkeypatch.setattr(tb, "encode_masks" if deferred else "encode_kept_masks", no_memory)
+    monkeypatch.setattr(kept_masks, "encode_masks" if deferred else "encode_kept_masks", no_memory)
     if not deferred:
-        monkeypatch.setattr(tb, "DEFERRED_MASKS", 1)
+        monkeypatch.setattr(kept_masks, "DEFERRED_MASKS", 1)
     install_into_transformers()
     model = random_model("tiny", 448, seed=0, device="cuda")
     backend = torch_backend(model, "tiny", 448, 2, 20, tb.TorchOptions("fp32"))

@@ -227,13 +227,13 @@ def test_kept_masks_cross_in_chunks_and_come_out_the_same(
 ) -> None:
     """A low threshold keeps every mask; copied a few at a time they must be the same masks, in
     the same order, as copied all at once."""
-    from sam3stream.runtime import torch_backend
+    from sam3stream.runtime import kept_masks
 
     frames = np.random.default_rng(5).integers(0, 256, (2, 490, 490, 3), dtype=np.uint8)
     text = backend.encode_text(PROMPTS)
-    monkeypatch.setattr(torch_backend, "MASK_CHUNK", 10**6)
+    monkeypatch.setattr(kept_masks, "MASK_CHUNK", 10**6)
     whole = backend.infer(frames, text, 0.0)
-    monkeypatch.setattr(torch_backend, "MASK_CHUNK", 3)
+    monkeypatch.setattr(kept_masks, "MASK_CHUNK", 3)
     chunked = backend.infer(frames, text, 0.0)
     assert len(whole.mask_index) == 2 * len(PROMPTS) * backend.manifest.queries  # more than one chunk
     assert chunked.masks.dtype == np.float32
@@ -280,7 +280,7 @@ def test_masks_the_device_has_no_memory_to_encode_go_to_the_host(
     """Out of memory while encoding masks costs the batch nothing: its logits come back for the
     host's encoder, and the detections are the same."""
     from sam3stream.postprocess import to_detections
-    from sam3stream.runtime import torch_backend as tb
+    from sam3stream.runtime import kept_masks
 
     def no_memory(*args: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB")
@@ -288,7 +288,7 @@ def test_masks_the_device_has_no_memory_to_encode_go_to_the_host(
     frames = np.random.default_rng(9).integers(0, 256, (2, 490, 490, 3), dtype=np.uint8)
     text = backend.encode_text(PROMPTS)
     plain = backend.infer(frames, text, 0.0)
-    monkeypatch.setattr(tb, "encode_kept_masks", no_memory)
+    monkeypatch.setattr(kept_masks, "encode_kept_masks", no_memory)
     with structlog.testing.capture_logs() as logs:
         fallen_back = backend.infer(frames, text, 0.0, [(64, 48), (64, 48)])
     assert fallen_back.mask_counts is None

@@ -81,7 +81,7 @@ def test_loader_passes_device_and_precision_to_backends_that_take_them(
     assert made == [{"dir": tmp_path, "device": "cuda:1", "precision": "fp16"}]
 
 
-def test_loader_passes_precision_overlap_gelu_and_typical_batch_inside_torch_options(
+def test_loader_passes_the_torch_settings_inside_torch_options(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     made: list[object] = []
@@ -93,6 +93,7 @@ def test_loader_passes_precision_overlap_gelu_and_typical_batch_inside_torch_opt
         overlap: bool = False
         fused_gelu: bool | None = None
         typical_batch: int | None = None
+        compile_cache: str | None = None
 
     class TorchBackend:
         def __init__(
@@ -106,7 +107,9 @@ def test_loader_passes_precision_overlap_gelu_and_typical_batch_inside_torch_opt
     monkeypatch.setitem(sys.modules, "sam3stream.runtime.torch_backend", module)
     open_backend("torch", tmp_path, device="cuda", precision="fp16")
     open_backend("torch", tmp_path, device="cuda", overlap=True, fused_gelu=True, typical_batch=3)
+    open_backend("torch", tmp_path, device="cuda", compile_cache=True)
     assert made == [
         TorchOptions(precision="fp16"),
         TorchOptions(overlap=True, fused_gelu=True, typical_batch=3),
+        TorchOptions(compile_cache=str(tmp_path / "compile-cache")),
     ]
