@@ -22,11 +22,13 @@ Masks: the decoder writes ``[B, C, K, M, M]`` densely. After the small outputs a
 and the stream synchronised, the rows whose score reaches ``min_score`` are selected on the host
 and only those masks are copied, one ``cudaMemcpyAsync`` per run of consecutive masks (a
 threshold of 0 copies everything in one go; a typical threshold copies a few hundred kilobytes
-instead of the whole block, 265 MB at 1008 with batch 8, 4 classes and 50 queries).
+instead of the whole block: 265 MB at 1008 with batch 8, 4 classes and 50 queries, and the
+buffers are sized for ``classes.max`` prompts, 2.1 GB of masks at the default 16).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib
@@ -92,9 +94,13 @@ __all__ = ["CudaError", "TensorRTBackend", "TensorRTBuildError", "build_engine_d
 log = structlog.get_logger(__name__)
 
 INSTALL_HINT = (
-    "install it on a machine with an NVIDIA GPU and driver: pip install 'tensorrt>=10.14,<11' "
-    "cuda-python (10.14 or later for ONNX's Attention operator; TensorRT 11 has no FP16 builder flag)"
+    "install it on a machine with an NVIDIA GPU and driver, matching the driver's CUDA major version: "
+    "pip install 'tensorrt-cu12>=10.14,<11' 'cuda-python>=12.6,<13' for a CUDA 12 driver, or "
+    "'tensorrt-cu13>=10.14,<11' 'cuda-python>=13' for a CUDA 13 one (10.14 or later for ONNX's "
+    "Attention operator; TensorRT 11 has no FP16 builder flag)"
 )
+# What this module calls first appeared in TensorRT 10.1 (device_memory_size_v2, set_device_memory).
+MIN_TENSORRT = (10, 1)
 BUILD_ORDER = ("vision", "geometry", "decoder", "text")
 _DECODER_TO_HOST = ("scores", "boxes", "presence", "query_index")
 
@@ -118,9 +124,10 @@ def _load_tensorrt() -> Any:
             f"the tensorrt backend needs TensorRT, which is not installed here ({exc}); {INSTALL_HINT}"
         ) from exc
     version = str(getattr(trt, "__version__", "0"))
-    if _major(version) < 10:
+    if _version(version) < MIN_TENSORRT:
         raise BackendUnavailableError(
-            f"TensorRT {version} is too old: the tensorrt backend uses the TensorRT 10 API; {INSTALL_HINT}"
+            f"TensorRT {version} is too old: the tensorrt backend uses the TensorRT "
+            f"{'.'.join(map(str, MIN_TENSORRT))}+ API; {INSTALL_HINT}"
         )
     return trt
 
@@ -137,9 +144,10 @@ def _load_cudart() -> Any:
     )
 
 
-def _major(version: str) -> int:
-    head = version.split(".", 1)[0]
-    return int(head) if head.isdigit() else 0
+def _version(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string; a part that is not a number counts as 0."""
+    major, minor, *_ = [int(p) if p.isdigit() else 0 for p in [*version.split(".")[:2], "0", "0"]]
+    return major, minor
 
 
 @functools.cache
@@ -189,14 +197,23 @@ class _Cuda:
 
     def open_device(self, index: int) -> tuple[str, str]:
         """Make ``index`` current on this thread; its name and compute capability."""
-        result = self.rt.cudaGetDeviceCount()
+        try:
+            result = self.rt.cudaGetDeviceCount()
+        except (RuntimeError, OSError) as exc:  # some cuda-python releases raise when libcuda is missing
+            raise BackendUnavailableError(
+                f"the CUDA driver could not be loaded ({exc}); "
+                "the tensorrt backend needs an NVIDIA GPU and its driver"
+            ) from exc
         count = int(result[1]) if result[0] == self._success else 0
         if count == 0:
             why = self.describe(result[0]) if result[0] != self._success else "no device found"
-            raise BackendUnavailableError(
-                f"no CUDA device is usable here ({why}); "
-                "the tensorrt backend needs an NVIDIA GPU and its driver"
-            )
+            advice = "the tensorrt backend needs an NVIDIA GPU and its driver"
+            if "InsufficientDriver" in why:
+                advice = (
+                    "the driver is older than this cuda-python / TensorRT build needs: update the "
+                    "driver, or install the packages for its CUDA version; " + INSTALL_HINT
+                )
+            raise BackendUnavailableError(f"no CUDA device is usable here ({why}); {advice}")
         if index >= count:
             raise BackendUnavailableError(
                 f"cuda:{index} was asked for but this machine has {count} CUDA device(s): "
@@ -545,11 +562,20 @@ class TensorRTBackend:
         self._check_classes(classes)
         cuda, stream = self._cuda, self._stream
         cuda.set_device(self._device_index)
-        start, after_vision, after_decoder = self._events
-
         np.copyto(self._frames_host[:batch], frames)
+        try:
+            return self._infer_queued(batch, classes, text, min_score)
+        except BaseException:
+            # The upload from the pinned frames may still be in flight: the next call rewrites them.
+            with contextlib.suppress(Exception):
+                cuda.synchronize(stream)
+            raise
+
+    def _infer_queued(self, batch: int, classes: int, text: TextFeatures, min_score: float) -> RawOutputs:
+        cuda, stream = self._cuda, self._stream
+        start, after_vision, after_decoder = self._events
         frames_buf = self._bound[("vision", "frames")]
-        cuda.upload(frames_buf.ptr, self._pinned, batch * frames[0].nbytes, stream)
+        cuda.upload(frames_buf.ptr, self._pinned, batch * self._frames_host[0].nbytes, stream)
         self._upload_text(text)
         self._set_shapes("vision", batch, classes)
         self._set_shapes("geometry", batch, classes)
@@ -600,6 +626,9 @@ class TensorRTBackend:
         self._closed = True
         cuda = self._cuda
         steps: list[tuple[str, Callable[[], None]]] = []
+        if self._stream is not None or self._buffers:
+            # Frees and destructors act on the current device: close may run on another thread.
+            steps.append(("set device", functools.partial(cuda.set_device, self._device_index)))
         if self._stream is not None:
             stream = self._stream
             steps.append(("synchronize", lambda: cuda.synchronize(stream)))

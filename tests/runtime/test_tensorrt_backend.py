@@ -269,6 +269,7 @@ class FakeCudart:
     class cudaError_t(enum.IntEnum):
         cudaSuccess = 0
         cudaErrorInvalidValue = 1
+        cudaErrorInsufficientDriver = 35
         cudaErrorNoDevice = 100
 
     class cudaMemcpyKind(enum.IntEnum):
@@ -390,6 +391,7 @@ class Counting:
     def __init__(self, rt: Any) -> None:
         self._rt = rt
         self.calls: Counter[str] = Counter()
+        self.order: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._rt, name)
@@ -398,6 +400,7 @@ class Counting:
 
         def call(*args: Any) -> Any:
             self.calls[name] += 1
+            self.order.append(name)
             return attr(*args)
 
         return call
@@ -872,6 +875,50 @@ def test_onnx_directory_and_device_errors(
         TensorRTBackend(built)
 
 
+class _NoDriver(FakeCudart):
+    """cuda-python 12.6 raises when libcuda cannot be loaded; later releases return an error."""
+
+    def cudaGetDeviceCount(self) -> tuple[Any, ...]:
+        raise RuntimeError("Failed to dlopen libcuda.so.1")
+
+
+class _OldDriver(FakeCudart):
+    def cudaGetDeviceCount(self) -> tuple[Any, ...]:
+        return (self.cudaError_t.cudaErrorInsufficientDriver, None)
+
+
+def test_a_missing_or_old_driver_is_named(built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tensorrt_backend, "_load_cudart", _NoDriver)
+    with pytest.raises(BackendUnavailableError, match=r"CUDA driver could not be loaded \(Failed to dlopen"):
+        TensorRTBackend(built)
+    monkeypatch.setattr(tensorrt_backend, "_load_cudart", _OldDriver)
+    with pytest.raises(
+        BackendUnavailableError, match=r"cudaErrorInsufficientDriver.*driver is older.*tensorrt-cu12"
+    ):
+        TensorRTBackend(built)
+
+
+def test_close_makes_the_device_current_and_a_failed_batch_leaves_nothing_in_flight(
+    built: Path, cuda_rt: Counting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close may run on another thread than the one that opened the backend; and a batch that
+    fails after its upload was queued waits for it before the pinned frames can be rewritten."""
+    backend = TensorRTBackend(built)
+    text = backend.encode_text(PROMPTS)
+
+    def broken(graph: str) -> None:
+        raise tensorrt_backend.CudaError("execute_async_v3 failed")
+
+    monkeypatch.setattr(backend, "_run", broken)
+    cuda_rt.order.clear()
+    with pytest.raises(tensorrt_backend.CudaError):
+        backend.infer(frames_for(2, 0), text, 0.5)
+    assert cuda_rt.order.index("cudaMemcpyAsync") < cuda_rt.order.index("cudaStreamSynchronize")
+    cuda_rt.order.clear()
+    backend.close()
+    assert cuda_rt.order[0] == "cudaSetDevice" and "cudaFree" in cuda_rt.order
+
+
 def test_build_refuses_bad_arguments(
     onnx_engine: Path, host_cuda: Counting, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -930,13 +977,13 @@ def test_without_tensorrt_the_errors_say_how_to_install(
     onnx_engine: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt fails
-    pin = r"pip install 'tensorrt>=10.14,<11'"
+    pin = r"pip install 'tensorrt-cu12>=10.14,<11' 'cuda-python>=12.6,<13' for a CUDA 12 driver"
     with pytest.raises(BackendUnavailableError, match=r"TensorRT, which is not installed here .*" + pin):
         open_backend("tensorrt", tmp_path, device="cuda")
     assert main(["build", str(onnx_engine), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: the tensorrt backend needs TensorRT, which is not installed here")
-    assert "pip install 'tensorrt>=10.14,<11'" in err and "NVIDIA GPU" in err
+    assert "pip install 'tensorrt-cu12>=10.14,<11'" in err and "NVIDIA GPU" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
 
 
@@ -945,6 +992,9 @@ def test_old_tensorrt_or_no_cuda_python(monkeypatch: pytest.MonkeyPatch, tmp_pat
     old.__version__ = "8.6.1"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tensorrt", old)
     with pytest.raises(BackendUnavailableError, match=r"TensorRT 8\.6\.1 is too old"):
+        TensorRTBackend(tmp_path)
+    old.__version__ = "10.0.1.6"  # type: ignore[attr-defined]  # lacks device_memory_size_v2
+    with pytest.raises(BackendUnavailableError, match=r"TensorRT 10\.0\.1\.6 is too old.*10\.1\+ API"):
         TensorRTBackend(tmp_path)
     use_tensorrt(monkeypatch, fake_tensorrt(FakeCudart()))
     for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
