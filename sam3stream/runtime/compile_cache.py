@@ -119,7 +119,27 @@ def save(path: Path) -> int:
         return 0
     _known[path] = keys
     log.info("compile cache saved", path=str(path), artifacts=len(keys), bytes=len(data))
+    _prune_other_torch_builds(path)
     return len(data)
+
+
+def _prune_other_torch_builds(path: Path) -> None:
+    """Remove this configuration's files made by other torch builds (an upgrade would otherwise
+    leave ~55 MB each behind): only the running build can load them."""
+    _, _, rest = path.name.partition("_")  # torch-<version>_<the configuration>.bin
+    stale = [
+        other
+        for pattern in (f"torch-*_{rest}", f"torch-*_{Path(rest).stem}.choices.json")
+        for other in path.parent.glob(pattern)
+        if not other.name.startswith(path.name.partition("_")[0] + "_")
+    ]
+    for other in stale:
+        try:
+            other.unlink()
+        except OSError as exc:
+            log.warning("compile_cache_not_pruned", path=str(other), error=f"{type(exc).__name__}: {exc}")
+        else:
+            log.info("compile cache pruned", path=str(other), reason="made by another torch build")
 
 
 def choices_file(cache: Path) -> Path:

@@ -126,3 +126,18 @@ def test_start_up_choices_round_trip(tmp_path: Path) -> None:
     assert compile_cache.load_choices(path) == chosen
     path.write_text(json.dumps({"fused_gelu": "yes", "fused_relu": False}))
     assert compile_cache.load_choices(path) == {"fused_relu": False}  # only booleans are taken
+
+
+def test_a_save_removes_the_same_configurations_files_from_other_torch_builds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = type("Info", (), {"artifacts": {"inductor": ["k1"]}})()
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artifacts", info))
+    config = {"device": "NVIDIA H200-sm90", "resolution": 1008, "batch": 8, "precision": "bf16"}
+    old = compile_cache.cache_file(tmp_path, torch_version="2.10.0+cu130", **config)  # type: ignore[arg-type]
+    other_config = compile_cache.cache_file(tmp_path, torch_version="2.10.0+cu130", **{**config, "batch": 4})  # type: ignore[arg-type]
+    for stale in (old, compile_cache.choices_file(old), other_config):
+        stale.write_bytes(b"old")
+    new = compile_cache.cache_file(tmp_path, torch_version="2.11.0+cu130", **config)  # type: ignore[arg-type]
+    assert compile_cache.save(new) > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([new.name, other_config.name])
