@@ -405,6 +405,14 @@ class TensorRTBackend:
             self._engines[name] = engine
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             inputs = {n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
+            on_host = [n for n in names if engine.get_tensor_location(n) != trt.TensorLocation.DEVICE]
+            if on_host:
+                # Every binding is given a device pointer; a host (shape) tensor would be misread.
+                raise EngineMismatchError(
+                    f"{path} has tensors TensorRT keeps on the host ({', '.join(on_host)}); the "
+                    "backend binds every tensor in device memory: build the plans with `sam3stream "
+                    "build` from this package's ONNX graphs"
+                )
             check_bindings(
                 name,
                 graph,

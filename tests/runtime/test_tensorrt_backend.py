@@ -433,6 +433,8 @@ def fake_tensorrt(cudart: Any, version: str = "10.14.1.48", fp16_flag: bool = Tr
     trt.executed = []  # type: ignore[attr-defined]  # (graph inputs, addresses) per execute, in order
     trt.DataType = _DataType  # type: ignore[attr-defined]
     trt.TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")  # type: ignore[attr-defined]
+    trt.TensorLocation = enum.Enum("TensorLocation", "DEVICE HOST")  # type: ignore[attr-defined]
+    trt.on_host = set()  # type: ignore[attr-defined]  # tensor names a plan keeps on the host
     trt.BuilderFlag = enum.Enum("BuilderFlag", "FP16 TF32" if fp16_flag else "TF32")  # type: ignore[attr-defined]
     trt.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")  # type: ignore[attr-defined]
     strategies = enum.Enum("ExecutionContextAllocationStrategy", "STATIC ON_PROFILE_CHANGE USER_MANAGED")
@@ -616,6 +618,10 @@ def fake_tensorrt(cudart: Any, version: str = "10.14.1.48", fp16_flag: bool = Tr
 
         def get_tensor_dtype(self, name: str) -> Any:
             return self.types[name]
+
+        def get_tensor_location(self, name: str) -> Any:
+            where = "HOST" if name in trt.on_host else "DEVICE"  # type: ignore[attr-defined]
+            return trt.TensorLocation[where]  # type: ignore[attr-defined]
 
         def get_tensor_shape(self, name: str) -> tuple[int, ...]:
             return tuple(-1 if isinstance(d, str) else d for d in self.metas[name].shape)
@@ -856,6 +862,14 @@ def test_mixed_directory_is_caught(built: Path, cuda_rt: Counting) -> None:
 
     write_build_record(built, msgspec.structs.replace(record, profiles=profiles))
     with pytest.raises(EngineMismatchError, match="vision plan was built for other shapes"):
+        TensorRTBackend(built)
+
+
+def test_a_plan_with_a_host_tensor_is_refused(built: Path, cuda_rt: Counting) -> None:
+    tensorrt_backend._load_tensorrt().on_host.add("box_labels")
+    with pytest.raises(
+        EngineMismatchError, match=r"geometry.plan has tensors TensorRT keeps on the host \(box_labels\)"
+    ):
         TensorRTBackend(built)
 
 
