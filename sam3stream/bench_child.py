@@ -240,7 +240,8 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             "frames": cams * (args.warmup + 2 * args.iters),
             "build_s": build_s,
             "warmup_s": warm_s,
-            "compile_cache": args.compile_cache,
+            # The folder used: --compile-cache, or an engine directory's own compile-cache.
+            "compile_cache": getattr(getattr(backend, "options", None), "compile_cache", None),
             "buffer_mib": backend.buffer_bytes() / MIB if hasattr(backend, "buffer_bytes") else 0.0,
             "alloc_peak_mib": torch.cuda.max_memory_allocated() / MIB if on_cuda else 0.0,
             "reserved_peak_mib": torch.cuda.max_memory_reserved() / MIB if on_cuda else 0.0,

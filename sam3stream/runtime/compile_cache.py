@@ -6,13 +6,14 @@ so it compiles the graphs that were saved and runs as the last start did (the ti
 enough that they can draw differently from one start to the next).
 
 The artifacts are keyed inside by the graphs they were made from, so a file from other code or
-options is harmless: it is loaded and simply not hit. One file per torch build, GPU model,
-resolution, batch, precision and compile mode keeps unrelated configurations apart. A cache that
-cannot be read or written costs a warning, never the start.
+options is harmless: it is loaded and simply not hit. File names per torch build, GPU model,
+resolution, batch, chunk sizes, precision and compile mode keep unrelated configurations apart.
+A cache that cannot be read or written costs a warning, never the start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHOICES",
-    "cache_file",
+    "artifact_files",
+    "cache_base",
     "choices_file",
     "device_label",
     "load",
@@ -38,9 +40,10 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-# path -> the artifacts (kind, key) it was loaded with or last saved with in this process: a
-# save that adds none leaves the file alone (the serialised order varies, so bytes cannot tell).
+# file -> the artifacts (kind, key) it was loaded with or saved with in this process: a save that
+# adds none writes nothing (the serialised order varies, so bytes cannot tell).
 _known: dict[Path, set[tuple[str, str]]] = {}
+_unusable: set[Path] = set()  # files a load could not use
 
 # The start-up choices a backend times and records (TorchBackend attributes of these names).
 CHOICES = ("fused_gelu", "fused_relu", "attention_kernel")
@@ -60,98 +63,150 @@ def device_label(device: torch.device) -> str:
     return f"{torch.cuda.get_device_name(device)}-sm{major}{minor}"
 
 
-def cache_file(
+def cache_base(
     folder: Path,
     *,
     torch_version: str,
     device: str,
     resolution: int,
     batch: int,
+    vision_chunk: int,
+    decoder_frames: int,
     precision: str,
     mode: str | None = None,
 ) -> Path:
-    """Where the artifacts for one configuration live in ``folder``."""
-    parts = [f"torch-{torch_version}", device, f"{resolution}x{batch}", precision]
+    """The path that names one configuration in ``folder``: its artifacts are in
+    ``<stem>.<digest>.bin`` files (artifact_files) and its start-up choices in choices_file.
+    The chunk sizes are in it because they set the shapes the choices were timed at."""
+    parts = [
+        f"torch-{torch_version}",
+        device,
+        f"{resolution}x{batch}",
+        f"c{vision_chunk}d{decoder_frames}",
+        precision,
+    ]
     if mode:
         parts.append(mode)
     name = "_".join(re.sub(r"[^A-Za-z0-9.+]+", "-", part).strip("-").lower() for part in parts)
     return Path(folder) / f"{name}.bin"
 
 
-def load(path: Path) -> int:
-    """Load the artifacts saved at ``path`` into this process's compile caches, before anything
-    compiles; returns how many were loaded (0 when there is no file or it cannot be used)."""
+def artifact_files(base: Path) -> list[Path]:
+    """The files holding ``base``'s artifacts. More than one when starts of this configuration
+    compiled different graphs (other prompt counts, other epilogue forms): a save writes what its
+    process holds, which need not include everything it loaded, so files are added, not replaced."""
+    return sorted(base.parent.glob(f"{base.stem}.*.bin"))
+
+
+def load(base: Path) -> int:
+    """Load ``base``'s artifacts into this process's compile caches, before anything compiles;
+    returns how many were loaded (0 without files, or when none can be used)."""
     import torch
 
-    if not path.is_file():
-        log.info("compile cache empty", path=str(path), detail="this start compiles; saved after warm-up")
-        return 0
     try:
-        info = torch.compiler.load_cache_artifacts(path.read_bytes())
-        if info is None:  # torch logs why and gives up on the file
-            raise ValueError("torch could not read it (another torch build, or a damaged file)")
-    except Exception as exc:  # a truncated or foreign file must not stop the start
-        log.warning(
-            "compile_cache_unusable",
-            path=str(path),
-            error=f"{type(exc).__name__}: {exc}",
-            detail="this start compiles and replaces it after warm-up",
-        )
+        files = artifact_files(base)
+    except OSError as exc:  # an unreadable folder must not stop the start
+        log.warning("compile_cache_unusable", path=str(base.parent), error=f"{type(exc).__name__}: {exc}")
         return 0
-    _known[path] = _keys(info)
-    log.info("compile cache loaded", path=str(path), artifacts=len(_known[path]), bytes=path.stat().st_size)
-    return len(_known[path])
+    if not files:
+        log.info("compile cache empty", path=str(base), detail="this start compiles; saved after warm-up")
+        return 0
+    loaded: set[tuple[str, str]] = set()
+    for path in files:
+        try:
+            info = torch.compiler.load_cache_artifacts(path.read_bytes())
+            if info is None:  # torch logs why and gives up on the file
+                raise ValueError("torch could not read it (another torch build, or a damaged file)")
+        except Exception as exc:  # a truncated or foreign file must not stop the start
+            log.warning(
+                "compile_cache_unusable",
+                path=str(path),
+                error=f"{type(exc).__name__}: {exc}",
+                detail="removed at the next save",
+            )
+            _unusable.add(path)
+            continue
+        _known[path] = _keys(info)
+        loaded |= _known[path]
+    log.info("compile cache loaded", path=str(base), files=len(files), artifacts=len(loaded))
+    return len(loaded)
 
 
-def save(path: Path) -> int:
-    """Write this process's compile artifacts (those loaded included) to ``path`` if they differ
-    from what it holds; returns the bytes written (0: nothing new, or it could not be written)."""
+def save(base: Path) -> int:
+    """Write this process's compile artifacts as a new file of ``base``'s if they hold any that
+    its files (as loaded here) lack; files the new one covers, and unusable ones, are removed.
+    Returns the bytes written (0: nothing new, or it could not be written)."""
     import torch
 
-    saved = torch.compiler.save_cache_artifacts()
+    try:
+        saved = torch.compiler.save_cache_artifacts()
+    except Exception as exc:  # saving is a convenience: it must not fail a warm-up or a close
+        log.warning("compile_cache_not_saved", path=str(base), error=f"{type(exc).__name__}: {exc}")
+        return 0
     if saved is None:
         return 0
     data, info = saved
     keys = _keys(info)
-    if path in _known and keys <= _known[path] and path.is_file():
+    try:
+        existing = artifact_files(base)
+    except OSError:
+        existing = []
+    if not keys or keys <= set().union(*(_known.get(path, set()) for path in existing)):
         return 0
+    digest = hashlib.sha256(repr(sorted(keys)).encode()).hexdigest()[:12]
+    path = base.with_name(f"{base.stem}.{digest}.bin")
     if not _write(path, data):
         return 0
     _known[path] = keys
     log.info("compile cache saved", path=str(path), artifacts=len(keys), bytes=len(data))
-    _prune_other_torch_builds(path)
+    for other in existing:
+        covered = other in _known and _known[other] <= keys
+        if other != path and (covered or other in _unusable):
+            _remove(other, "covered by the new file" if other in _known else "unusable")
+            _known.pop(other, None)
+            _unusable.discard(other)
+    _prune_other_torch_builds(base)
     return len(data)
 
 
-def _prune_other_torch_builds(path: Path) -> None:
+def _remove(path: Path, reason: str) -> None:
+    try:
+        path.unlink()
+    except OSError as exc:
+        log.warning("compile_cache_not_pruned", path=str(path), error=f"{type(exc).__name__}: {exc}")
+    else:
+        log.info("compile cache pruned", path=str(path), reason=reason)
+
+
+def _prune_other_torch_builds(base: Path) -> None:
     """Remove this configuration's files made by other torch builds (an upgrade would otherwise
-    leave ~55 MB each behind): only the running build can load them."""
-    _, _, rest = path.name.partition("_")  # torch-<version>_<the configuration>.bin
-    stale = [
-        other
-        for pattern in (f"torch-*_{rest}", f"torch-*_{Path(rest).stem}.choices.json")
-        for other in path.parent.glob(pattern)
-        if not other.name.startswith(path.name.partition("_")[0] + "_")
-    ]
+    leave ~55 MB each behind): only the running build can load them. Two torch builds sharing
+    one engine directory would remove each other's files."""
+    own, _, rest = base.name.partition("_")  # torch-<version>_<the configuration>.bin
+    stem = Path(rest).stem
+    try:
+        stale = [
+            other
+            for pattern in (f"torch-*_{stem}.*.bin", f"torch-*_{stem}.choices.json")
+            for other in base.parent.glob(pattern)
+            if not other.name.startswith(f"{own}_")
+        ]
+    except OSError:
+        return
     for other in stale:
-        try:
-            other.unlink()
-        except OSError as exc:
-            log.warning("compile_cache_not_pruned", path=str(other), error=f"{type(exc).__name__}: {exc}")
-        else:
-            log.info("compile cache pruned", path=str(other), reason="made by another torch build")
+        _remove(other, "made by another torch build")
 
 
-def choices_file(cache: Path) -> Path:
-    """Where the start-up choices that go with the artifacts at ``cache`` are recorded."""
-    return cache.with_name(f"{cache.stem}.choices.json")
+def choices_file(base: Path) -> Path:
+    """Where the start-up choices of ``base``'s configuration are recorded."""
+    return base.with_name(f"{base.stem}.choices.json")
 
 
 def load_choices(path: Path) -> dict[str, bool]:
     """The choices recorded at ``path`` (names in CHOICES -> kept or not); {} without a usable file."""
-    if not path.is_file():
-        return {}
     try:
+        if not path.is_file():
+            return {}
         data = json.loads(path.read_text())
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")

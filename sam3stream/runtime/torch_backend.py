@@ -209,13 +209,18 @@ class TorchBackend:
         self._compile_cache: Path | None = None
         self._saves_artifacts = on_cuda and opts.compile
         recorded: dict[str, bool] = {}  # start-up choices an earlier start timed
+        typical = min(m.batch, opts.typical_batch or m.batch)
+        self.vision_chunk = opts.vision_chunk or default_vision_chunk(m.resolution, typical)
+        self.decoder_frames = min(opts.decoder_frames, m.batch)
         if opts.compile_cache:
-            self._compile_cache = compile_cache.cache_file(
+            self._compile_cache = compile_cache.cache_base(
                 Path(opts.compile_cache),
                 torch_version=torch.__version__,
                 device=compile_cache.device_label(self.device),
                 resolution=m.resolution,
                 batch=m.batch,
+                vision_chunk=self.vision_chunk,
+                decoder_frames=self.decoder_frames,
                 precision=opts.precision,
                 mode=opts.compile_mode,
             )
@@ -261,14 +266,11 @@ class TorchBackend:
         precompute_rotary(self._vision.backbone)
         positions = PrecomputedPositions(self._decoder.position_encoding, m.grid, self.device, self.dtype)
         self._decoder.position_encoding = self._geometry.position_encoding = positions
-        typical = min(m.batch, opts.typical_batch or m.batch)
-        self.vision_chunk = opts.vision_chunk or default_vision_chunk(m.resolution, typical)
         self.fused_gelu = choices.epilogue(
             opts.fused_gelu, self._vision.backbone.layers[0].mlp, "gelu", m.grid**2 * self.vision_chunk
         )
         if self.fused_gelu:
             fuse_mlp_gelu(self._vision.backbone)
-        self.decoder_frames = min(opts.decoder_frames, m.batch)
         self.fused_decoder = opts.fused_decoder and on_cuda and opts.compile
         self.fused_relu = False
         if self.fused_decoder:
@@ -693,6 +695,8 @@ class TorchBackend:
         import torch
 
         self._collect_inflight()
+        # Graphs compiled after the warm-up (another prompt count) are kept for the next start too.
+        self.save_compile_cache()
         self._vision_graphs.clear()
         self._decoder_graphs.clear()
         self._outputs.clear()

@@ -416,11 +416,17 @@ def test_a_restart_takes_the_start_up_choices_an_earlier_start_recorded(tmp_path
 
     assert not build().fused_gelu
     assert not cache.exists()  # nothing was timed on the CPU, so nothing was recorded
-    record = compile_cache.choices_file(
-        compile_cache.cache_file(
-            cache, torch_version=torch.__version__, device="cpu", resolution=448, batch=1, precision="fp32"
-        )
+    base = compile_cache.cache_base(
+        cache,
+        torch_version=torch.__version__,
+        device="cpu",
+        resolution=448,
+        batch=1,
+        vision_chunk=1,
+        decoder_frames=1,
+        precision="fp32",
     )
+    record = compile_cache.choices_file(base)
     record.parent.mkdir(parents=True)
     record.write_text(json.dumps({"fused_gelu": True, "attention_kernel": True, "vision_chunk": 3}))
     restarted = build()
