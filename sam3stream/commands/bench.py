@@ -101,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(
                 f"--max-batch applies to --random; {args.engines} was exported for batch {manifest.batch}"
             )
+        if args.compile_cache is not None:
+            raise InputError(
+                f"--compile-cache applies to --random; runs of {args.engines} use its own compile-cache "
+                "folder (remove it to measure a start without the cache)"
+            )
         resolutions, engine_batch = [manifest.resolution], manifest.batch
     if engine_batch is not None and max(args.cameras) > engine_batch:
         where = f"{args.engines} takes" if args.engines is not None else "--max-batch is"

@@ -147,6 +147,8 @@ def test_an_engine_directory_fixes_the_batch(
     assert f"--cameras 5: {tiny_engines} takes at most 4 frames per batch" in capsys.readouterr().err
     assert main([*argv, "--max-batch", "8"]) == 1
     assert "--max-batch applies to --random" in capsys.readouterr().err
+    assert main([*argv, "--compile-cache", str(tmp_path / "c")]) == 1
+    assert "--compile-cache applies to --random; runs of" in capsys.readouterr().err
 
 
 def test_max_batch_builds_the_backend_a_service_with_that_max_batch_would(tmp_path: Path) -> None:
