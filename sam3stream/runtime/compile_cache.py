@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,7 +167,25 @@ def save(base: Path) -> int:
             _known.pop(other, None)
             _unusable.discard(other)
     _prune_other_torch_builds(base)
+    _remove_abandoned_temporaries(base)
     return len(data)
+
+
+# A temporary file this old was left by a process killed while writing it (a live writer's is
+# seconds old).
+ABANDONED_S = 3600.0
+
+
+def _remove_abandoned_temporaries(base: Path) -> None:
+    try:
+        now = time.time()
+        abandoned = [
+            tmp for tmp in base.parent.glob(f".{base.stem}.*.tmp") if now - tmp.stat().st_mtime > ABANDONED_S
+        ]
+    except OSError:
+        return
+    for tmp in abandoned:
+        _remove(tmp, "left by an interrupted save")
 
 
 def _remove(path: Path, reason: str) -> None:

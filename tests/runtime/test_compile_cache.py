@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,18 @@ def test_start_up_choices_round_trip(tmp_path: Path) -> None:
     assert compile_cache.load_choices(path) == chosen
     path.write_text(json.dumps({"fused_gelu": "yes", "fused_relu": False}))
     assert compile_cache.load_choices(path) == {"fused_relu": False}  # only booleans are taken
+
+
+def test_a_save_removes_temporaries_an_interrupted_save_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_artifacts(monkeypatch, b"artifacts", "k1")
+    base = compile_cache.cache_base(tmp_path, **CONFIG)  # type: ignore[arg-type]
+    abandoned = tmp_path / f".{base.stem}.0123456789ab.bin.x1y2.tmp"
+    live = tmp_path / f".{base.stem}.ba9876543210.bin.z3w4.tmp"  # another process writing now
+    for tmp in (abandoned, live):
+        tmp.write_bytes(b"partial")
+    hours_ago = time.time() - 2 * compile_cache.ABANDONED_S
+    os.utime(abandoned, (hours_ago, hours_ago))
+    assert compile_cache.save(base) > 0
+    assert not abandoned.exists() and live.exists()
