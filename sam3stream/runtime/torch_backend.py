@@ -97,6 +97,10 @@ class TorchOptions:
     compile_cache: str | None = None
 
 
+# The attribute a model carries once a backend has set it up in place (TorchBackend._claim_model).
+_SET_UP_AS = "_sam3stream_set_up_as"
+
+
 def default_vision_chunk(resolution: int, batch: int) -> int:
     """Frames per vision step: enough tokens to fill the GPU, few enough to bound activations,
     and as few padding frames in a full batch as possible (at 672 a chunk of 3 would run 9
@@ -236,6 +240,7 @@ class TorchBackend:
         self.dtype = _dtype(opts.precision)
         choices = StartupChoices(self.device, self.dtype, recorded)
         model = loaded.model
+        self._claim_model(model)
         model.config._attn_implementation = "sdpa"
         sub: Any  # transformers types each sub-config as dict | PreTrainedConfig | None
         for sub in (
@@ -368,6 +373,35 @@ class TorchBackend:
             fused_relu=self.fused_relu,
             attention_kernel=self.attention_kernel,
         )
+
+    def _claim_model(self, model: Any) -> None:
+        """Backends set their model up in place (moved, converted to their precision, layouts and
+        modules rewritten), so backends built from one model share that set-up. Another backend's
+        with other settings would silently change this one's under it: refuse it instead."""
+        import torch
+
+        opts, dev = self.options, self.device
+        if dev.type == "cuda" and dev.index is None:  # "cuda" and "cuda:0" may name one GPU
+            dev = torch.device("cuda", torch.cuda.current_device())
+        settings = {
+            "device": str(dev),
+            "precision": opts.precision,
+            "query_precision": opts.query_precision,
+            "channels_last": opts.channels_last,
+            "fused_decoder": opts.fused_decoder and dev.type == "cuda" and opts.compile,
+        }
+        earlier: dict[str, object] | None = getattr(model, _SET_UP_AS, None)
+        if earlier is not None and earlier != settings:
+            differ = ", ".join(
+                f"{key} {earlier.get(key)!r} there, {value!r} here"
+                for key, value in settings.items()
+                if earlier.get(key) != value
+            )
+            raise InputError(
+                f"this model was set up in place by another backend with other settings ({differ}); "
+                "load the model again for a backend with these"
+            )
+        setattr(model, _SET_UP_AS, settings)
 
     def _maybe_compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         if not (self.options.compile and self.device.type == "cuda"):

@@ -339,6 +339,37 @@ def test_backends_built_from_one_model_agree_on_its_fused_mlps(tmp_path: Path) -
         build(False)
 
 
+def test_a_second_backend_with_other_settings_on_one_model_is_refused(tmp_path: Path) -> None:
+    """The first backend converted the shared model to its precision; a second at another one
+    would silently convert the first's weights under it."""
+    from sam3stream.model.build import random_model
+    from sam3stream.model.checkpoint import LoadedModel
+    from sam3stream.model.roi_align import install_into_transformers
+    from sam3stream.model.tokenizer_files import write_tiny_tokenizer
+
+    install_into_transformers()
+    write_tiny_tokenizer(tmp_path)
+    loaded = LoadedModel(
+        model=random_model("tiny", 448, seed=0),
+        tokenizer_dir=tmp_path,
+        checkpoint_sha256="random",
+        source="random",
+    )
+
+    def build(options: TorchOptions) -> TorchBackend:
+        return TorchBackend.from_model(
+            loaded, resolution=448, batch=1, queries=20, device="cpu", options=options
+        )
+
+    first = build(TorchOptions("fp32"))
+    build(TorchOptions("fp32", overlap=False))  # settings that leave the model alone may differ
+    with pytest.raises(InputError, match=r"precision 'fp32' there, 'bf16' here.*load the model again"):
+        build(TorchOptions("bf16"))
+    with pytest.raises(InputError, match=r"channels_last True there, False here"):
+        build(TorchOptions("fp32", channels_last=False))
+    assert all(p.dtype == torch.float32 for p in first._vision.parameters())
+
+
 def test_backends_built_from_one_model_agree_on_its_attention_kernel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
