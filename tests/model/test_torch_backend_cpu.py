@@ -13,6 +13,7 @@ import structlog
 import torch
 
 from sam3stream.errors import BackendUnavailableError, EngineMismatchError, GpuMemoryError, InputError
+from sam3stream.model.checkpoint import LoadedModel
 from sam3stream.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from sam3stream.runtime.torch_backend import TorchBackend, TorchOptions, default_vision_chunk
 
@@ -302,29 +303,41 @@ def test_masks_the_device_has_no_memory_to_encode_go_to_the_host(
     ]
 
 
-def test_backends_built_from_one_model_agree_on_its_fused_mlps(tmp_path: Path) -> None:
-    """Backends from one model share its modules. A second backend finds the ViT's MLPs already
-    fused by the first: it takes them as they are (it used to time a fused MLP as if it were the
-    plain one and fail), and one that insists on the plain form is told what to do."""
-    from sam3stream.model.build import random_model
-    from sam3stream.model.checkpoint import LoadedModel
-    from sam3stream.model.roi_align import install_into_transformers
+@pytest.fixture
+def tiny_tokenizer(tmp_path: Path) -> Path:
     from sam3stream.model.tokenizer_files import write_tiny_tokenizer
 
+    write_tiny_tokenizer(tmp_path / "tokenizer")
+    return tmp_path / "tokenizer"
+
+
+def _tiny_loaded(tokenizer_dir: Path) -> LoadedModel:
+    """The tiny random model at 448 (seed 0) with the tokenizer in ``tokenizer_dir``."""
+    from sam3stream.model.build import random_model
+    from sam3stream.model.roi_align import install_into_transformers
+
     install_into_transformers()
-    write_tiny_tokenizer(tmp_path)
-    loaded = LoadedModel(
+    return LoadedModel(
         model=random_model("tiny", 448, seed=0),
-        tokenizer_dir=tmp_path,
+        tokenizer_dir=tokenizer_dir,
         checkpoint_sha256="random",
         source="random",
     )
 
+
+def _cpu_backend(loaded: LoadedModel, options: TorchOptions) -> TorchBackend:
+    """A batch-1 backend at 448 with 20 queries over ``loaded``, on the CPU."""
+    return TorchBackend.from_model(loaded, resolution=448, batch=1, queries=20, device="cpu", options=options)
+
+
+def test_backends_built_from_one_model_agree_on_its_fused_mlps(tiny_tokenizer: Path) -> None:
+    """Backends from one model share its modules. A second backend finds the ViT's MLPs already
+    fused by the first: it takes them as they are (it used to time a fused MLP as if it were the
+    plain one and fail), and one that insists on the plain form is told what to do."""
+    loaded = _tiny_loaded(tiny_tokenizer)
+
     def build(fused_gelu: bool | None) -> TorchBackend:
-        options = TorchOptions("fp32", fused_gelu=fused_gelu)
-        return TorchBackend.from_model(
-            loaded, resolution=448, batch=1, queries=20, device="cpu", options=options
-        )
+        return _cpu_backend(loaded, TorchOptions("fp32", fused_gelu=fused_gelu))
 
     first = build(True)
     assert first.fused_gelu
@@ -339,27 +352,13 @@ def test_backends_built_from_one_model_agree_on_its_fused_mlps(tmp_path: Path) -
         build(False)
 
 
-def test_a_second_backend_with_other_settings_on_one_model_is_refused(tmp_path: Path) -> None:
+def test_a_second_backend_with_other_settings_on_one_model_is_refused(tiny_tokenizer: Path) -> None:
     """The first backend converted the shared model to its precision; a second at another one
     would silently convert the first's weights under it."""
-    from sam3stream.model.build import random_model
-    from sam3stream.model.checkpoint import LoadedModel
-    from sam3stream.model.roi_align import install_into_transformers
-    from sam3stream.model.tokenizer_files import write_tiny_tokenizer
-
-    install_into_transformers()
-    write_tiny_tokenizer(tmp_path)
-    loaded = LoadedModel(
-        model=random_model("tiny", 448, seed=0),
-        tokenizer_dir=tmp_path,
-        checkpoint_sha256="random",
-        source="random",
-    )
+    loaded = _tiny_loaded(tiny_tokenizer)
 
     def build(options: TorchOptions) -> TorchBackend:
-        return TorchBackend.from_model(
-            loaded, resolution=448, batch=1, queries=20, device="cpu", options=options
-        )
+        return _cpu_backend(loaded, options)
 
     first = build(TorchOptions("fp32"))
     build(TorchOptions("fp32", overlap=False))  # settings that leave the model alone may differ
@@ -371,31 +370,21 @@ def test_a_second_backend_with_other_settings_on_one_model_is_refused(tmp_path: 
 
 
 def test_backends_built_from_one_model_agree_on_its_attention_kernel(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_tokenizer: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same for the DETR encoder's attention: once another backend swapped it for our kernel,
     a later backend keeps it (without timing or Triton) and one that forbids it is told what to
     do. The kernel itself runs only on CUDA; this builds backends and runs nothing."""
-    from sam3stream.model.build import random_model
-    from sam3stream.model.checkpoint import LoadedModel
-    from sam3stream.model.roi_align import install_into_transformers
-    from sam3stream.model.tokenizer_files import write_tiny_tokenizer
     from sam3stream.runtime import attention_kernel
     from sam3stream.runtime.decoder_rewrite import KernelAttention, use_attention_kernel
 
-    install_into_transformers()
-    write_tiny_tokenizer(tmp_path)
-    model = random_model("tiny", 448, seed=0)
+    loaded = _tiny_loaded(tiny_tokenizer)
     # The tiny model's head dim (8) is not one the kernel is built for; the swap is what matters.
     monkeypatch.setattr(attention_kernel, "config_for", lambda dim: None)
-    assert use_attention_kernel(model.detr_encoder) == 2  # what a first backend on CUDA does
-    loaded = LoadedModel(model=model, tokenizer_dir=tmp_path, checkpoint_sha256="random", source="random")
+    assert use_attention_kernel(loaded.model.detr_encoder) == 2  # what a first backend on CUDA does
 
     def build(kernel: bool | None) -> TorchBackend:
-        options = TorchOptions("fp32", attention_kernel=kernel)
-        return TorchBackend.from_model(
-            loaded, resolution=448, batch=1, queries=20, device="cpu", options=options
-        )
+        return _cpu_backend(loaded, TorchOptions("fp32", attention_kernel=kernel))
 
     with structlog.testing.capture_logs() as logs:
         second = build(None)
@@ -418,32 +407,20 @@ def test_the_service_gives_the_torch_backend_its_engine_directorys_cache(tiny_en
     assert plain.options.compile_cache is None  # type: ignore[attr-defined]
 
 
-def test_a_restart_takes_the_start_up_choices_an_earlier_start_recorded(tmp_path: Path) -> None:
+def test_a_restart_takes_the_start_up_choices_an_earlier_start_recorded(
+    tmp_path: Path, tiny_tokenizer: Path
+) -> None:
     """With a compile cache, the choices an earlier start timed are taken as recorded (a restart
     compiles what was saved); an explicit option still wins, and a choice the device cannot
     run (the attention kernel on the CPU) is not taken."""
-    from sam3stream.model.build import random_model
-    from sam3stream.model.checkpoint import LoadedModel
-    from sam3stream.model.roi_align import install_into_transformers
-    from sam3stream.model.tokenizer_files import write_tiny_tokenizer
     from sam3stream.runtime import compile_cache
     from sam3stream.runtime.fused_mlp import FusedMLP
 
-    install_into_transformers()
-    write_tiny_tokenizer(tmp_path / "tok")
     cache = tmp_path / "compile-cache"
 
     def build(fused_gelu: bool | None = None) -> TorchBackend:
-        loaded = LoadedModel(
-            model=random_model("tiny", 448, seed=0),  # a model per backend: fusing rewrites it
-            tokenizer_dir=tmp_path / "tok",
-            checkpoint_sha256="random",
-            source="random",
-        )
         options = TorchOptions("fp32", fused_gelu=fused_gelu, compile_cache=str(cache))
-        return TorchBackend.from_model(
-            loaded, resolution=448, batch=1, queries=20, device="cpu", options=options
-        )
+        return _cpu_backend(_tiny_loaded(tiny_tokenizer), options)  # a model per backend: fusing rewrites it
 
     assert not build().fused_gelu
     assert not cache.exists()  # nothing was timed on the CPU, so nothing was recorded
