@@ -211,7 +211,9 @@ class TorchBackend:
         opts = self.options
         on_cuda = self.device.type == "cuda"
         self._compile_cache: Path | None = None
-        self._saves_artifacts = on_cuda and opts.compile
+        self._compiles = on_cuda and opts.compile  # torch.compile runs on CUDA only
+        # Read by _claim_model, before the decoder is rewritten below.
+        self.fused_decoder = opts.fused_decoder and self._compiles
         recorded: dict[str, bool] = {}  # start-up choices an earlier start timed
         typical = min(m.batch, opts.typical_batch or m.batch)
         self.vision_chunk = opts.vision_chunk or default_vision_chunk(m.resolution, typical)
@@ -229,7 +231,7 @@ class TorchBackend:
                 mode=opts.compile_mode,
             )
             recorded = compile_cache.load_choices(compile_cache.choices_file(self._compile_cache))
-            if self._saves_artifacts:
+            if self._compiles:
                 # Before anything compiles: what was loaded is what the compiles below can hit.
                 compile_cache.load(self._compile_cache)
         if on_cuda and opts.precision != "fp32":
@@ -276,7 +278,6 @@ class TorchBackend:
         )
         if self.fused_gelu:
             fuse_mlp_gelu(self._vision.backbone)
-        self.fused_decoder = opts.fused_decoder and on_cuda and opts.compile
         self.fused_relu = False
         if self.fused_decoder:
             rewrite_decoder(self._decoder)
@@ -364,7 +365,7 @@ class TorchBackend:
             queries=m.queries,
             vision_chunk=self.vision_chunk,
             decoder_frames=self.decoder_frames,
-            compile=opts.compile and on_cuda,
+            compile=self._compiles,
             cuda_graphs=opts.cuda_graphs and on_cuda,
             overlap=overlap,
             fused_gelu=self.fused_gelu,
@@ -388,7 +389,7 @@ class TorchBackend:
             "precision": opts.precision,
             "query_precision": opts.query_precision,
             "channels_last": opts.channels_last,
-            "fused_decoder": opts.fused_decoder and dev.type == "cuda" and opts.compile,
+            "fused_decoder": self.fused_decoder,
         }
         earlier: dict[str, object] | None = getattr(model, _SET_UP_AS, None)
         if earlier is not None and earlier != settings:
@@ -404,7 +405,7 @@ class TorchBackend:
         setattr(model, _SET_UP_AS, settings)
 
     def _maybe_compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        if not (self.options.compile and self.device.type == "cuda"):
+        if not self._compiles:
             return fn
         import torch
 
@@ -714,7 +715,7 @@ class TorchBackend:
         """Save what this process compiled to the compile cache (TorchOptions.compile_cache), if
         one is set and it changed; bytes written. warm_up does this; call it after compiling
         otherwise (the bench's own warm-up batches)."""
-        if self._compile_cache is None or not self._saves_artifacts:
+        if self._compile_cache is None or not self._compiles:
             return 0
         return compile_cache.save(self._compile_cache)
 
