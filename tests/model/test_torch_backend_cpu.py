@@ -246,7 +246,11 @@ def test_masks_encoded_on_the_device_are_the_hosts_encoding_of_its_logits(backen
     """``mask_sizes``: the same kept rows, each mask's runs at its own frame's size (two sizes in
     one batch), and the detections the postprocessor makes from them are those it makes from
     the logits; pipelined, so each batch's sizes stay with that batch."""
+    from msgspec.structs import replace
+
     from sam3stream.postprocess import _mask_counts, to_detections
+    from sam3stream.rle import decode
+    from tests.runtime.test_mask_encode import pixels_differing
 
     assert not backend.encodes_masks  # on the CPU the host's encoder is the faster one
     rng = np.random.default_rng(8)
@@ -260,12 +264,20 @@ def test_masks_encoded_on_the_device_are_the_hosts_encoding_of_its_logits(backen
     assert encoded.mask_counts is not None and encoded.masks.shape == (len(plain.mask_index), 0, 0)
     np.testing.assert_array_equal(encoded.mask_index, plain.mask_index)
     assert len(plain.mask_index) > 3
+    # torch's bilinear resize and the host's round their own ways: a pixel within a few float32
+    # ulps of the threshold may differ (runtime/mask_encode.py), nothing else.
     for row, (b, _, _) in enumerate(plain.mask_index):
         w, h = sizes[b]
-        np.testing.assert_array_equal(encoded.mask_counts[row], _mask_counts(plain.masks[row], w, h))
+        want = _mask_counts(plain.masks[row], w, h)
+        assert encoded.mask_counts[row].sum() == w * h
+        assert pixels_differing(encoded.mask_counts[row], want, w, h) <= 2, row
     for b, (w, h) in enumerate(sizes):
         args = (["person", "hand"], [0.0, 0.0], 1920, 1080, (w, h))
-        assert to_detections(encoded, b, *args) == to_detections(plain, b, *args)
+        got, want_detections = to_detections(encoded, b, *args), to_detections(plain, b, *args)
+        assert [replace(d, mask=None) for d in got] == [replace(d, mask=None) for d in want_detections]
+        for d, want in zip(got, want_detections, strict=True):
+            assert d.mask is not None and want.mask is not None and d.mask.size == want.mask.size
+            assert np.count_nonzero(decode(d.mask) != decode(want.mask)) <= 2
     small = second.result()
     assert small.mask_counts is not None
     assert {int(c.sum()) for c in small.mask_counts} == {50 * 40}
