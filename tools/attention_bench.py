@@ -50,7 +50,7 @@ def main() -> int:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from sam3stream.runtime.cuda_timing import median_cuda_ms
+    from sam3stream.runtime.cuda_timing import median_cuda_ms, write_report
 
     backends = {
         "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -87,14 +87,8 @@ def main() -> int:
             row["triton"] = _sweep_triton(q, k, v, exact.transpose(1, 2), flop, args.iters)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    report = {
-        "command": "python tools/attention_bench.py " + " ".join(sys.argv[1:]),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    path = write_report(args.out, "tools/attention_bench.py", rows)
+    print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -43,7 +43,7 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from sam3stream.runtime.cuda_timing import best_alternating_ms
+    from sam3stream.runtime.cuda_timing import best_alternating_ms, write_report
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     rows = []
@@ -83,15 +83,8 @@ def main() -> int:
             row["autotuned_speedup"] = row["compiled_ms"] / row["autotuned_ms"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report = {
-        "command": "python tools/gemm_autotune_bench.py " + " ".join(sys.argv[1:]),
-        "device": torch.cuda.get_device_name(dev),
-        "torch": torch.__version__,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out.with_suffix('.json')}", file=sys.stderr)
+    path = write_report(args.out, "tools/gemm_autotune_bench.py", rows)
+    print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -29,7 +29,7 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from sam3stream.runtime.cuda_timing import median_cuda_ms
+    from sam3stream.runtime.cuda_timing import median_cuda_ms, write_report
     from sam3stream.runtime.fused_mlp import linear_gelu
 
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -54,14 +54,8 @@ def main() -> int:
             row["speedup"] = row["exact_gelu_ms"] / row["fused_gelu_ms"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report = {
-        "command": "python tools/vit_mlp_bench.py " + " ".join(sys.argv[1:]),
-        "device": torch.cuda.get_device_name(dev),
-        "torch": torch.__version__,
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    path = write_report(args.out, "tools/vit_mlp_bench.py", rows)
+    print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
-from sam3stream.runtime.cuda_timing import best_alternating_ms
+from sam3stream.runtime.cuda_timing import best_alternating_ms, cuda_graphed
 
 __all__ = ["ACTIVATIONS", "FusedMLP", "fuse_layer_mlps", "fused_mlp_pays", "linear_gelu", "linear_relu"]
 
@@ -91,14 +91,14 @@ def fuse_layer_mlps(layers: Iterable[Any], activation: str) -> int:
 def fused_mlp_pays(
     mlp: Any, activation: str, tokens: int, rounds: int = 5, repeats: int = 10
 ) -> tuple[bool, float, float]:
-    """Time ``mlp`` as it is and fused on ``tokens`` tokens (CUDA), alternating the two for
-    ``rounds`` rounds so that clocks still ramping up at start favour neither; each form's time
-    is its best round's median.
+    """Time ``mlp`` as it is and fused on ``tokens`` tokens (CUDA), each captured in a CUDA graph
+    as the backend runs them, alternating the two for ``rounds`` rounds so that clocks still
+    ramping up at start favour neither; each form's time is its best round's median.
 
     Returns (fused is faster, ms as is, ms fused)."""
     like = mlp.fc1.weight
     x = torch.randn(tokens, like.shape[1], device=like.device, dtype=like.dtype)
-    forms = (partial(mlp, x), partial(FusedMLP(mlp, activation), x))
     with torch.no_grad():
+        forms = [cuda_graphed(partial(mlp, x)), cuda_graphed(partial(FusedMLP(mlp, activation), x))]
         plain_ms, fused_ms = best_alternating_ms(forms, rounds, repeats)
     return fused_ms < plain_ms, plain_ms, fused_ms

@@ -1,10 +1,13 @@
 """median_cuda_ms: warm-up calls untimed, the median of the timed ones; best_alternating_ms: forms
-timed in turn, each keeping its best round (CUDA events stood in for)."""
+timed in turn, each keeping its best round (CUDA events stood in for); the timing tools' report."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +73,18 @@ def test_alternating_rounds_keep_each_forms_best_median(monkeypatch: pytest.Monk
     best = cuda_timing.best_alternating_ms([form("a"), form("b")], rounds=3, repeats=3)
     assert order == (["a"] * 6 + ["b"] * 6) * 3
     assert best == [6.0, 3.0]  # cost + 1 (the end event's tick) of each form's best round
+
+
+def test_a_tool_report_names_the_command_device_and_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["ignored", "--tokens", "5184", "--out", "docs/bench/x"])
+    rows = [{"tokens": 5184, "ms": 0.5}]
+    path = cuda_timing.write_report(tmp_path / "sub" / "x", "tools/x_bench.py", rows, "GPU 1")
+    assert path.name == "x.json"
+    assert json.loads(path.read_text()) == {
+        "command": "python tools/x_bench.py --tokens 5184 --out docs/bench/x",
+        "device": "GPU 1",
+        "torch": torch.__version__,
+        "rows": rows,
+    }
