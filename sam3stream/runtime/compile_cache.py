@@ -13,12 +13,14 @@ A cache that cannot be read or written costs a warning, never the start.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHOICES",
+    "CompiledShapes",
     "artifact_files",
     "cache_base",
     "choices_file",
@@ -48,6 +51,35 @@ _unusable: set[Path] = set()  # files a load could not use
 
 # The start-up choices a backend times and records (TorchBackend attributes of these names).
 CHOICES = ("fused_gelu", "fused_relu", "attention_kernel")
+# How they were timed, recorded with them: choices timed another way are timed again. 2: each form
+# captured in a CUDA graph (1 timed plain calls, whose host dispatch could reverse the GELU choice).
+CHOICES_TIMING = 2
+
+
+class CompiledShapes:
+    """The input shapes each compiled step was called with. torch.compile makes (or loads) a
+    graph for each new one, so a save, which serialises every artifact in the process (~55 MB
+    at full size), is worth it only after a shape the last save did not see."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[Any, ...]] = set()
+        self._saved: set[tuple[Any, ...]] = set()
+
+    def track(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` (a compiled step), noting the shapes and dtypes of each call's tensors."""
+
+        def call(*args: Any) -> Any:
+            shapes = tuple((tuple(a.shape), str(a.dtype)) for a in args if hasattr(a, "shape"))
+            self._seen.add((name, shapes))
+            return fn(*args)
+
+        return call
+
+    def new_since_save(self) -> bool:
+        return not self._seen <= self._saved
+
+    def mark_saved(self) -> None:
+        self._saved |= self._seen
 
 
 def _keys(info: Any) -> set[tuple[str, str]]:
@@ -129,6 +161,7 @@ def load(base: Path) -> int:
             continue
         _known[path] = _keys(info)
         loaded |= _known[path]
+        _touch(path)
     log.info("compile cache loaded", path=str(base), files=len(files), artifacts=len(loaded))
     return len(loaded)
 
@@ -197,23 +230,34 @@ def _remove(path: Path, reason: str) -> None:
         log.info("compile cache pruned", path=str(path), reason=reason)
 
 
+# Files of another torch build unused this long are removed at a save (a load touches what it
+# loads): an upgrade would otherwise leave ~55 MB per configuration behind for good, and two
+# builds sharing one engine directory would remove each other's files at every start.
+UNUSED_S = 30 * 86400.0
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache still loads; its files just age
+        os.utime(path)
+
+
 def _prune_other_torch_builds(base: Path) -> None:
-    """Remove this configuration's files made by other torch builds (an upgrade would otherwise
-    leave ~55 MB each behind): only the running build can load them. Two torch builds sharing
-    one engine directory would remove each other's files."""
+    """Remove this configuration's files made by other torch builds and unused for UNUSED_S
+    (only the build that made a file can load it)."""
     own, _, rest = base.name.partition("_")  # torch-<version>_<the configuration>.bin
     stem = Path(rest).stem
     try:
+        now = time.time()
         stale = [
             other
             for pattern in (f"torch-*_{stem}.*.bin", f"torch-*_{stem}.choices.json")
             for other in base.parent.glob(pattern)
-            if not other.name.startswith(f"{own}_")
+            if not other.name.startswith(f"{own}_") and now - other.stat().st_mtime > UNUSED_S
         ]
     except OSError:
         return
     for other in stale:
-        _remove(other, "made by another torch build")
+        _remove(other, "made by another torch build, unused for 30 days")
 
 
 def choices_file(base: Path) -> Path:
@@ -237,14 +281,19 @@ def load_choices(path: Path) -> dict[str, bool]:
             detail="the choices are timed again and the file replaced",
         )
         return {}
+    if data.get("timing") != CHOICES_TIMING:
+        log.info("start-up choices recorded were timed another way", path=str(path), detail="timing again")
+        return {}
     chosen = {name: value for name, value in data.items() if name in CHOICES and isinstance(value, bool)}
+    _touch(path)
     log.info("start-up choices recorded earlier", path=str(path), **chosen)
     return chosen
 
 
 def save_choices(path: Path, choices: dict[str, bool]) -> bool:
     """Record ``choices`` at ``path``; False if it could not be written (a warning says why)."""
-    data = json.dumps({name: choices[name] for name in CHOICES if name in choices}, indent=2)
+    recorded = {name: choices[name] for name in CHOICES if name in choices}
+    data = json.dumps({"timing": CHOICES_TIMING, **recorded}, indent=2)
     return _write(path, (data + "\n").encode())
 
 

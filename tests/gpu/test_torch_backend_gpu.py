@@ -25,6 +25,7 @@ from sam3stream.model.checkpoint import LoadedModel  # noqa: E402
 from sam3stream.model.parts import padding_boxes, split_model  # noqa: E402
 from sam3stream.model.roi_align import install_into_transformers  # noqa: E402
 from sam3stream.model.tokenizer_files import write_tiny_tokenizer  # noqa: E402
+from sam3stream.runtime import compile_cache  # noqa: E402
 from sam3stream.runtime.torch_backend import TorchBackend, TorchOptions  # noqa: E402
 
 R, B, K = 1008, 2, 50
@@ -139,10 +140,11 @@ def test_partial_batch_needs_no_recapture_and_matches_full_batch(overlap: bool) 
     backend.close()
 
 
-def test_after_warm_up_no_batch_compiles_or_captures(tmp_path: Path) -> None:
+def test_after_warm_up_no_batch_compiles_or_captures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the pipeline relies on to start cameras only when the engine is ready: after
     warm_up, full and partial batches on either frame buffer replay graphs that exist. The
-    warm-up also leaves what it compiled in the compile cache."""
+    warm-up also leaves what it compiled in the compile cache; a save after it writes only when
+    something new was compiled (another prompt count)."""
     install_into_transformers()
     model = random_model("tiny", 448, seed=0, device="cuda")
     options = TorchOptions("fp32", typical_batch=1, compile_cache=str(tmp_path))
@@ -150,14 +152,24 @@ def test_after_warm_up_no_batch_compiles_or_captures(tmp_path: Path) -> None:
     text = backend.encode_text(PROMPTS[:2])
     assert backend.warm_up(text) > 0
     saved = list(tmp_path.glob("*.bin"))
-    assert len(saved) == 1 and "_448x4_c1d1_fp32." in saved[0].name and saved[0].stat().st_size > 0
+    assert len(saved) == 1 and "_448x4_c1d1_fp32." in saved[0].name
+    first_size = saved[0].stat().st_size
+    assert first_size > 0
     captured = (dict(backend._vision_graphs), dict(backend._decoder_graphs))
     assert len(captured[0]) == 2 * 4 and len(captured[1]) == 4  # chunk 1: 4 slots x 2 buffers
     frames = np.random.default_rng(2).integers(0, 256, (4, 448, 448, 3), dtype=np.uint8)
     for n in (4, 1, 3, 4, 2):
         backend.infer(frames[:n], text, 0.0)
     assert (backend._vision_graphs, backend._decoder_graphs) == captured
+    saves: list[Path] = []
+    real_save = compile_cache.save
+    monkeypatch.setattr(compile_cache, "save", lambda base: saves.append(base) or real_save(base))
+    assert backend.save_compile_cache() == 0 and saves == []  # nothing compiled since the warm-up
+    backend.infer(frames, backend.encode_text(PROMPTS[:3]), 0.0)  # new decoder graphs
     backend.close()
+    assert len(saves) == 1
+    (replaced,) = tmp_path.glob("*.bin")  # the new file holds the first one's graphs too
+    assert replaced != saved[0] and replaced.stat().st_size > first_size
 
 
 def test_overlap_gives_the_serial_outputs_bit_for_bit() -> None:

@@ -175,23 +175,56 @@ def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path: Path, monkeypatch
     assert replaced.read_bytes() == b"more artifacts"
 
 
-def test_a_save_removes_the_same_configurations_files_from_other_torch_builds(
+def test_a_save_removes_other_torch_builds_files_of_the_configuration_once_unused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """An upgrade's leftovers go once unused for UNUSED_S; a build that still loads its files
+    (two builds sharing one engine directory) keeps them."""
     _fake_artifacts(monkeypatch, b"artifacts", "k1")
     old = compile_cache.cache_base(tmp_path, **{**CONFIG, "torch_version": "2.10.0+cu130"})  # type: ignore[arg-type]
+    live = compile_cache.cache_base(tmp_path, **{**CONFIG, "torch_version": "2.12.0+cu130"})  # type: ignore[arg-type]
     other_config = compile_cache.cache_base(
         tmp_path,
         **{**CONFIG, "torch_version": "2.10.0+cu130", "batch": 4},  # type: ignore[arg-type]
     )
     stale = [old.with_name(f"{old.stem}.aaa.bin"), compile_cache.choices_file(old)]
+    in_use = [live.with_name(f"{live.stem}.ccc.bin"), compile_cache.choices_file(live)]
     kept = other_config.with_name(f"{other_config.stem}.bbb.bin")
-    for path in (*stale, kept):
-        path.write_bytes(b"old")
+    long_ago = time.time() - 2 * compile_cache.UNUSED_S
+    for path in (*stale, *in_use, kept):
+        recorded = json.dumps({"timing": compile_cache.CHOICES_TIMING}).encode()
+        path.write_bytes(recorded if path.suffix == ".json" else b"old")
+        os.utime(path, (long_ago, long_ago))
+    # The other build's process loads its files: that marks them used.
+    nothing = type("Info", (), {"artifacts": {}})()
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: nothing)
+    assert compile_cache.load(live) == 0
+    compile_cache.load_choices(in_use[1])
     new = compile_cache.cache_base(tmp_path, **CONFIG)  # type: ignore[arg-type]
     assert compile_cache.save(new) > 0
     (written,) = compile_cache.artifact_files(new)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([written.name, kept.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [written.name, kept.name, *(p.name for p in in_use)]
+    )
+
+
+def test_compiled_shapes_say_when_a_save_would_add_something() -> None:
+    calls: list[tuple[int, ...]] = []
+    shapes = compile_cache.CompiledShapes()
+    step = shapes.track("step", lambda x, flag: calls.append(tuple(x.shape)) or x.sum())
+    assert not shapes.new_since_save()
+    assert float(step(torch.ones(2, 3), True)) == 6.0  # the step runs as given
+    assert shapes.new_since_save()
+    shapes.mark_saved()
+    step(torch.zeros(2, 3), False)  # same shapes: a graph compiled before
+    assert not shapes.new_since_save()
+    step(torch.ones(3, 3), True)  # another prompt count, say
+    assert shapes.new_since_save()
+    other = shapes.track("other", lambda x, flag: x)
+    shapes.mark_saved()
+    other(torch.ones(3, 3), True)  # the same shapes in another step are another graph
+    assert shapes.new_since_save()
+    assert calls == [(2, 3), (2, 3), (3, 3)]
 
 
 def test_start_up_choices_round_trip(tmp_path: Path) -> None:
@@ -201,8 +234,11 @@ def test_start_up_choices_round_trip(tmp_path: Path) -> None:
     chosen = {"fused_gelu": True, "fused_relu": False, "attention_kernel": True}
     assert compile_cache.save_choices(path, {**chosen, "unknown": True})
     assert compile_cache.load_choices(path) == chosen
-    path.write_text(json.dumps({"fused_gelu": "yes", "fused_relu": False}))
+    timing = compile_cache.CHOICES_TIMING
+    path.write_text(json.dumps({"timing": timing, "fused_gelu": "yes", "fused_relu": False}))
     assert compile_cache.load_choices(path) == {"fused_relu": False}  # only booleans are taken
+    path.write_text(json.dumps(chosen))  # timed the first way (plain calls): timed again
+    assert compile_cache.load_choices(path) == {}
 
 
 def test_a_save_removes_temporaries_an_interrupted_save_left(
