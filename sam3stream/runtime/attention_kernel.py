@@ -141,15 +141,23 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
 
 
 def kernel_pays(
-    batch: int, heads: int, tokens: int, dim: int, dtype: torch.dtype, rounds: int = 5, repeats: int = 10
+    batch: int,
+    heads: int,
+    tokens: int,
+    dim: int,
+    dtype: torch.dtype,
+    rounds: int = 5,
+    repeats: int = 10,
+    stream: Any = None,
 ) -> tuple[bool, float, float]:
     """Time PyTorch's SDPA and the kernel on random inputs of this shape (CUDA), alternating the
     two (cuda_timing.best_alternating_ms), each captured in a CUDA graph as the backend runs
-    them. Returns (the kernel is faster, SDPA ms, kernel ms)."""
+    them (on ``stream``, see cuda_timing.cuda_graphed). Returns (the kernel is faster, SDPA ms,
+    kernel ms)."""
     from sam3stream.runtime.cuda_timing import best_alternating_ms, cuda_graphed
 
     q, k, v = (torch.randn(batch, heads, tokens, dim, device="cuda", dtype=dtype) for _ in range(3))
     scale = dim**-0.5
-    forms = [cuda_graphed(partial(form, q, k, v, scale)) for form in (attention_reference, launch)]
+    forms = [cuda_graphed(partial(form, q, k, v, scale), stream) for form in (attention_reference, launch)]
     sdpa_ms, kernel_ms = best_alternating_ms(forms, rounds, repeats)
     return kernel_ms < sdpa_ms, sdpa_ms, kernel_ms

@@ -31,20 +31,23 @@ def median_cuda_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> f
     return float(statistics.median(times))
 
 
-def cuda_graphed(fn: Callable[[], object]) -> Callable[[], None]:
+def cuda_graphed(fn: Callable[[], object], stream: torch.cuda.Stream | None = None) -> Callable[[], None]:
     """``fn`` captured in a CUDA graph, after two calls on a side stream that compile or tune
     whatever needs it; the result replays the graph. Timing replays measures the GPU's work
     alone, as the backend runs it (captured): timing ``fn`` itself also counts the host's
     dispatch before its first kernel, tens of microseconds for a custom op, enough to reverse
-    a choice between two forms a few percent apart."""
-    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    a choice between two forms a few percent apart.
+
+    ``stream``: the side stream (default: a new one). The backend passes one it holds, because
+    cuBLAS keeps a workspace for every stream it ran on for the life of the process."""
+    side = stream if stream is not None else torch.cuda.Stream()  # type: ignore[no-untyped-call]
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
         fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):  # not torch's own capture stream: another workspace
         fn()
     return graph.replay
 

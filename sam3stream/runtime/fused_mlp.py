@@ -89,16 +89,17 @@ def fuse_layer_mlps(layers: Iterable[Any], activation: str) -> int:
 
 
 def fused_mlp_pays(
-    mlp: Any, activation: str, tokens: int, rounds: int = 5, repeats: int = 10
+    mlp: Any, activation: str, tokens: int, rounds: int = 5, repeats: int = 10, stream: Any = None
 ) -> tuple[bool, float, float]:
     """Time ``mlp`` as it is and fused on ``tokens`` tokens (CUDA), each captured in a CUDA graph
     as the backend runs them, alternating the two for ``rounds`` rounds so that clocks still
-    ramping up at start favour neither; each form's time is its best round's median.
+    ramping up at start favour neither; each form's time is its best round's median. ``stream``:
+    where to capture (cuda_timing.cuda_graphed).
 
     Returns (fused is faster, ms as is, ms fused)."""
     like = mlp.fc1.weight
     x = torch.randn(tokens, like.shape[1], device=like.device, dtype=like.dtype)
     with torch.no_grad():
-        forms = [cuda_graphed(partial(mlp, x)), cuda_graphed(partial(FusedMLP(mlp, activation), x))]
+        forms = [cuda_graphed(partial(form, x), stream) for form in (mlp, FusedMLP(mlp, activation))]
         plain_ms, fused_ms = best_alternating_ms(forms, rounds, repeats)
     return fused_ms < plain_ms, plain_ms, fused_ms

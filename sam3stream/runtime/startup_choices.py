@@ -33,10 +33,13 @@ def _swapped_by_another_backend(forced: bool | None, what: str) -> bool:
 
 class StartupChoices:
     """The choices of one backend on ``device`` at ``dtype``; ``recorded``: an earlier start's
-    (names of runtime/compile_cache.CHOICES); ``timed``: those this one timed, to record."""
+    (names of runtime/compile_cache.CHOICES); ``timed``: those this one timed, to record;
+    ``stream``: the CUDA stream the timings capture their graphs on (one the backend holds)."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, recorded: dict[str, bool]) -> None:
-        self.device, self.dtype, self.recorded = device, dtype, recorded
+    def __init__(
+        self, device: torch.device, dtype: torch.dtype, recorded: dict[str, bool], stream: Any = None
+    ) -> None:
+        self.device, self.dtype, self.recorded, self.stream = device, dtype, recorded, stream
         self.timed: dict[str, bool] = {}
 
     def attention_kernel(self, forced: bool | None, rows: int, attention: Any, tokens: int) -> bool:
@@ -71,7 +74,9 @@ class StartupChoices:
         recorded = self.recorded.get("attention_kernel")
         if recorded is not None:
             return recorded
-        pays, sdpa_ms, kernel_ms = attention_kernel.kernel_pays(rows, heads, tokens, dim, self.dtype)
+        pays, sdpa_ms, kernel_ms = attention_kernel.kernel_pays(
+            rows, heads, tokens, dim, self.dtype, stream=self.stream
+        )
         self.timed["attention_kernel"] = pays
         log.info(
             "attention kernel timed",
@@ -99,7 +104,7 @@ class StartupChoices:
             return recorded
         if self.device.type != "cuda":
             return False
-        pays, plain_ms, fused_ms = fused_mlp_pays(mlp, activation, tokens)
+        pays, plain_ms, fused_ms = fused_mlp_pays(mlp, activation, tokens, stream=self.stream)
         self.timed[f"fused_{activation}"] = pays
         log.info(
             "MLP epilogue timed",

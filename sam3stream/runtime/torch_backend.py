@@ -241,7 +241,16 @@ class TorchBackend:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.dtype = _dtype(opts.precision)
-        choices = StartupChoices(self.device, self.dtype, recorded)
+        dev = self.device
+        # Leases are per GPU: "cuda" and "cuda:0" may name the same one.
+        gpu = (torch.cuda.current_device() if dev.index is None else dev.index) if on_cuda else -1
+        # torch.cuda.Stream / Event constructors are unannotated in torch.
+        self._streams = StreamLease(gpu, lambda: torch.cuda.Stream(dev))  # type: ignore[no-untyped-call]
+        weakref.finalize(self, self._streams.release)
+        # The start-up timings capture on the stream the vision graphs will be captured on:
+        # cuBLAS keeps a workspace (32 MiB on Hopper) for every stream it ran on, for good.
+        vision_capture = self._streams.draw() if on_cuda else None
+        choices = StartupChoices(self.device, self.dtype, recorded, vision_capture)
         model = loaded.model
         self._claim_model(model)
         model.config._attn_implementation = "sdpa"
@@ -295,8 +304,8 @@ class TorchBackend:
         if self.attention_kernel:
             use_attention_kernel(self._decoder.detr_encoder)
         if choices.timed and on_cuda:
-            # The timings' CUDA graphs held private memory pools (~200 MiB at 1008): give them
-            # back before the buffers and graphs are allocated, or they stay in the process.
+            # The timings' CUDA graphs held private memory pools: give them back before the
+            # buffers and graphs are allocated, or they stay in the process's cache.
             torch.cuda.empty_cache()
         if choices.timed and self._compile_cache is not None:
             compile_cache.save_choices(
@@ -330,11 +339,6 @@ class TorchBackend:
         self._pinned = [
             torch.zeros(m.batch, r, r, 3, dtype=torch.uint8, pin_memory=on_cuda) for _ in range(2)
         ]
-        # Leases are per GPU: "cuda" and "cuda:0" may name the same one.
-        gpu = (torch.cuda.current_device() if dev.index is None else dev.index) if on_cuda else -1
-        # torch.cuda.Stream / Event constructors are unannotated in torch.
-        self._streams = StreamLease(gpu, lambda: torch.cuda.Stream(dev))  # type: ignore[no-untyped-call]
-        weakref.finalize(self, self._streams.release)
         self._copy_stream = self._streams.draw() if on_cuda else None
         self._compute_stream = self._streams.draw() if on_cuda else None
         self._vision_step = self._maybe_compile(self._vision_fn)
@@ -355,8 +359,9 @@ class TorchBackend:
         self._decoder_pool = torch.cuda.graph_pool_handle() if separate else self._pool
         # Graph pool -> the stream its graphs are captured on (see _capture); leased, so that no
         # two pools, of this backend or another, capture on the same stream.
+        spare = [vision_capture] if vision_capture is not None else []
         self._capture_streams: dict[Any, Any] = {
-            pool: self._streams.draw()
+            pool: spare.pop() if spare else self._streams.draw()
             for pool in dict.fromkeys((self._pool, self._decoder_pool))
             if pool is not None
         }

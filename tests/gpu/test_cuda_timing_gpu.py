@@ -1,6 +1,6 @@
-"""On a CUDA device: cuda_graphed replays the captured work on the inputs as they are at replay
-time (so timing replays times the real work), and the start-up timings built on it return times
-for both forms and a choice that agrees with them."""
+"""On a CUDA device: cuda_graphed captures on the stream it is given and replays the captured
+work on the inputs as they are at replay time (so timing replays times the real work), and the
+start-up timings built on it return times for both forms and a choice that agrees with them."""
 
 from __future__ import annotations
 
@@ -18,18 +18,21 @@ from sam3stream.runtime.fused_mlp import fused_mlp_pays  # noqa: E402
 def test_a_graphed_call_replays_its_work_on_the_inputs_of_the_moment() -> None:
     x = torch.ones(64, 64, device="cuda")
     out = torch.empty_like(x)
-    calls = []
+    side = torch.cuda.Stream()
+    streams = []
 
     def step() -> None:
-        calls.append(1)
+        streams.append(torch.cuda.current_stream())
         torch.matmul(x, x, out=out)
 
-    replay = cuda_graphed(step)
-    assert len(calls) == 3  # two warm-up calls and the capture; replays run no Python
+    replay = cuda_graphed(step, side)
+    # Two warm-up calls and the capture, all on the stream given (cuBLAS keeps a workspace per
+    # stream it runs on); replays run no Python.
+    assert streams == [side] * 3
     x.fill_(2.0)
     replay()
     torch.cuda.synchronize()
-    assert len(calls) == 3
+    assert len(streams) == 3
     assert torch.equal(out, torch.full_like(out, 2.0 * 2.0 * 64))
 
 
