@@ -20,7 +20,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["AUTO_CHOICES", "BENCH_PROMPTS", "BenchArgs", "format_table", "run_bench", "summarize_ms"]
+__all__ = [
+    "AUTO_CHOICES",
+    "BENCH_PROMPTS",
+    "BenchArgs",
+    "format_table",
+    "measured_on",
+    "run_bench",
+    "summarize_ms",
+]
 
 
 # The prompts every bench run encodes, the first --classes of them.
@@ -233,7 +241,17 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     peak = next((r.get("matmul_tflops") for r in result["ours"] if r.get("matmul_tflops")), None)
     foot = f"\nDense bf16 matmul peak measured in the same run: {peak:.0f} TFLOP/s.\n" if peak else "\n"
+    where = measured_on(result)
+    if where:
+        foot += f"\nMeasured on: {'; '.join(where)}.\n"
     return "\n".join(lines) + "\n" + foot
+
+
+def measured_on(result: dict[str, Any]) -> list[str]:
+    """The devices (with torch builds) that the rows of ``result`` name; [] for results written
+    before rows named them."""
+    rows = [*result.get("ours", []), *result.get("peer", [])]
+    return sorted({f"{r['device']} (torch {r.get('torch', '?')})" for r in rows if r.get("device")})
 
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:

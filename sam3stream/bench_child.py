@@ -25,8 +25,12 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _emit(row: dict[str, Any]) -> None:
-    print(json.dumps(row), flush=True)
+def _emit(row: dict[str, Any], device: str) -> None:
+    """Print ``row`` for the parent, with the device it was measured on and the torch build."""
+    import torch
+
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else device
+    print(json.dumps({**row, "device": name, "torch": torch.__version__}), flush=True)
 
 
 def nvml_process_mib() -> float | None:
@@ -252,7 +256,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
         }
         if flops and peak:
             row["mfu"] = flops * row["total_fps"] / (peak * 1e12)
-        _emit(row)
+        _emit(row, device)
     backend.close()
 
 
@@ -313,7 +317,8 @@ def run_peer(args: BenchArgs, resolution: int) -> None:
                 ms.append((time.perf_counter() - t) * 1e3)
         except torch.OutOfMemoryError as exc:
             _emit(
-                {"kind": "peer", "resolution": resolution, "cameras": cams, "error": f"out of memory: {exc}"}
+                {"kind": "peer", "resolution": resolution, "cameras": cams, "error": f"out of memory: {exc}"},
+                args.device,
             )
             if on_cuda:
                 torch.cuda.empty_cache()
@@ -333,7 +338,8 @@ def run_peer(args: BenchArgs, resolution: int) -> None:
                 "alloc_peak_mib": torch.cuda.max_memory_allocated() / MIB if on_cuda else 0.0,
                 "nvml_peak_mib": nvml_process_mib() if on_cuda else None,
                 "buffer_mib": 0.0,
-            }
+            },
+            args.device,
         )
 
 

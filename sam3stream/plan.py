@@ -15,7 +15,15 @@ from typing import Any
 
 from sam3stream.errors import InputError
 
-__all__ = ["OBJECT_MIN_RESOLUTION", "Candidate", "default_bench", "format_plan", "plan"]
+__all__ = [
+    "BUNDLED",
+    "OBJECT_MIN_RESOLUTION",
+    "Candidate",
+    "default_bench",
+    "format_plan",
+    "load_bench",
+    "plan",
+]
 
 OBJECT_MIN_RESOLUTION = {"small": 840, "large": 560}
 
@@ -33,15 +41,23 @@ class Candidate:
         return not self.problems
 
 
-def default_bench() -> dict[str, Any]:
-    text = resources.files("sam3stream.data").joinpath("bench_h200.json").read_text()
+# `sam3stream bench` tables shipped with the package (docs/bench/h200.json, h100.json).
+BUNDLED = {"h200": "bench_h200.json", "h100": "bench_h100.json"}
+
+
+def default_bench(card: str = "h200") -> dict[str, Any]:
+    """The bundled table measured on ``card`` (a key of BUNDLED)."""
+    if card not in BUNDLED:
+        raise InputError(f"no bundled measurements for {card!r}: choose one of {', '.join(BUNDLED)}")
+    text = resources.files("sam3stream.data").joinpath(BUNDLED[card]).read_text()
     data: dict[str, Any] = json.loads(text)
     return data
 
 
-def load_bench(path: Path | None) -> dict[str, Any]:
+def load_bench(path: Path | None, card: str = "h200") -> dict[str, Any]:
+    """The `sam3stream bench` result at ``path``, else the bundled table of ``card``."""
     if path is None:
-        return default_bench()
+        return default_bench(card)
     try:
         data: dict[str, Any] = json.loads(Path(path).read_text())
     except FileNotFoundError:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sam3stream.errors import InputError
-from sam3stream.plan import default_bench, load_bench, plan
+from sam3stream.plan import BUNDLED, default_bench, load_bench, plan
 
 
 def _row(res: int, cams: int, fps: float, mib: float) -> dict[str, float]:
@@ -62,3 +62,35 @@ def test_bundled_measurements_load_and_bad_files_are_named(tmp_path: Path) -> No
         load_bench(bad)
     with pytest.raises(InputError, match="--objects"):
         plan(BENCH, vram_gib=8, cameras=8, objects="medium")
+
+
+def test_each_bundled_card_is_planned_from_its_own_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from sam3stream.cli import main
+
+    argv = ["plan", "--vram-gb", "8", "--cameras", "8"]
+    for card in BUNDLED:
+        table = default_bench(card)
+        at_1008 = next(r for r in table["ours"] if (r["resolution"], r["cameras"]) == (1008, 8))
+        assert main([*argv, "--measured-on", card]) == 0
+        out = capsys.readouterr().out
+        assert out.splitlines()[0] == f"measured on: the bundled {card.upper()} table"
+        row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["1008"])
+        assert row[1:3] == [f"{at_1008['nvml_peak_mib']:.0f}", f"{at_1008['total_fps'] / 8:.1f}"]
+    # Two tables of two cards, not one file twice.
+    assert default_bench("h100")["ours"] != default_bench("h200")["ours"]
+    with pytest.raises(InputError, match="h200, h100"):
+        default_bench("a100")
+    with pytest.raises(SystemExit):  # one source of measurements at a time
+        main([*argv, "--measured-on", "h100", "--bench", "x.json"])
+
+
+def test_a_bench_file_that_names_its_device_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sam3stream.cli import main
+
+    rows = [{**r, "device": "NVIDIA L4", "torch": "2.11.0"} for r in BENCH["ours"]]
+    path = tmp_path / "l4.json"
+    path.write_text(json.dumps({"ours": rows, "peer": []}))
+    main(["plan", "--vram-gb", "24", "--bench", str(path)])
+    assert capsys.readouterr().out.splitlines()[0] == "measured on: NVIDIA L4 (torch 2.11.0)"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sam3stream.plan import BUNDLED  # light: the planner imports nothing heavy
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("plan", help="recommend an input resolution for a card from benchmark results")
@@ -24,20 +26,33 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="target card's throughput relative to the benchmark GPU (e.g. 0.2)",
     )
     p.add_argument("--headroom", type=float, default=0.15, help="share of memory left for other processes")
-    p.add_argument(
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
         "--bench",
         type=Path,
         default=None,
-        help="a `sam3stream bench` JSON (default: the bundled H200 measurements)",
+        help="a `sam3stream bench` JSON (default: the bundled measurements, --measured-on)",
+    )
+    source.add_argument(
+        "--measured-on",
+        choices=list(BUNDLED),
+        default="h200",
+        help="which bundled table to plan from (default h200); --speed-ratio is relative to it",
     )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from sam3stream.bench import measured_on
     from sam3stream.plan import format_plan, load_bench, plan
 
+    bench = load_bench(args.bench, args.measured_on)
+    where = "; ".join(measured_on(bench)) or (
+        str(args.bench) if args.bench else f"the bundled {args.measured_on.upper()} table"
+    )
+    print(f"measured on: {where}")
     candidates = plan(
-        load_bench(args.bench),
+        bench,
         vram_gib=args.vram_gb,
         cameras=args.cameras,
         min_fps_per_camera=args.min_fps,

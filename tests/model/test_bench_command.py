@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from sam3stream.cli import main
 
@@ -36,11 +37,14 @@ def test_bench_writes_both_measurements_and_their_ratio(tmp_path: Path) -> None:
         assert row["engine_batch"] == 2 and row["vision_chunk"] == cams
         peer = next(p for p in peers if p["cameras"] == cams)
         assert "error" not in peer and peer["total_fps"] > 0
+        # Each row names where it was measured, so that merged tables cannot hide a mix.
+        assert (row["device"], row["torch"]) == (peer["device"], peer["torch"]) == ("cpu", torch.__version__)
         assert abs(row["speedup_vs_peer"] - row["total_fps"] / peer["total_fps"]) < 1e-9
 
     assert result["complete"] is True
     table = out.with_suffix(".md").read_text().splitlines()
     assert sum(line.startswith("| 448 |") for line in table) == 2
+    assert table[-1] == f"Measured on: cpu (torch {torch.__version__})."
     assert out.with_suffix(".png").stat().st_size > 0
 
 
