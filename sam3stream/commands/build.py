@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from sam3stream.runtime.tensorrt_backend import build_engine_dir
+    from sam3stream.runtime.tensorrt_build import build_engine_dir
 
     out = build_engine_dir(
         args.engine_dir,

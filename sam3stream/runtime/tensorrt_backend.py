@@ -1,9 +1,9 @@
-"""The TensorRT backend, and building its plans from an ONNX engine directory.
+"""The TensorRT backend: runs the plans that runtime/tensorrt_build.py built.
 
 Written against the TensorRT 10 Python API (name-based I/O tensors, ``execute_async_v3``) and
 cuda-python's runtime bindings for memory, streams and events. TensorRT and cuda-python are
-imported when a backend is opened or a build starts, never at module import, so the rest of the
-package (and the pure logic in :mod:`sam3stream.runtime.trt_plan`) works without them.
+imported when a backend is opened (runtime/trt_runtime.py), never at module import, so the rest
+of the package (and the pure logic in :mod:`sam3stream.runtime.trt_plan`) works without them.
 
 Run path, per ``infer`` call, all on the backend's own CUDA stream::
 
@@ -31,12 +31,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import importlib
-import shutil
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,237 +45,41 @@ from sam3stream.errors import (
     EngineDeadError,
     EngineMismatchError,
     InputError,
-    Sam3StreamError,
 )
+from sam3stream.runtime import trt_runtime
 from sam3stream.runtime.contract import PAD_BOX_LABEL, check_frames
 from sam3stream.runtime.manifest import (
     GRAPH_NAMES,
-    MANIFEST_NAME,
     EngineManifest,
     read_manifest,
-    write_manifest,
 )
 from sam3stream.runtime.tokenize import PromptTokenizer
 from sam3stream.runtime.trt_plan import (
     BATCH_AXIS,
     CLASS_AXIS,
-    DEFAULT_MAX_CLASSES,
-    PRECISIONS,
     BufferSpec,
-    BuildRecord,
     ProfileShape,
     buffer_plan,
-    build_manifest,
     check_bindings,
     check_build_record,
     check_plan_profiles,
-    default_build_dir,
-    file_sha256,
-    graph_profiles,
     mask_runs,
     numpy_dtype,
     output_shapes,
     parse_cuda_device,
-    plan_axes,
     read_build_record,
     require_tensorrt_dir,
     resolve_shape,
     total_bytes,
-    write_build_record,
 )
+from sam3stream.runtime.trt_runtime import dtype_name
 from sam3stream.runtime.types import RawOutputs, TextFeatures
 
-__all__ = ["CudaError", "TensorRTBackend", "TensorRTBuildError", "build_engine_dir"]
+__all__ = ["TensorRTBackend"]
 
 log = structlog.get_logger(__name__)
 
-INSTALL_HINT = (
-    "install it on a machine with an NVIDIA GPU and driver, matching the driver's CUDA major version: "
-    "pip install 'tensorrt-cu12>=10.14,<11' 'cuda-python>=12.6,<13' for a CUDA 12 driver, or "
-    "'tensorrt-cu13>=10.14,<11' 'cuda-python>=13' for a CUDA 13 one (10.14 or later for ONNX's "
-    "Attention operator; TensorRT 11 has no FP16 builder flag)"
-)
-# What this module calls first appeared in TensorRT 10.1 (device_memory_size_v2, set_device_memory).
-MIN_TENSORRT = (10, 1)
-BUILD_ORDER = ("vision", "geometry", "decoder", "text")
 _DECODER_TO_HOST = ("scores", "boxes", "presence", "query_index")
-
-
-class CudaError(RuntimeError):
-    """A CUDA runtime call failed while the backend was running (the worker treats it as fatal)."""
-
-
-class TensorRTBuildError(Sam3StreamError):
-    """TensorRT could not parse a graph or build a plan from it."""
-
-
-# --------------------------------------------------------------------------- imports
-
-
-def _load_tensorrt() -> Any:
-    try:
-        trt = importlib.import_module("tensorrt")
-    except (ImportError, OSError) as exc:
-        raise BackendUnavailableError(
-            f"the tensorrt backend needs TensorRT, which is not installed here ({exc}); {INSTALL_HINT}"
-        ) from exc
-    version = str(getattr(trt, "__version__", "0"))
-    if _version(version) < MIN_TENSORRT:
-        raise BackendUnavailableError(
-            f"TensorRT {version} is too old: the tensorrt backend uses the TensorRT "
-            f"{'.'.join(map(str, MIN_TENSORRT))}+ API; {INSTALL_HINT}"
-        )
-    return trt
-
-
-def _load_cudart() -> Any:
-    """cuda-python's runtime module: ``cuda.bindings.runtime`` (12.6+), else the older ``cuda.cudart``."""
-    for name in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    raise BackendUnavailableError(
-        "the tensorrt backend needs cuda-python for device memory and streams: pip install cuda-python"
-    )
-
-
-def _version(version: str) -> tuple[int, int]:
-    """(major, minor) of a version string; a part that is not a number counts as 0."""
-    major, minor, *_ = [int(p) if p.isdigit() else 0 for p in [*version.split(".")[:2], "0", "0"]]
-    return major, minor
-
-
-@functools.cache
-def _trt_logger(trt: Any) -> Any:
-    """One logger per process (TensorRT keeps the first one it is given)."""
-    return trt.Logger(trt.Logger.WARNING)
-
-
-def _text(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.split(b"\0", 1)[0].decode(errors="replace")
-    return str(value)
-
-
-def _dtype_name(trt_dtype: Any) -> str:
-    return str(getattr(trt_dtype, "name", trt_dtype))
-
-
-# --------------------------------------------------------------------------- CUDA runtime
-
-
-class _Cuda:
-    """The few cuda-python runtime calls the backend makes, with their error tuples checked."""
-
-    def __init__(self, rt: Any) -> None:
-        self.rt = rt
-        self._success = rt.cudaError_t.cudaSuccess
-        self._h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-
-    def describe(self, err: Any) -> str:
-        try:
-            name = _text(self.rt.cudaGetErrorName(err)[1])
-            text = _text(self.rt.cudaGetErrorString(err)[1])
-        except Exception:  # error formatting must never hide the error itself
-            return str(err)
-        return f"{name}: {text}"
-
-    def check(self, what: str, result: Any) -> Any:
-        """cuda-python returns ``(err, value...)``; raise on an error, return the value(s)."""
-        err, values = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
-        if err != self._success:
-            raise CudaError(f"{what} failed: {self.describe(err)}")
-        if not values:
-            return None
-        return values[0] if len(values) == 1 else values
-
-    def open_device(self, index: int) -> tuple[str, str]:
-        """Make ``index`` current on this thread; its name and compute capability."""
-        try:
-            result = self.rt.cudaGetDeviceCount()
-        except (RuntimeError, OSError) as exc:  # some cuda-python releases raise when libcuda is missing
-            raise BackendUnavailableError(
-                f"the CUDA driver could not be loaded ({exc}); "
-                "the tensorrt backend needs an NVIDIA GPU and its driver"
-            ) from exc
-        count = int(result[1]) if result[0] == self._success else 0
-        if count == 0:
-            why = self.describe(result[0]) if result[0] != self._success else "no device found"
-            advice = "the tensorrt backend needs an NVIDIA GPU and its driver"
-            if "InsufficientDriver" in why:
-                advice = (
-                    "the driver is older than this cuda-python / TensorRT build needs: update the "
-                    "driver, or install the packages for its CUDA version; " + INSTALL_HINT
-                )
-            raise BackendUnavailableError(f"no CUDA device is usable here ({why}); {advice}")
-        if index >= count:
-            raise BackendUnavailableError(
-                f"cuda:{index} was asked for but this machine has {count} CUDA device(s): "
-                f"cuda:0..cuda:{count - 1}"
-            )
-        self.set_device(index)
-        return self.properties(index)
-
-    def set_device(self, index: int) -> None:
-        self.check("cudaSetDevice", self.rt.cudaSetDevice(index))
-
-    def properties(self, index: int) -> tuple[str, str]:
-        try:
-            prop = self.check("cudaGetDeviceProperties", self.rt.cudaGetDeviceProperties(index))
-            return _text(prop.name), f"{prop.major}.{prop.minor}"
-        except Exception:  # only informative
-            return "", ""
-
-    def malloc(self, nbytes: int) -> int:
-        return int(self.check(f"cudaMalloc({nbytes})", self.rt.cudaMalloc(nbytes)))
-
-    def free(self, ptr: int) -> None:
-        self.check("cudaFree", self.rt.cudaFree(ptr))
-
-    def malloc_host(self, nbytes: int) -> int:
-        return int(self.check(f"cudaMallocHost({nbytes})", self.rt.cudaMallocHost(nbytes)))
-
-    def free_host(self, ptr: int) -> None:
-        self.check("cudaFreeHost", self.rt.cudaFreeHost(ptr))
-
-    def stream(self) -> Any:
-        # Non-blocking: a stream that never waits on work others queue on the legacy default stream.
-        flags = self.rt.cudaStreamNonBlocking
-        return self.check("cudaStreamCreateWithFlags", self.rt.cudaStreamCreateWithFlags(flags))
-
-    def destroy_stream(self, stream: Any) -> None:
-        self.check("cudaStreamDestroy", self.rt.cudaStreamDestroy(stream))
-
-    def synchronize(self, stream: Any) -> None:
-        self.check("cudaStreamSynchronize", self.rt.cudaStreamSynchronize(stream))
-
-    def upload(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
-        if nbytes:
-            self.check(
-                "cudaMemcpyAsync (to the device)",
-                self.rt.cudaMemcpyAsync(dst, src, nbytes, self._h2d, stream),
-            )
-
-    def download(self, dst: int, src: int, nbytes: int, stream: Any) -> None:
-        if nbytes:
-            self.check(
-                "cudaMemcpyAsync (to the host)", self.rt.cudaMemcpyAsync(dst, src, nbytes, self._d2h, stream)
-            )
-
-    def event(self) -> Any:
-        return self.check("cudaEventCreate", self.rt.cudaEventCreate())
-
-    def record(self, event: Any, stream: Any) -> None:
-        self.check("cudaEventRecord", self.rt.cudaEventRecord(event, stream))
-
-    def elapsed_ms(self, start: Any, end: Any) -> float:
-        elapsed = getattr(self.rt, "cudaEventElapsedTime", None) or self.rt.cudaEventElapsedTime_v2
-        return float(self.check("cudaEventElapsedTime", elapsed(start, end)))
-
-    def destroy_event(self, event: Any) -> None:
-        self.check("cudaEventDestroy", self.rt.cudaEventDestroy(event))
 
 
 def _pinned_array(ptr: int, shape: tuple[int, ...], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
@@ -317,8 +117,8 @@ class TensorRTBackend:
     """
 
     def __init__(self, engine_dir: Path, device: str = "cuda:0") -> None:
-        trt = _load_tensorrt()
-        cuda = _Cuda(_load_cudart())
+        trt = trt_runtime.load_tensorrt()
+        cuda = trt_runtime.CudaRuntime(trt_runtime.load_cudart())
         index = parse_cuda_device(device)
         self.engine_dir = Path(engine_dir)
         manifest = read_manifest(self.engine_dir)
@@ -377,7 +177,7 @@ class TensorRTBackend:
     def _load_plans(self) -> None:
         trt = self._trt
         try:  # a failed factory raises (pybind11's TypeError), never returns None
-            self._runtime = trt.Runtime(_trt_logger(trt))
+            self._runtime = trt.Runtime(trt_runtime.trt_logger(trt))
         except Exception as exc:
             raise BackendUnavailableError(
                 f"TensorRT could not create a runtime on this GPU (see its messages above): {exc}"
@@ -416,7 +216,7 @@ class TensorRTBackend:
             check_bindings(
                 name,
                 graph,
-                [(n, n in inputs, numpy_dtype(_dtype_name(engine.get_tensor_dtype(n))).name) for n in names],
+                [(n, n in inputs, numpy_dtype(dtype_name(engine.get_tensor_dtype(n))).name) for n in names],
                 path,
             )
             actual = {}
@@ -680,176 +480,3 @@ class TensorRTBackend:
 
 def _dims(dims: Any) -> list[int]:
     return [int(d) for d in dims]
-
-
-# --------------------------------------------------------------------------- building
-
-
-def build_engine_dir(
-    source: Path,
-    out: Path | None = None,
-    *,
-    precision: str = "fp16",
-    workspace_gb: float | None = None,
-    max_classes: int = DEFAULT_MAX_CLASSES,
-    opt_classes: int | None = None,
-    opt_batch: int | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> Path:
-    """Build one TensorRT plan per graph of the ONNX engine directory ``source`` into ``out``.
-
-    ``out`` (default ``<source>_trt_<precision>``) gets the four ``.plan`` files, the tokenizer,
-    a manifest with ``engine_kind = "tensorrt"`` and ``tensorrt.json`` with the profiles. It is
-    written as ``<out>.partial`` and renamed at the end, so a failed build leaves nothing half made.
-    """
-    source = Path(source)
-    manifest = read_manifest(source)
-    if manifest.engine_kind != "onnx":
-        raise EngineMismatchError(
-            f"{source} holds {manifest.engine_kind} engines; build from an ONNX engine directory "
-            "(one that `sam3stream export` made)"
-        )
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if workspace_gb is not None and workspace_gb <= 0:
-        raise InputError(f"--workspace-gb must be positive, got {workspace_gb}")
-    try:
-        axes = plan_axes(manifest, max_classes=max_classes, opt_classes=opt_classes, opt_batch=opt_batch)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-    profiles = graph_profiles(manifest, axes)
-    out = Path(out) if out is not None else default_build_dir(source, precision)
-    if out.resolve() == source.resolve():
-        raise InputError(f"--out must be another directory than the ONNX one ({source})")
-    if out.exists() and not (out / MANIFEST_NAME).is_file():
-        raise InputError(f"{out} exists and is not an engine directory; choose another --out")
-
-    trt = _load_tensorrt()
-    if precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16"):
-        raise BackendUnavailableError(
-            f"TensorRT {trt.__version__} has no FP16 builder flag (TensorRT 11 removed weakly typed builds): "
-            "build with --fp32, or install TensorRT 10.x for --fp16"
-        )
-    device, capability = "", ""
-    try:
-        cuda = _Cuda(_load_cudart())
-    except BackendUnavailableError:
-        cuda = None  # the builder needs no cuda-python; the record then names no GPU
-    if cuda is not None:
-        device, capability = cuda.open_device(0)
-    logger = _trt_logger(trt)
-    try:
-        builder = trt.Builder(logger)
-    except Exception as exc:  # TensorRT raises plain exceptions when CUDA cannot start
-        raise BackendUnavailableError(
-            f"TensorRT could not start a builder (no usable NVIDIA GPU?): {exc}"
-        ) from exc
-    workspace = int(workspace_gb * (1 << 30)) if workspace_gb is not None else 0
-
-    def say(message: str) -> None:
-        log.info("tensorrt build", message=message)
-        if progress is not None:
-            progress(message)
-
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    started = time.perf_counter()
-    seconds: dict[str, float] = {}
-    shas: dict[str, str] = {}
-    try:
-        for step, name in enumerate(BUILD_ORDER, 1):
-            graph = manifest.graphs[name]
-            shapes = ", ".join(f"{n} {p.min}..{p.max}" for n, p in profiles[name].items())
-            say(
-                f"[{step}/{len(BUILD_ORDER)}] {name}: building a {precision} plan from {graph.file}: {shapes}"
-            )
-            t0 = time.perf_counter()
-            plan = _build_plan(
-                trt, builder, logger, source / graph.file, profiles[name], precision, workspace
-            )
-            path = tmp / f"{name}.plan"
-            with path.open("wb") as f:
-                f.write(plan)
-            seconds[name] = round(time.perf_counter() - t0, 2)
-            shas[name] = file_sha256(path)
-            say(
-                f"[{step}/{len(BUILD_ORDER)}] {name}: {path.name} ({path.stat().st_size / 2**20:.1f} MiB) "
-                f"built in {seconds[name]:.1f} s, {time.perf_counter() - started:.1f} s so far"
-            )
-        shutil.copytree(source / manifest.tokenizer, tmp / manifest.tokenizer)
-        now = datetime.now(UTC).isoformat(timespec="seconds")
-        record = BuildRecord(
-            tensorrt_version=str(trt.__version__),
-            precision=precision,
-            batch=axes[BATCH_AXIS],
-            classes=axes[CLASS_AXIS],
-            profiles=profiles,
-            source=str(source),
-            source_created=manifest.created,
-            built=now,
-            workspace_bytes=workspace,
-            device=device,
-            compute_capability=capability,
-            build_seconds=seconds,
-        )
-        write_build_record(tmp, record)
-        write_manifest(tmp, build_manifest(manifest, record, shas, created=now))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    say(f"wrote {out} in {time.perf_counter() - started:.1f} s")
-    return out
-
-
-def _build_plan(
-    trt: Any,
-    builder: Any,
-    logger: Any,
-    onnx_path: Path,
-    profile: Mapping[str, ProfileShape],
-    precision: str,
-    workspace: int,
-) -> Any:
-    """Parse one ONNX graph and build its serialized plan (an ``IHostMemory``)."""
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        hint = ""
-        if any("Attention" in e for e in errors):
-            hint = "; ONNX's Attention operator (opset 23) needs TensorRT 10.14 or later"
-        raise TensorRTBuildError(
-            f"TensorRT {trt.__version__} cannot parse {onnx_path}: {'; '.join(errors) or 'no details'}{hint}"
-        )
-    names = {network.get_input(i).name for i in range(network.num_inputs)}
-    if names != set(profile):
-        raise EngineMismatchError(
-            f"{onnx_path} has inputs {sorted(names)} but its manifest lists {sorted(profile)}; "
-            "export it again"
-        )
-    config = builder.create_builder_config()
-    if workspace:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    opt_profile = builder.create_optimization_profile()
-    for name, shape in profile.items():
-        try:  # set_shape raises RuntimeError on inconsistent shapes; it returns nothing
-            opt_profile.set_shape(name, tuple(shape.min), tuple(shape.opt), tuple(shape.max))
-        except RuntimeError as exc:
-            raise TensorRTBuildError(
-                f"TensorRT refused the profile of input {name!r} of {onnx_path} "
-                f"(min {shape.min}, opt {shape.opt}, max {shape.max}): {exc}"
-            ) from exc
-    if config.add_optimization_profile(opt_profile) < 0:
-        raise TensorRTBuildError(
-            f"TensorRT refused the optimization profile for {onnx_path}: {dict(profile)}"
-        )
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise TensorRTBuildError(f"TensorRT could not build a plan from {onnx_path} (see its messages above)")
-    return plan

@@ -35,7 +35,7 @@ import pytest
 
 from sam3stream.cli import main
 from sam3stream.errors import BackendUnavailableError, EngineMismatchError, InputError
-from sam3stream.runtime import tensorrt_backend
+from sam3stream.runtime import trt_runtime
 from sam3stream.runtime.loader import open_backend
 from sam3stream.runtime.manifest import (
     EngineManifest,
@@ -46,7 +46,8 @@ from sam3stream.runtime.manifest import (
     write_manifest,
 )
 from sam3stream.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from sam3stream.runtime.tensorrt_backend import TensorRTBackend, build_engine_dir
+from sam3stream.runtime.tensorrt_backend import TensorRTBackend
+from sam3stream.runtime.tensorrt_build import build_engine_dir
 from sam3stream.runtime.trt_plan import BUILD_RECORD_NAME, read_build_record, write_build_record
 from sam3stream.runtime.types import Backend, RawOutputs
 
@@ -659,7 +660,7 @@ def fake_tensorrt(cudart: Any, version: str = "10.14.1.48", fp16_flag: bool = Tr
 @pytest.fixture
 def host_cuda(monkeypatch: pytest.MonkeyPatch) -> Counting:
     rt = Counting(FakeCudart())
-    monkeypatch.setattr(tensorrt_backend, "_load_cudart", lambda: rt)
+    monkeypatch.setattr(trt_runtime, "load_cudart", lambda: rt)
     return rt
 
 
@@ -686,12 +687,12 @@ def cuda_rt(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         if real is None:
             pytest.skip("needs cuda-python and a CUDA device")
         rt = Counting(real)
-    monkeypatch.setattr(tensorrt_backend, "_load_cudart", lambda: rt)
+    monkeypatch.setattr(trt_runtime, "load_cudart", lambda: rt)
     return rt
 
 
 def use_tensorrt(monkeypatch: pytest.MonkeyPatch, trt: Any) -> None:
-    monkeypatch.setattr(tensorrt_backend, "_load_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_runtime, "load_tensorrt", lambda: trt)
 
 
 @pytest.fixture
@@ -777,7 +778,7 @@ def test_backend_matches_onnxruntime(onnx_engine: Path, built: Path, cuda_rt: Co
 
 
 def test_device_buffers_are_chained(built: Path, cuda_rt: Counting, monkeypatch: pytest.MonkeyPatch) -> None:
-    trt = tensorrt_backend._load_tensorrt()
+    trt = trt_runtime.load_tensorrt()
     with TensorRTBackend(built) as backend:
         text = backend.encode_text(PROMPTS)
         start = len(trt.executed)
@@ -866,7 +867,7 @@ def test_mixed_directory_is_caught(built: Path, cuda_rt: Counting) -> None:
 
 
 def test_a_plan_with_a_host_tensor_is_refused(built: Path, cuda_rt: Counting) -> None:
-    tensorrt_backend._load_tensorrt().on_host.add("box_labels")
+    trt_runtime.load_tensorrt().on_host.add("box_labels")
     with pytest.raises(
         EngineMismatchError, match=r"geometry.plan has tensors TensorRT keeps on the host \(box_labels\)"
     ):
@@ -884,7 +885,7 @@ def test_onnx_directory_and_device_errors(
         BackendUnavailableError, match=r"cuda:3 was asked for but this machine has 1 CUDA device"
     ):
         TensorRTBackend(built, device="cuda:3")
-    monkeypatch.setattr(tensorrt_backend, "_load_cudart", lambda: FakeCudart(devices=0))
+    monkeypatch.setattr(trt_runtime, "load_cudart", lambda: FakeCudart(devices=0))
     with pytest.raises(BackendUnavailableError, match=r"no CUDA device is usable here .*cudaErrorNoDevice"):
         TensorRTBackend(built)
 
@@ -902,10 +903,10 @@ class _OldDriver(FakeCudart):
 
 
 def test_a_missing_or_old_driver_is_named(built: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tensorrt_backend, "_load_cudart", _NoDriver)
+    monkeypatch.setattr(trt_runtime, "load_cudart", _NoDriver)
     with pytest.raises(BackendUnavailableError, match=r"CUDA driver could not be loaded \(Failed to dlopen"):
         TensorRTBackend(built)
-    monkeypatch.setattr(tensorrt_backend, "_load_cudart", _OldDriver)
+    monkeypatch.setattr(trt_runtime, "load_cudart", _OldDriver)
     with pytest.raises(
         BackendUnavailableError, match=r"cudaErrorInsufficientDriver.*driver is older.*tensorrt-cu12"
     ):
@@ -921,11 +922,11 @@ def test_close_makes_the_device_current_and_a_failed_batch_leaves_nothing_in_fli
     text = backend.encode_text(PROMPTS)
 
     def broken(graph: str) -> None:
-        raise tensorrt_backend.CudaError("execute_async_v3 failed")
+        raise trt_runtime.CudaError("execute_async_v3 failed")
 
     monkeypatch.setattr(backend, "_run", broken)
     cuda_rt.order.clear()
-    with pytest.raises(tensorrt_backend.CudaError):
+    with pytest.raises(trt_runtime.CudaError):
         backend.infer(frames_for(2, 0), text, 0.5)
     assert cuda_rt.order.index("cudaMemcpyAsync") < cuda_rt.order.index("cudaStreamSynchronize")
     cuda_rt.order.clear()
