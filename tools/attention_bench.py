@@ -45,6 +45,9 @@ def main() -> int:
     parser.add_argument("--triton", action="store_true", help="also time the Triton kernel's variants")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/attention"))
     args = parser.parse_args()
+    from sam3stream.runtime.cuda_timing import require_cuda
+
+    require_cuda("tools/attention_bench.py")
 
     import torch
     import torch.nn.functional as F

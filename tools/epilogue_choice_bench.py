@@ -35,6 +35,9 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/epilogue_choice"))
     args = parser.parse_args()
+    from sam3stream.runtime.cuda_timing import require_cuda
+
+    require_cuda("tools/epilogue_choice_bench.py")
 
     import torch
 

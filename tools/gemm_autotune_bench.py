@@ -39,6 +39,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/gemm_autotune"))
     args = parser.parse_args()
+    from sam3stream.runtime.cuda_timing import require_cuda
+
+    require_cuda("tools/gemm_autotune_bench.py")
 
     import torch
     import torch.nn.functional as F

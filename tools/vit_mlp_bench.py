@@ -25,6 +25,9 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/vit_mlp"))
     args = parser.parse_args()
+    from sam3stream.runtime.cuda_timing import require_cuda
+
+    require_cuda("tools/vit_mlp_bench.py")
 
     import torch
     import torch.nn.functional as F

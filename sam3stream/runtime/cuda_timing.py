@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["best_alternating_ms", "cuda_graphed", "median_cuda_ms", "write_report"]
+__all__ = ["best_alternating_ms", "cuda_graphed", "median_cuda_ms", "require_cuda", "write_report"]
 
 
 def median_cuda_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
@@ -61,6 +61,16 @@ def best_alternating_ms(forms: Sequence[Callable[[], object]], rounds: int, repe
         for index, form in enumerate(forms):
             best[index] = min(best[index], median_cuda_ms(form, repeats))
     return best
+
+
+def require_cuda(tool: str) -> None:
+    """Exit with a message that says why, before a timing tool (``tool``: its path) starts on a
+    machine where torch sees no CUDA device."""
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            f"{tool} times CUDA kernels and needs an NVIDIA GPU, but torch {torch.__version__} sees "
+            "no CUDA device here; run it on the GPU machine"
+        )
 
 
 def write_report(out: Path, tool: str, rows: list[dict[str, Any]], device: str | None = None) -> Path:
