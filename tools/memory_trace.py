@@ -42,6 +42,9 @@ def main() -> int:
     parser.add_argument("--masks-on", choices=["device", "host"], default="device")
     parser.add_argument("--out", type=Path, default=None, help="also write the steps as JSON")
     args = parser.parse_args()
+    from sam3stream.runtime.cuda_timing import require_cuda
+
+    require_cuda("tools/memory_trace.py")
 
     import torch
 

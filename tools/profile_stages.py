@@ -198,6 +198,9 @@ def main() -> int:
     parser.add_argument("--fused-decoder", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/profile"))
     args = parser.parse_args()
+    from sam3stream.runtime.cuda_timing import require_cuda
+
+    require_cuda("tools/profile_stages.py")
 
     import torch
     from torch.profiler import ProfilerActivity, profile

@@ -64,11 +64,11 @@ def best_alternating_ms(forms: Sequence[Callable[[], object]], rounds: int, repe
 
 
 def require_cuda(tool: str) -> None:
-    """Exit with a message that says why, before a timing tool (``tool``: its path) starts on a
-    machine where torch sees no CUDA device."""
+    """Exit with a message that says why, before a GPU timing or profiling tool (``tool``: its
+    path) starts on a machine where torch sees no CUDA device."""
     if not torch.cuda.is_available():
         raise SystemExit(
-            f"{tool} times CUDA kernels and needs an NVIDIA GPU, but torch {torch.__version__} sees "
+            f"{tool} measures CUDA kernels and needs an NVIDIA GPU, but torch {torch.__version__} sees "
             "no CUDA device here; run it on the GPU machine"
         )
 

@@ -91,7 +91,15 @@ def test_a_tool_report_names_the_command_device_and_torch(
 
 
 @pytest.mark.parametrize(
-    "tool", ["attention_bench", "epilogue_choice_bench", "gemm_autotune_bench", "vit_mlp_bench"]
+    "tool",
+    [
+        "attention_bench",
+        "epilogue_choice_bench",
+        "gemm_autotune_bench",
+        "vit_mlp_bench",
+        "memory_trace",
+        "profile_stages",
+    ],
 )
 def test_a_timing_tool_without_cuda_says_so_before_it_starts(
     tool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -100,6 +108,6 @@ def test_a_timing_tool_without_cuda_says_so_before_it_starts(
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", [f"tools/{tool}.py", "--out", str(tmp_path / "report")])
-    with pytest.raises(SystemExit, match=rf"tools/{tool}\.py times CUDA kernels .* no CUDA device"):
+    with pytest.raises(SystemExit, match=rf"tools/{tool}\.py measures CUDA kernels .* no CUDA device"):
         load_tool(tool).main()
     assert not list(tmp_path.iterdir())  # no report of nothing
