@@ -255,6 +255,10 @@ def measured_on(result: dict[str, Any]) -> list[str]:
 
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
+    """FPS and memory against resolution, one line per camera count; None without matplotlib
+    or without a measured row (every one failed)."""
+    if not any("total_fps" in r for r in result["ours"]):
+        return None
     try:
         import matplotlib
 

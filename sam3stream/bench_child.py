@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sam3stream.bench import BENCH_PROMPTS, BenchArgs, summarize_ms
+from sam3stream.errors import BackendUnavailableError, Sam3StreamError
 from sam3stream.gpu_memory import process_gpu_memory
 from sam3stream.runtime.allocator import prefer_expandable_segments
 
@@ -343,14 +344,35 @@ def run_peer(args: BenchArgs, resolution: int) -> None:
         )
 
 
+def check_device(args: BenchArgs) -> None:
+    """Refuse a CUDA device that torch cannot see, for the runs that go through torch (ours
+    with the torch backend, and the peer), before a model is built on it."""
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"--device {args.device}: torch {torch.__version__} sees no CUDA device here; run the "
+            "bench on the GPU machine, or pass --device cpu (slow: meant for --random tiny)"
+        )
+
+
 def main() -> int:
     payload = json.loads(sys.argv[1])
     args = BenchArgs(**payload["args"])
-    resolution = int(payload["resolution"])
-    if payload["kind"] == "peer":
-        run_peer(args, resolution)
-    else:
-        run_ours(args, resolution)
+    kind, resolution = payload["kind"], int(payload["resolution"])
+    try:
+        if kind == "peer" or args.backend == "torch":
+            check_device(args)
+        if kind == "peer":
+            run_peer(args, resolution)
+        else:
+            run_ours(args, resolution)
+    except Sam3StreamError as exc:
+        # What the user can act on (no CUDA, an engine directory that does not fit) becomes the
+        # row's error and one line of progress, not a traceback.
+        _say(f"    {exc}")
+        print(json.dumps({"kind": kind, "resolution": resolution, "error": str(exc)}), flush=True)
+        return 1
     return 0
 
 

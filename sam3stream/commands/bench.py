@@ -145,6 +145,13 @@ def run(args: argparse.Namespace) -> int:
     paths = write_outputs(result, args.out)
     print(format_table(result))
     print("wrote " + ", ".join(str(p) for p in paths))
+    failed = [row for row in result["ours"] if "error" in row]
+    if failed:  # a peer that ran out of memory is reported in the table; ours failing is a failure
+        print(
+            f"{len(failed)} of {len(result['ours'])} measurements failed; the first: {failed[0]['error']}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

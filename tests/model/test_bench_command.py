@@ -174,3 +174,18 @@ def test_max_batch_builds_the_backend_a_service_with_that_max_batch_would(tmp_pa
     assert main([*argv, "--out", str(out)]) == 0
     (row,) = json.loads(out.with_suffix(".json").read_text())["ours"]
     assert (row["cameras"], row["engine_batch"], row["vision_chunk"]) == (1, 2, 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the default --device cuda works here")
+def test_a_bench_on_cuda_without_a_gpu_fails_with_what_to_do(tmp_path: Path) -> None:
+    """Without --device cpu on a machine without CUDA, each measurement says what to change
+    (not a traceback from its child process), and the command fails."""
+    out = tmp_path / "nogpu"
+    argv = ["bench", "--random", "tiny", "--resolution", "448", "--cameras", "1", "--out", str(out)]
+    assert main(argv) == 1
+    result = json.loads(out.with_suffix(".json").read_text())
+    for row in (*result["ours"], *result["peer"]):
+        assert "--device cuda: torch" in row["error"] and "sees no CUDA device" in row["error"]
+        assert "--device cpu" in row["error"]
+    assert len(result["ours"]) == len(result["peer"]) == 1
+    assert not out.with_suffix(".png").exists()  # nothing measured, nothing to plot
