@@ -213,6 +213,10 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("docs/bench/pipeline"))
     args = parser.parse_args()
+    if args.device.startswith("cuda"):
+        from sam3stream.runtime.cuda_timing import require_cuda
+
+        require_cuda("tools/pipeline_bench.py", instead="pass --device cpu")
     for d in args.detections or []:
         if d <= 0:
             parser.error(f"--detections must be > 0, got {d}")

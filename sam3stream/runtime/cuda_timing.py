@@ -63,13 +63,14 @@ def best_alternating_ms(forms: Sequence[Callable[[], object]], rounds: int, repe
     return best
 
 
-def require_cuda(tool: str) -> None:
+def require_cuda(tool: str, instead: str = "") -> None:
     """Exit with a message that says why, before a GPU timing or profiling tool (``tool``: its
-    path) starts on a machine where torch sees no CUDA device."""
+    path) starts on a machine where torch sees no CUDA device; ``instead``: what else the
+    tool can do, if anything."""
     if not torch.cuda.is_available():
         raise SystemExit(
             f"{tool} measures CUDA kernels and needs an NVIDIA GPU, but torch {torch.__version__} sees "
-            "no CUDA device here; run it on the GPU machine"
+            f"no CUDA device here; run it on the GPU machine{f', or {instead}' if instead else ''}"
         )
 
 

@@ -99,6 +99,7 @@ def test_a_tool_report_names_the_command_device_and_torch(
         "vit_mlp_bench",
         "memory_trace",
         "profile_stages",
+        "pipeline_bench",
     ],
 )
 def test_a_timing_tool_without_cuda_says_so_before_it_starts(
