@@ -45,15 +45,13 @@ def main() -> int:
     parser.add_argument("--triton", action="store_true", help="also time the Triton kernel's variants")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/attention"))
     args = parser.parse_args()
-    from sam3stream.runtime.cuda_timing import require_cuda
+    from sam3stream.runtime.cuda_timing import median_cuda_ms, require_cuda, write_report
 
     require_cuda("tools/attention_bench.py")
 
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from sam3stream.runtime.cuda_timing import median_cuda_ms, write_report
 
     backends = {
         "cudnn": SDPBackend.CUDNN_ATTENTION,

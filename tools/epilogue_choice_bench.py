@@ -35,13 +35,12 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/epilogue_choice"))
     args = parser.parse_args()
-    from sam3stream.runtime.cuda_timing import require_cuda
+    from sam3stream.runtime.cuda_timing import best_alternating_ms, cuda_graphed, require_cuda, write_report
 
     require_cuda("tools/epilogue_choice_bench.py")
 
     import torch
 
-    from sam3stream.runtime.cuda_timing import best_alternating_ms, cuda_graphed, write_report
     from sam3stream.runtime.fused_mlp import FusedMLP
 
     dev, dt = torch.device("cuda"), torch.bfloat16

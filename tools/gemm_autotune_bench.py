@@ -39,14 +39,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/gemm_autotune"))
     args = parser.parse_args()
-    from sam3stream.runtime.cuda_timing import require_cuda
+    from sam3stream.runtime.cuda_timing import best_alternating_ms, require_cuda, write_report
 
     require_cuda("tools/gemm_autotune_bench.py")
 
     import torch
     import torch.nn.functional as F
-
-    from sam3stream.runtime.cuda_timing import best_alternating_ms, write_report
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     rows = []

@@ -25,14 +25,13 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/vit_mlp"))
     args = parser.parse_args()
-    from sam3stream.runtime.cuda_timing import require_cuda
+    from sam3stream.runtime.cuda_timing import median_cuda_ms, require_cuda, write_report
 
     require_cuda("tools/vit_mlp_bench.py")
 
     import torch
     import torch.nn.functional as F
 
-    from sam3stream.runtime.cuda_timing import median_cuda_ms, write_report
     from sam3stream.runtime.fused_mlp import linear_gelu
 
     dev, dt = torch.device("cuda"), torch.bfloat16
