@@ -358,13 +358,13 @@ class TorchBackend:
         separate = overlap and self._pool is not None
         self._decoder_pool = torch.cuda.graph_pool_handle() if separate else self._pool
         # Graph pool -> the stream its graphs are captured on (see _capture); leased, so that no
-        # two pools, of this backend or another, capture on the same stream.
-        spare = [vision_capture] if vision_capture is not None else []
-        self._capture_streams: dict[Any, Any] = {
-            pool: spare.pop() if spare else self._streams.draw()
-            for pool in dict.fromkeys((self._pool, self._decoder_pool))
-            if pool is not None
-        }
+        # two pools, of this backend or another, capture on the same stream. The vision pool
+        # takes the stream the start-up timing ran on.
+        self._capture_streams: dict[Any, Any] = {}
+        if self._pool is not None:
+            self._capture_streams[self._pool] = vision_capture
+        if self._decoder_pool is not None and self._decoder_pool not in self._capture_streams:
+            self._capture_streams[self._decoder_pool] = self._streams.draw()
         self.last_timings: dict[str, float] = {}
         log.info(
             "torch backend ready",
