@@ -145,7 +145,9 @@ class BatchingConfig(_Section, frozen=True, kw_only=True):
     max_batch: PositiveInt = 8  # must also be <= the engine's batch (checked when it loads)
     max_wait_ms: NonNegative = 20.0  # flush a partial batch this long after its first frame
     camera_queue: PositiveInt = 4  # frames buffered per file camera (live cameras keep 1)
-    batch_queue: PositiveInt = 2  # batches between batcher and GPU worker: one in flight + one ready
+    # Formed batches waiting for the GPU worker, which already queues the next batch on the GPU
+    # before it collects the last: 1 keeps it fed, and each more makes live results a batch older.
+    batch_queue: PositiveInt = 1
 
 
 # --------------------------------------------------------------------------- sinks

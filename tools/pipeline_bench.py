@@ -102,6 +102,7 @@ def config_text(
     res: int,
     conf: float = 0.3,
     device_masks: bool = True,
+    batch_queue: int = 1,
 ) -> str:
     cams = "\n".join(
         f'[[cameras]]\nname = "cam{i}"\nurl = "{clips[i % len(clips)]}"\nmode = "file"\n'
@@ -124,6 +125,7 @@ conf = {conf!r}
 [batching]
 max_batch = {batch}
 max_wait_ms = 20
+batch_queue = {batch_queue}
 
 [postprocess]
 device_masks = {str(device_masks).lower()}
@@ -211,6 +213,15 @@ def main() -> int:
         default=["device"],
         help="where the runs with detections resize and encode masks ([postprocess] device_masks)",
     )
+    parser.add_argument(
+        "--batch-queue",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="N",
+        help="[batching] batch_queue: the run at the usual threshold once per N (the runs with "
+        "detections take the first)",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/bench/pipeline"))
     args = parser.parse_args()
     if args.device.startswith("cuda"):
@@ -226,6 +237,9 @@ def main() -> int:
     for n in args.post_processes:
         if n < 1:
             parser.error(f"--post-processes must be >= 1, got {n}")
+    for n in args.batch_queue:
+        if n < 1:
+            parser.error(f"--batch-queue must be >= 1, got {n}")
 
     from sam3stream.bench import BENCH_PROMPTS, BenchArgs
     from sam3stream.bench_child import random_torch_backend, threshold_keeping
@@ -262,12 +276,15 @@ def main() -> int:
     # per --masks-on value once per --post-threads value (and, masks on the host, once per
     # --post-processes value). The threshold comes from the clips' own first frames: the scores
     # of random weights depend on the picture.
-    runs_for: list[tuple[float | None, int | None, int, str]] = [(None, None, 0, "device")]
+    queue = args.batch_queue[0]
+    runs_for: list[tuple[float | None, int | None, int, str, int]] = [
+        (None, None, 0, "device", q) for q in args.batch_queue
+    ]
     for d in args.detections or []:
         for where in args.masks_on:
-            runs_for += [(d, n, 0, where) for n in args.post_threads]
+            runs_for += [(d, n, 0, where, queue) for n in args.post_threads]
             if where == "host":  # frames whose masks the device encoded never go to processes
-                runs_for += [(d, None, n, where) for n in args.post_processes]
+                runs_for += [(d, None, n, where, queue) for n in args.post_processes]
     # Threshold 1 still returns every score, and gathers no mask.
     scores = (
         backend.infer(first_frames(clips, args.cameras, args.resolution), text, 1.0).scores
@@ -275,7 +292,7 @@ def main() -> int:
         else None
     )
     runs = []
-    for target, threads, processes, where in runs_for:
+    for target, threads, processes, where, batch_queue in runs_for:
         conf = 0.3 if target is None or scores is None else threshold_keeping(scores, target)
         toml = config_text(
             clips,
@@ -286,6 +303,7 @@ def main() -> int:
             args.resolution,
             conf,
             device_masks=where == "device",
+            batch_queue=batch_queue,
         )
         config = parse_config(toml, source="pipeline-bench.toml", base_dir=work)
         count, pipeline_fps, detections = asyncio.run(run_pipeline(config, backend, threads, processes))
@@ -294,8 +312,8 @@ def main() -> int:
         workers = f"{processes} processes" if processes else f"{post_threads_or_default(threads)} threads"
         _say(
             f"pipeline, threshold {conf:.6g} ({per_frame:.2f} detections per frame, masks on the {where}, "
-            f"postprocessing on {workers}): {count} results, {pipeline_fps:.1f} frames/s = {ratio:.1%} "
-            "of the bare worker"
+            f"postprocessing on {workers}, batch_queue {batch_queue}): {count} results, "
+            f"{pipeline_fps:.1f} frames/s = {ratio:.1%} of the bare worker"
         )
         runs.append(
             {
@@ -303,6 +321,7 @@ def main() -> int:
                 "post_threads": 0 if processes else post_threads_or_default(threads),
                 "post_processes": processes,
                 "masks_on": where,
+                "batch_queue": batch_queue,
                 "conf": conf,
                 "results": count,
                 "detections_per_frame": per_frame,

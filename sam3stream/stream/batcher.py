@@ -1,7 +1,9 @@
 """Batcher: frames from many cameras into batches for the GPU worker, fairly.
 
 A batch closes when it holds ``max_batch`` frames or ``max_wait_s`` after its
-first frame, whichever comes first. Frames are taken round-robin, one per
+first frame, whichever comes first. It takes frames only once the GPU worker's queue has a
+place for the batch, so that frames wait in the cameras' inboxes, where a live camera's newer
+frame replaces an older one, rather than in a formed batch. Frames are taken round-robin, one per
 camera per round, starting each round after the camera served last: a camera
 that produces faster than the others gets the leftover slots, never theirs.
 """
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from sam3stream.stream.batch_queue import BatchQueue
 from sam3stream.stream.frames import Frame
 from sam3stream.stream.mailbox import Doorbell, Inbox
 
@@ -29,7 +32,7 @@ class Batcher:
     def __init__(
         self,
         inboxes: Sequence[Inbox],
-        out: asyncio.Queue[Batch],
+        out: BatchQueue[Batch],
         *,
         doorbell: Doorbell,
         max_batch: int,
@@ -46,8 +49,13 @@ class Batcher:
 
     async def run(self) -> None:
         while True:
-            frames = await self._collect()
-            await self._out.put(Batch(frames=frames, formed=time.monotonic()))
+            await self._out.reserve()
+            try:
+                frames = await self._collect()
+            except BaseException:
+                self._out.unreserve()
+                raise
+            self._out.put(Batch(frames=frames, formed=time.monotonic()))
 
     async def _collect(self) -> list[Frame]:
         frames: list[Frame] = []

@@ -41,6 +41,7 @@ from sam3stream.runtime.loader import open_backend
 from sam3stream.runtime.manifest import check_engine_matches
 from sam3stream.runtime.types import Backend
 from sam3stream.sinks.base import Sink
+from sam3stream.stream.batch_queue import BatchQueue
 from sam3stream.stream.batcher import Batch, Batcher
 from sam3stream.stream.fanout import Fanout, SinkRoute, Subscriber
 from sam3stream.stream.frames import FrameResult
@@ -105,7 +106,7 @@ class Pipeline:
         self.backend: Backend | None = None
         self.sources: dict[str, CameraSource] = {}
         self.inboxes: dict[str, Inbox] = {}
-        self.batches: asyncio.Queue[Batch] = asyncio.Queue(maxsize=config.batching.batch_queue)
+        self.batches: BatchQueue[Batch] = BatchQueue(config.batching.batch_queue)
         self.routes: list[SinkRoute] = []
         self.in_flight = InFlight()
         self.drained: bool | None = None  # after a stop: whether everything accepted was delivered

@@ -43,6 +43,7 @@ from sam3stream.config import PromptsConfig
 from sam3stream.errors import EngineDeadError
 from sam3stream.metrics import Metrics
 from sam3stream.runtime.types import Backend, RawOutputs, TextFeatures
+from sam3stream.stream.batch_queue import BatchQueue
 from sam3stream.stream.batcher import Batch
 from sam3stream.stream.frames import Detection, Frame, FrameResult, StageTimes
 from sam3stream.stream.mailbox import InFlight
@@ -136,7 +137,7 @@ class GpuWorker:
         self,
         backend: Backend,
         prompts: PromptsConfig,
-        batches: asyncio.Queue[Batch],
+        batches: BatchQueue[Batch],
         publish: Publish,
         *,
         in_flight: InFlight,
