@@ -46,7 +46,7 @@ from sam3stream.stream.batcher import Batch, Batcher
 from sam3stream.stream.fanout import Fanout, SinkRoute, Subscriber
 from sam3stream.stream.frames import FrameResult
 from sam3stream.stream.mailbox import Doorbell, Inbox, InFlight
-from sam3stream.stream.source import CameraSource
+from sam3stream.stream.source import STOPPED_NOTICE_S, CameraSource
 from sam3stream.stream.tasks import first_error
 from sam3stream.stream.threads import close_executor, single_thread
 from sam3stream.stream.worker import GpuWorker, Postprocess, check_post_processes, post_threads_or_default
@@ -499,5 +499,9 @@ class Pipeline:
                 in_flight=self.in_flight.count,
                 queued={r.name: r.queue.qsize() for r in self.routes},
             )
+        if sources:
+            # Their "stopped" notices go to the sinks (MQTT's retained status): let them out
+            # before the sinks close. A source says it before closing its decode thread.
+            await asyncio.wait(sources, timeout=STOPPED_NOTICE_S)
         for task in rest:
             task.cancel()

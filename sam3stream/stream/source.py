@@ -34,13 +34,13 @@ from sam3stream.stream.frames import Frame
 from sam3stream.stream.mailbox import Inbox
 from sam3stream.stream.threads import close_executor, single_thread
 
-__all__ = ["Backoff", "CameraSource", "CameraState", "StateListener"]
+__all__ = ["STOPPED_NOTICE_S", "Backoff", "CameraSource", "CameraState", "StateListener"]
 
 log = structlog.get_logger(__name__)
 
 CameraState = Literal["connecting", "running", "reconnecting", "ended", "stopped"]
 # How long a stopping source may spend telling the sinks it stopped (an MQTT status message).
-_STOPPED_NOTICE_S = 1.0
+STOPPED_NOTICE_S = 1.0
 # on_state(camera, state, error or None): e.g. MQTT's retained status topic
 StateListener = Callable[[str, str, str | None], Awaitable[None]]
 
@@ -203,13 +203,18 @@ class CameraSource:
         try:
             await self._run()
         except asyncio.CancelledError:
-            # Stopped by the pipeline: say so, or the last state ("running") would stay on the
-            # status topic and in the metrics. Bounded: the pipeline is waiting for this task.
-            if self.state != "ended":
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    async with asyncio.timeout(_STOPPED_NOTICE_S):
-                        await self._set_state("stopped", frames=self.seq)
+            await self._say_stopped()
             raise
+
+    async def _say_stopped(self) -> None:
+        """Stopped by the pipeline: say so, or the last state ("running") would stay on the status
+        topic and in the metrics. Bounded: the pipeline waits this long for it before it closes
+        the sinks."""
+        if self.state in ("ended", "stopped"):
+            return
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            async with asyncio.timeout(STOPPED_NOTICE_S):
+                await self._set_state("stopped", frames=self.seq)
 
     async def _run(self) -> None:
         await self._set_state("connecting", url=self.camera.url, mode=self.mode)
@@ -282,6 +287,10 @@ class CameraSource:
                 await self._deliver(decoded, loop.time())
         finally:
             stop.set()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Before the decode thread's close, which a network camera can hold for seconds.
+                await self._say_stopped()
             await close_executor(pool, _THREAD_CLOSE_S, decoder.close)
 
     async def _deliver(self, decoded: _Decoded, now: float) -> None:

@@ -111,6 +111,7 @@ class MemorySink:
         self.started = False
         self.closed = False
         self.states: list[tuple[str, str, str | None]] = []
+        self.states_after_close: list[tuple[str, str]] = []  # lost on a real sink (MQTT)
         self._arrived = asyncio.Event()
 
     async def start(self) -> None:
@@ -133,6 +134,8 @@ class MemorySink:
 
     async def publish_status(self, camera: str, state: str, detail: str | None = None) -> None:
         self.states.append((camera, state, detail))
+        if self.closed:
+            self.states_after_close.append((camera, state))
         self._arrived.set()
 
     async def wait_for_state(self, camera: str, state: str, count: int = 1) -> None:

@@ -119,3 +119,19 @@ async def test_live_fps_samples_on_the_stream_clock(tmp_path: Path, video: Calla
     # One frame in five of a 25 fps stream: 0.2 s apart (more where latest-wins dropped one).
     assert gaps and all(g > 0.2 - 1e-3 for g in gaps)
     assert p.metrics.snapshot()["cameras"]["sampled"]["frames_decoded"] >= 5 * len(gaps)
+
+
+async def test_a_stop_tells_the_sinks_each_camera_stopped_before_closing_them(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    # Nothing in flight at the stop (a camera at 2 frames/s), so the drain itself never waits:
+    # the sinks must still hear "stopped" before they close, or MQTT keeps "running" retained.
+    cams = camera_toml("slow", video("slow.mp4", frames=50, fps=25), fps=2)
+    config = make_config(tmp_path, cams, max_batch=1)
+    sink = MemorySink()
+    async with Pipeline(config, backend=FakeBackend(), sinks=[sink], postprocess=stub_postprocess) as p:
+        await asyncio.wait_for(sink.wait_for("slow", 3), 10)
+        await p.stop()
+    assert sink.closed
+    assert sink.states_after_close == []
+    assert [s for c, s, _ in sink.states if c == "slow"][-1] == "stopped"
