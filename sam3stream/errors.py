@@ -11,6 +11,7 @@ __all__ = [
     "EngineMismatchError",
     "GpuMemoryError",
     "InputError",
+    "PostprocessError",
     "ResolutionError",
     "Sam3StreamError",
 ]
@@ -46,6 +47,11 @@ class GpuMemoryError(Sam3StreamError):
 
 class EngineDeadError(Sam3StreamError):
     """The inference engine failed in a way that cannot be recovered: stop everything."""
+
+
+class PostprocessError(Sam3StreamError):
+    """Turning a frame's model outputs into detections failed (a bug, not bad input): stop
+    everything, naming the camera and frame, rather than publish a result without them."""
 
 
 class ConfigError(Sam3StreamError):

@@ -40,7 +40,7 @@ import numpy.typing as npt
 import structlog
 
 from sam3stream.config import PromptsConfig
-from sam3stream.errors import EngineDeadError
+from sam3stream.errors import EngineDeadError, PostprocessError
 from sam3stream.metrics import Metrics
 from sam3stream.runtime.types import Backend, RawOutputs, TextFeatures
 from sam3stream.stream.batch_queue import BatchQueue
@@ -309,7 +309,11 @@ class GpuWorker:
         loop = asyncio.get_running_loop()
         while True:
             inferred = await handoff.get()
-            results = await loop.run_in_executor(pool, self._results, inferred)
+            try:
+                results = await loop.run_in_executor(pool, self._results, inferred)
+            except PostprocessError as exc:
+                log.error("postprocess_failed", error=str(exc))
+                raise
             frames = inferred.batch.frames
             timing = results[0].timing if results else StageTimes()
             self._metrics.batch(
@@ -358,9 +362,14 @@ class GpuWorker:
                 one = frame_outputs(raw, b)
                 args = self._post_args(one, 0, f)
                 work.append(
-                    pool.submit(self._postprocess, *args) if one.masks.size else self._postprocess(*args)
+                    pool.submit(self._postprocess, *args)
+                    if one.masks.size
+                    else _frame_failure(f, self._postprocess, *args)
                 )
-            return [item.result() if isinstance(item, Future) else item for item in work]
+            return [
+                _frame_failure(frames[b], item.result) if isinstance(item, Future) else item
+                for b, item in enumerate(work)
+            ]
         except BrokenExecutor as exc:
             self._drop_processes(pool, exc, "postprocessing here from now on")
         return [detect(b) for b in range(len(frames))]
@@ -370,7 +379,7 @@ class GpuWorker:
         frames = inferred.batch.frames
 
         def detect(b: int) -> list[Detection]:
-            return self._postprocess(*self._post_args(inferred.raw, b, frames[b]))
+            return _frame_failure(frames[b], self._postprocess, *self._post_args(inferred.raw, b, frames[b]))
 
         pool = self._frame_pool
         if isinstance(pool, ProcessPoolExecutor):
@@ -403,3 +412,15 @@ class GpuWorker:
             )
             for f, dets in zip(frames, detections, strict=True)
         ]
+
+
+def _frame_failure(frame: Frame, fn: Callable[..., list[Detection]], *args: Any) -> list[Detection]:
+    """``fn(*args)``: one frame's detections; its failure names the camera and the frame."""
+    try:
+        return fn(*args)
+    except BrokenExecutor:
+        raise  # a dead process, not this frame: the caller postprocesses here instead
+    except Exception as exc:
+        raise PostprocessError(
+            f"postprocessing frame {frame.seq} of camera {frame.camera!r} failed: {exc!r}"
+        ) from exc

@@ -6,12 +6,15 @@ import asyncio
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import av
 import pytest
 
-from sam3stream.errors import EngineDeadError
+from sam3stream.errors import EngineDeadError, PostprocessError
 from sam3stream.runtime.fake import FakeBackend
+from sam3stream.runtime.types import RawOutputs
+from sam3stream.stream.frames import Detection
 from sam3stream.stream.pipeline import Pipeline
 from tests.stream.helpers import MemorySink, camera_toml, make_config, stub_postprocess
 
@@ -99,6 +102,29 @@ async def test_engine_death_stops_everything_loudly(tmp_path: Path, video: Calla
     # wait() keeps reporting the failure: nothing looks alive afterwards.
     with pytest.raises(EngineDeadError):
         await p.wait()
+
+
+async def test_a_postprocessing_failure_stops_everything_naming_the_camera_and_frame(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    cams = camera_toml("a", video("a.mp4", frames=30)) + camera_toml("b", video("b.mp4", frames=30, width=80))
+    config = make_config(tmp_path, cams, max_batch=2)
+    calls_for_b = 0
+
+    def postprocess(raw: RawOutputs, b: int, *rest: Any) -> list[Detection]:
+        nonlocal calls_for_b
+        if rest[2] == 80:  # camera b's frames (its width)
+            calls_for_b += 1
+            if calls_for_b == 3:
+                raise IndexError("a bug in postprocessing")
+        return stub_postprocess(raw, b, *rest)
+
+    sink = MemorySink()
+    with pytest.raises(PostprocessError, match=r"frame 2 of camera 'b' failed: IndexError\('a bug"):
+        async with Pipeline(config, backend=FakeBackend(), sinks=[sink], postprocess=postprocess) as p:
+            await p.wait()
+    assert sink.closed
+    assert sink.seqs("b") == [0, 1]  # what came before the failure was delivered, in order
 
 
 async def test_engine_death_still_delivers_what_was_computed(
