@@ -301,11 +301,18 @@ class Reporter:
             self._server = self._serve_prometheus(self.prometheus_port)
 
     def close(self) -> None:
-        """Stop serving ``/metrics`` (idempotent)."""
+        """Stop serving ``/metrics`` (idempotent). Blocks up to the server's 0.5 s poll: on the
+        event loop, use :meth:`aclose`."""
         server, self._server = self._server, None
         if server is not None:
-            server.shutdown()
-            server.server_close()
+            _stop_server(server)
+
+    async def aclose(self) -> None:
+        """:meth:`close` off the event loop, which would otherwise stall during a stop."""
+        server, self._server = self._server, None
+        if server is not None:
+            # Shielded: a second cancel must not leave the port bound for the next start.
+            await asyncio.shield(asyncio.to_thread(_stop_server, server))
 
     def __enter__(self) -> Reporter:
         self.open()
@@ -324,7 +331,7 @@ class Reporter:
                 await asyncio.sleep(self.interval_s)
                 await self.report()
         finally:
-            self.close()
+            await self.aclose()
 
     async def report(self) -> dict[str, Any]:
         """Log and publish one snapshot now (also what each tick of :meth:`run` does)."""
@@ -360,6 +367,11 @@ class Reporter:
 
 
 _PORT_KEY = "metrics.prometheus_port"
+
+
+def _stop_server(server: Any) -> None:
+    server.shutdown()  # returns after serve_forever's next poll, up to 0.5 s
+    server.server_close()
 
 
 def _bind_problem(port: int, host: str, exc: OSError) -> str:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from sam3stream import metrics as metrics_module
 from sam3stream.errors import ConfigError
 from sam3stream.metrics import Metrics, Reporter
 from sam3stream.runtime.fake import FakeBackend
@@ -80,6 +82,29 @@ async def test_run_serves_on_the_port_open_bound() -> None:
             await asyncio.wait({task})
         assert can_bind(port)  # run() closed it when it ended
     assert can_bind(port)
+
+
+async def test_a_stopping_run_shuts_the_server_down_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The server's shutdown waits for its 0.5 s poll: on the loop it would stall every actor.
+    threads: list[int] = []
+    stop = metrics_module._stop_server
+
+    def recording_stop(server: object) -> None:
+        threads.append(threading.get_ident())
+        stop(server)
+
+    monkeypatch.setattr(metrics_module, "_stop_server", recording_stop)
+    reporter = Reporter(Metrics(gpu_memory=no_gpu), prometheus_port=0, prometheus_host="127.0.0.1")
+    with reporter:
+        port = reporter.prometheus_port
+        task = asyncio.create_task(reporter.run())
+        await asyncio.wait_for(reporter.serving.wait(), 5)
+        task.cancel()
+        await asyncio.wait({task})
+        assert port and can_bind(port)
+    assert threads and threading.get_ident() not in threads
 
 
 def test_leaving_the_with_block_closes_a_server_run_never_used() -> None:
