@@ -48,7 +48,7 @@ from sam3stream.stream.batcher import Batch
 from sam3stream.stream.frames import Detection, Frame, FrameResult, StageTimes
 from sam3stream.stream.mailbox import InFlight
 from sam3stream.stream.tasks import first_error
-from sam3stream.stream.threads import close_executor, single_thread
+from sam3stream.stream.threads import close_executor, in_background, single_thread
 
 __all__ = ["GpuWorker", "Postprocess", "Publish"]
 
@@ -245,10 +245,9 @@ class GpuWorker:
         if isinstance(pool, ThreadPoolExecutor):
             await close_executor(pool, _THREAD_CLOSE_S)
         elif pool is not None:
-            # Idle by now (the post loop has ended): joining its processes is quick. Shielded like
-            # close_executor, so it also completes while the caller is being cancelled.
-            closing = asyncio.ensure_future(asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True))
-            await asyncio.wait({closing}, timeout=_THREAD_CLOSE_S)
+            # Idle by now (the post loop has ended): joining its processes is quick. Like
+            # close_executor, it also completes when the caller is cancelled while it waits.
+            await in_background(_join_processes(pool))
 
     async def _infer_loop(
         self, pool: ThreadPoolExecutor, text: TextFeatures, handoff: asyncio.Queue[_Inferred]
@@ -424,3 +423,8 @@ def _frame_failure(frame: Frame, fn: Callable[..., list[Detection]], *args: Any)
         raise PostprocessError(
             f"postprocessing frame {frame.seq} of camera {frame.camera!r} failed: {exc!r}"
         ) from exc
+
+
+async def _join_processes(pool: ProcessPoolExecutor) -> None:
+    closing = asyncio.ensure_future(asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True))
+    await asyncio.wait({closing}, timeout=_THREAD_CLOSE_S)
