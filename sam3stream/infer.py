@@ -16,7 +16,7 @@ from sam3stream.postprocess import to_detections
 from sam3stream.runtime.types import Backend
 from sam3stream.stream.frames import Detection
 
-__all__ = ["ImageResult", "InferReport", "load_image", "run_infer"]
+__all__ = ["ImageResult", "InferReport", "load_image", "output_stems", "run_infer"]
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +69,12 @@ def run_infer(
         raise InputError("no images given (use --image PATH, repeatable)")
     if not prompts or any(not p.strip() for p in prompts):
         raise InputError("give at least one non-empty prompt (use --prompt TEXT, repeatable)")
+    repeated = sorted({p for p in prompts if prompts.count(p) > 1})
+    if repeated:
+        raise InputError(f"--prompt {', '.join(map(repr, repeated))} given more than once")
+    if not 0.0 <= conf <= 1.0:
+        raise InputError(f"--conf must be between 0 and 1, got {conf}")
+    stems = output_stems(images, output)
     manifest = backend.manifest
     stage: dict[str, float] = {"text": 0.0, "load": 0.0, "vision": 0.0, "decoder": 0.0, "postprocess": 0.0}
     pictures = []
@@ -97,7 +103,7 @@ def run_infer(
             dets = to_detections(raw, b, list(prompts), thresholds, width, height)
             result = ImageResult(str(images[i]), width, height, manifest.resolution, dets)
             report.results.append(result)
-            stem = output / images[i].stem
+            stem = stems[i]
             json_path = stem.with_suffix(".json")
             json_path.write_bytes(msgspec.json.format(msgspec.json.encode(result), indent=2))
             report.outputs.append(json_path)
@@ -105,6 +111,23 @@ def run_infer(
                 report.outputs.append(_annotate(pictures[i], dets, stem.with_suffix(".png")))
         stage["postprocess"] += (time.perf_counter() - t) * 1e3
     return report
+
+
+def output_stems(images: list[Path], output: Path) -> list[Path]:
+    """Where each image's .json and .png go: ``output/<name>``, with ``-2``, ``-3``... for names
+    that repeat (a.jpg, x/a.jpg and a.png would overwrite each other). Refuses an output that
+    would overwrite one of the images."""
+    stems: list[Path] = []
+    seen: dict[str, int] = {}
+    for image in images:
+        n = seen[image.stem] = seen.get(image.stem, 0) + 1
+        stems.append(output / (image.stem if n == 1 else f"{image.stem}-{n}"))
+    inputs = {image.resolve() for image in images}
+    for stem in stems:
+        for path in (stem.with_suffix(".json"), stem.with_suffix(".png")):
+            if path.resolve() in inputs:
+                raise InputError(f"--output {output} would overwrite the input image {path}; choose another")
+    return stems
 
 
 def _annotate(image: npt.NDArray[np.uint8], dets: list[Detection], path: Path) -> Path:

@@ -24,7 +24,7 @@ _INSTALL = {
 
 # kind -> (module, class, whether the constructor takes device=)
 _CLASSES = {
-    "onnxruntime": ("sam3stream.runtime.onnxruntime_backend", "OnnxRuntimeBackend", False),
+    "onnxruntime": ("sam3stream.runtime.onnxruntime_backend", "OnnxRuntimeBackend", True),
     "torch": ("sam3stream.runtime.torch_backend", "TorchBackend", True),
     "tensorrt": ("sam3stream.runtime.tensorrt_backend", "TensorRTBackend", True),
 }

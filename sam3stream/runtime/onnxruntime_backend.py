@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from sam3stream.errors import BackendUnavailableError, EngineMismatchError
+from sam3stream.errors import BackendUnavailableError, EngineMismatchError, InputError
 from sam3stream.runtime.contract import PAD_BOX_LABEL, check_frames
 from sam3stream.runtime.manifest import EngineManifest, read_manifest
 from sam3stream.runtime.select import select_masks
@@ -38,13 +38,15 @@ class OnnxRuntimeBackend:
                 f"{engine_dir} holds {self._manifest.engine_kind} engines; "
                 "the onnxruntime backend needs ONNX graphs"
             )
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda"):
+        providers: list[Any] = ["CPUExecutionProvider"]
+        cuda_id = _cuda_device_id(device)
+        if cuda_id is not None:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailableError(
-                    'onnxruntime has no CUDA provider here; install onnxruntime-gpu or use device = "cpu"'
+                    f"device {device!r}: onnxruntime has no CUDA provider here; "
+                    'install onnxruntime-gpu, or use device = "cpu"'
                 )
-            providers.insert(0, "CUDAExecutionProvider")
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": cuda_id}))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -108,3 +110,13 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self._sessions.clear()
+
+
+def _cuda_device_id(device: str) -> int | None:
+    """None for "cpu", the GPU's index for "cuda" or "cuda:N"; anything else is an error."""
+    if device == "cpu":
+        return None
+    name, _, index = device.partition(":")
+    if name == "cuda" and (not index or index.isdigit()):
+        return int(index or 0)
+    raise InputError(f'device must be "cpu", "cuda" or "cuda:N", got {device!r}')

@@ -161,7 +161,9 @@ class Pipeline:
             main.cancel()  # still loading the engine: nothing to drain
 
     async def abort(self) -> None:
-        """Stop now, without draining; for errors and a second Ctrl-C."""
+        """Stop without draining (for errors and a second Ctrl-C): cameras, batches and the GPU stop
+        now; what the sinks already hold still goes to ``block`` sinks within
+        ``lifecycle.drain_timeout_s`` (nothing lost without a count), then the sinks close."""
         main = self._require_started()
         main.cancel()
         await asyncio.wait({main})

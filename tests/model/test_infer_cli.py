@@ -75,6 +75,60 @@ def test_bad_inputs_are_one_line_errors(
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_bad_options_are_one_line_errors_before_anything_loads(
+    tiny_engines: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = _image(tmp_path / "a.png")
+    base = ["infer", "--engines", str(tiny_engines), "--image", str(image)]
+    assert main([*base, "--prompt", "x", "--conf", "2"]) == 1
+    assert "--conf must be between 0 and 1, got 2.0" in capsys.readouterr().err
+    assert main([*base, "--prompt", "x", "--prompt", "x"]) == 1
+    assert "--prompt 'x' given more than once" in capsys.readouterr().err
+    assert main([*base, "--prompt", "x", "--device", "gpu"]) == 1
+    assert "--device must be cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+    # An onnxruntime without its CUDA provider (this CPU build) says so rather than run on the CPU.
+    assert main([*base, "--prompt", "x", "--device", "cuda"]) == 1
+    assert "device 'cuda': onnxruntime has no CUDA provider here" in capsys.readouterr().err
+
+
+def test_outputs_never_overwrite_each_other_or_an_input(
+    tiny_engines: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "x").mkdir()
+    images = [
+        _image(tmp_path / "a.png"),
+        _image(tmp_path / "x" / "a.png", (90, 200)),
+        _image(tmp_path / "a.jpg"),
+    ]
+    out = tmp_path / "out"
+    args = [
+        "infer",
+        "--engines",
+        str(tiny_engines),
+        "--prompt",
+        "person",
+        "--conf",
+        "0.2",
+        "--output",
+        str(out),
+    ]
+    assert main([*args, *(a for i in images for a in ("--image", str(i)))]) == 0
+    assert "wrote 6 files" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a-2.json",
+        "a-2.png",
+        "a-3.json",
+        "a-3.png",
+        "a.json",
+        "a.png",
+    ]
+    assert json.loads((out / "a-2.json").read_text())["image"] == str(images[1])
+    before = images[0].read_bytes()
+    assert main([*args[:-1], str(tmp_path), "--image", str(images[0])]) == 1
+    assert f"would overwrite the input image {images[0]}" in capsys.readouterr().err
+    assert images[0].read_bytes() == before
+
+
 def test_long_prompts_are_truncated_and_said_so(tiny_engines: Path, tmp_path: Path) -> None:
     good = _image(tmp_path / "a.png")
     long_prompt = " ".join(["word"] * 40)
