@@ -21,6 +21,7 @@ __all__ = [
     "ModelSpec",
     "TensorSpec",
     "check_engine_matches",
+    "check_engine_source",
     "read_manifest",
     "write_manifest",
 ]
@@ -131,3 +132,39 @@ def check_engine_matches(
             + ", ".join(problems)
             + "; export a matching one (sam3stream export ... --out DIR) or change the config"
         )
+
+
+def check_engine_source(
+    manifest: EngineManifest,
+    engine_dir: Path,
+    *,
+    random: str | None,
+    seed: int = 0,
+    checkpoint: Path | None = None,
+) -> None:
+    """Raise if the engine directory was made from other weights than ``[engines.export]`` names
+    (the export runs only when the directory is missing, so an edited config would otherwise
+    keep serving the old weights). A checkpoint found at another path passes when its weights
+    hash to the manifest's."""
+    made = manifest.model.source
+    from_checkpoint = not made.startswith("random:")
+    if random is not None:
+        wanted = f"random:{random}:seed={seed}"
+        if made == wanted:
+            return
+    else:
+        if checkpoint is None:
+            raise ValueError("give random or checkpoint")
+        wanted = f"checkpoint {checkpoint}"
+        if from_checkpoint and Path(made).resolve() == checkpoint.resolve():
+            return
+        if from_checkpoint and checkpoint.is_dir():
+            from sam3stream.model.checkpoint import weights_sha256  # only for a moved checkpoint
+
+            if weights_sha256(checkpoint) == manifest.model.checkpoint_sha256:
+                return
+    raise EngineMismatchError(
+        f"engine directory {engine_dir} was made from {made}, but [engines.export] asks for "
+        f"{wanted}; move {engine_dir} aside so that the next start exports it, or set engines.dir "
+        "to another folder"
+    )

@@ -38,7 +38,7 @@ from sam3stream.config import Config, sink_name
 from sam3stream.errors import BackendUnavailableError, EngineMismatchError
 from sam3stream.metrics import Metrics, Reporter
 from sam3stream.runtime.loader import open_backend
-from sam3stream.runtime.manifest import check_engine_matches
+from sam3stream.runtime.manifest import check_engine_matches, check_engine_source
 from sam3stream.runtime.types import Backend
 from sam3stream.sinks.base import Sink
 from sam3stream.stream.batch_queue import BatchQueue
@@ -327,13 +327,23 @@ class Pipeline:
 
     def _check_engine(self, backend: Backend) -> None:
         export = self.config.engines.export
+        manifest, engine_dir = backend.manifest, Path(self.config.engines.dir)
+        log.info("engine_loaded", model=manifest.model.source, resolution=manifest.resolution)
         check_engine_matches(
-            backend.manifest,
-            Path(self.config.engines.dir),
+            manifest,
+            engine_dir,
             resolution=export.resolution if export is not None else None,
             batch=self.config.batching.max_batch,
             queries=export.queries if export is not None else None,
         )
+        if export is not None and self.config.engines.backend != "fake":
+            check_engine_source(
+                manifest,
+                engine_dir,
+                random=export.random,
+                seed=export.seed,
+                checkpoint=Path(export.checkpoint) if export.checkpoint else None,
+            )
 
     def _make_routes(self) -> list[SinkRoute]:
         from sam3stream.sinks.base import make_sink  # the sink modules import aiomqtt, av: only when used

@@ -13,7 +13,7 @@ import torch
 from sam3stream.errors import EngineMismatchError, InputError
 from sam3stream.model.checkpoint import load_checkpoint
 from sam3stream.model.parts import padding_boxes, split_model
-from sam3stream.runtime.manifest import check_engine_matches, read_manifest
+from sam3stream.runtime.manifest import check_engine_matches, check_engine_source, read_manifest
 from sam3stream.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from sam3stream.runtime.tokenize import PromptTokenizer
 
@@ -90,6 +90,22 @@ def test_engine_directory_errors(tiny_engines: Path, tmp_path: Path) -> None:
     (broken / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(EngineMismatchError, match="invalid manifest"):
         read_manifest(broken)
+
+
+def test_an_engine_made_from_other_weights_than_the_export_config_names_is_refused(
+    tiny_checkpoint: Path, tiny_engines: Path, tmp_path: Path
+) -> None:
+    from sam3stream.model.checkpoint import write_random_checkpoint
+
+    manifest = read_manifest(tiny_engines)
+    check_engine_source(manifest, tiny_engines, random=None, checkpoint=tiny_checkpoint)
+    moved = shutil.copytree(tiny_checkpoint, tmp_path / "moved")
+    check_engine_source(manifest, tiny_engines, random=None, checkpoint=moved)  # same weights
+    other = write_random_checkpoint("tiny", tmp_path / "other", seed=1)
+    with pytest.raises(EngineMismatchError, match=rf"made from {tiny_checkpoint}, but .* checkpoint {other}"):
+        check_engine_source(manifest, tiny_engines, random=None, checkpoint=other)
+    with pytest.raises(EngineMismatchError, match=r"asks for random:tiny:seed=0; move .* aside"):
+        check_engine_source(manifest, tiny_engines, random="tiny")
 
 
 def test_bad_frames_are_input_errors(tiny_engines: Path) -> None:
