@@ -1,7 +1,8 @@
 """``sam3stream`` command line: one subcommand per module in sam3stream.commands.
 
-Errors a user can cause (:class:`Sam3StreamError`) print one line per problem on
-stderr, no traceback, and exit 2 for configuration errors, 1 for the others.
+Errors a user can cause (:class:`Sam3StreamError`, and an ``OSError`` on a path they gave)
+print one line per problem on stderr, no traceback, and exit 2 for configuration errors, 1 for
+the others.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     except Sam3StreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # A path the user gave that cannot be written or read (permission, not a folder, disk
+        # full): the message names the file; a traceback would not help.
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -25,6 +25,7 @@ from sam3stream.model.checkpoint import LoadedModel, load_checkpoint, write_rand
 from sam3stream.model.parts import Parts, padding_boxes, split_model
 from sam3stream.resolution import check_resolution
 from sam3stream.runtime.manifest import (
+    MANIFEST_NAME,
     EngineManifest,
     GraphSpec,
     TensorSpec,
@@ -74,6 +75,17 @@ def load_source(
         return loaded
     assert checkpoint is not None
     return load_checkpoint(checkpoint, resolution)
+
+
+def _check_replaceable(out: Path) -> None:
+    """An existing ``out`` is replaced at the end: only an engine directory or an empty folder,
+    never a file or a folder of something else. Checked before the minutes of export."""
+    if not out.exists():
+        return
+    if out.is_dir() and ((out / MANIFEST_NAME).is_file() or not any(out.iterdir())):
+        return
+    kind = "a folder without manifest.json" if out.is_dir() else "not a folder"
+    raise InputError(f"{out} exists and is {kind}: the export would replace it; give a new or engine folder")
 
 
 def _use_eager_attention_in_decoder(model: Any) -> None:
@@ -201,6 +213,7 @@ def export_engines(
     if batch < 1:
         raise InputError(f"--batch must be >= 1, got {batch}")
     out = Path(out)
+    _check_replaceable(out)
     shared = out.parent / ".shared"
     install_into_transformers()
     steps = _Progress(6, progress)

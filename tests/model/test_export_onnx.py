@@ -128,6 +128,29 @@ def test_export_arguments_are_checked_before_any_work(
     assert main(["export", "--random", "tiny", "--resolution", "448", "--batch", "0", "--out", str(out)]) == 1
     assert "--batch must be >= 1" in capsys.readouterr().err
     assert not out.exists()
+    # An existing --out is replaced at the end: a file or a folder of something else is refused
+    # at once, and left as it was.
+    a_file, a_folder = tmp_path / "notes.txt", tmp_path / "photos"
+    a_file.write_text("keep me")
+    (a_folder / "x.jpg").parent.mkdir()
+    (a_folder / "x.jpg").write_text("keep me")
+    for taken, kind in ((a_file, "not a folder"), (a_folder, "a folder without manifest.json")):
+        assert main(["export", "--random", "tiny", "--resolution", "448", "--out", str(taken)]) == 1
+        assert f"{taken} exists and is {kind}" in capsys.readouterr().err
+    assert a_file.read_text() == "keep me" and (a_folder / "x.jpg").read_text() == "keep me"
+    assert not (tmp_path / ".shared").exists()
+
+
+def test_an_unwritable_output_is_one_line_naming_the_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sam3stream.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["checkpoint", "random", "tiny", "--out", str(blocker / "ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(blocker) in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("graph", ["vision", "text", "geometry", "decoder"])
