@@ -64,8 +64,17 @@ def load_bench(path: Path | None, card: str = "h200") -> dict[str, Any]:
         raise InputError(f"benchmark file {path} does not exist (make one with `sam3stream bench`)") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"benchmark file {path} is not valid JSON ({exc})") from None
-    if not isinstance(data.get("ours"), list):
+    if not isinstance(data, dict) or not isinstance(data.get("ours"), list):
         raise InputError(f"benchmark file {path} has no 'ours' rows: not a `sam3stream bench` result")
+    measured = [r for r in data["ours"] if isinstance(r, dict) and "total_fps" in r]
+    if not measured:
+        raise InputError(f"benchmark file {path} has no measured rows (none with total_fps)")
+    for i, row in enumerate(measured):
+        missing = [k for k in ("resolution", "cameras") if k not in row]
+        if row.get("nvml_peak_mib") is None and row.get("alloc_peak_mib") is None:
+            missing.append("nvml_peak_mib or alloc_peak_mib")
+        if missing:
+            raise InputError(f"benchmark file {path}: measured row {i} lacks {', '.join(missing)}")
     return data
 
 
@@ -82,6 +91,8 @@ def plan(
     """Every measured resolution with what (if anything) rules it out, best first."""
     if vram_gib <= 0 or cameras < 1 or speed_ratio <= 0:
         raise InputError("--vram-gb and --speed-ratio must be > 0 and --cameras >= 1")
+    if not 0 <= headroom < 1:
+        raise InputError(f"--headroom is the share of memory kept free: from 0 up to 1, got {headroom:g}")
     if objects not in OBJECT_MIN_RESOLUTION:
         raise InputError(f"--objects must be one of {', '.join(OBJECT_MIN_RESOLUTION)}, got {objects!r}")
     budget = vram_gib * 1024 * (1 - headroom)

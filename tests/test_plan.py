@@ -62,6 +62,20 @@ def test_bundled_measurements_load_and_bad_files_are_named(tmp_path: Path) -> No
         load_bench(bad)
     with pytest.raises(InputError, match="--objects"):
         plan(BENCH, vram_gib=8, cameras=8, objects="medium")
+    for content, message in (
+        ([], "no 'ours' rows"),
+        ({"ours": [{"resolution": 1008, "error": "out of memory"}]}, "no measured rows"),
+        (
+            {"ours": [{"resolution": 1008, "cameras": 8, "total_fps": 9.0}]},
+            "row 0 lacks nvml_peak_mib or alloc",
+        ),
+    ):
+        bad.write_text(json.dumps(content))
+        with pytest.raises(InputError, match=message):
+            load_bench(bad)
+    for headroom in (1.5, -0.1):
+        with pytest.raises(InputError, match=r"--headroom .* from 0 up to 1"):
+            plan(BENCH, vram_gib=8, cameras=8, headroom=headroom)
 
 
 def test_each_bundled_card_is_planned_from_its_own_table(capsys: pytest.CaptureFixture[str]) -> None:
