@@ -25,6 +25,7 @@ import msgspec
 
 from sam3stream.errors import ConfigError, ResolutionError
 from sam3stream.resolution import check_resolution
+from sam3stream.runtime.contract import MAX_CLASSES
 
 __all__ = [
     "BatchingConfig",
@@ -334,8 +335,21 @@ def _literal_choices(tp: Any) -> list[Any] | None:
     return None
 
 
+def _union_literals(tp: Any) -> list[Any]:
+    """The Literal values inside a union of a Literal and other types (mask_size's "original")."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return []
+    return [v for a in typing.get_args(tp) if typing.get_origin(a) is Literal for v in typing.get_args(a)]
+
+
 def _leaf(value: object, tp: Any, path: str, problems: list[tuple[str, str]]) -> Any:
     """Convert a value that holds no Structs; msgspec's error path is appended to ours."""
+    if typing.get_origin(tp) is dict and typing.get_args(tp)[0] is str and isinstance(value, dict):
+        # Item by item, so that a problem names its key (msgspec's path says only "[...]"). TOML
+        # keys are strings already.
+        item_type = typing.get_args(tp)[1]
+        items = {k: _leaf(v, item_type, f"{path}.{k}", problems) for k, v in value.items()}
+        return _INVALID if any(v is _INVALID for v in items.values()) else items
     try:
         return msgspec.convert(value, tp)
     except msgspec.ValidationError as exc:
@@ -345,6 +359,8 @@ def _leaf(value: object, tp: Any, path: str, problems: list[tuple[str, str]]) ->
         choices = _literal_choices(tp)
         if choices is not None and not sub:
             msg = f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+        elif msg.startswith("Invalid enum value") and (named := _union_literals(tp)):
+            msg = f"must be {' or '.join(repr(c) for c in named)} or [width, height], got {value!r}"
         elif CAMERA_NAME.pattern in msg:
             msg = f"use only letters, digits, '_' and '-' (it becomes an MQTT topic level), got {value!r}"
         else:
@@ -465,6 +481,8 @@ def _resolution(value: int) -> Problems:
 def _classes(classes: list[str]) -> Problems:
     if not classes:
         yield "", "give at least one class"
+    if len(classes) > MAX_CLASSES:
+        yield "", f"{len(classes)} classes; at most {MAX_CLASSES} (each runs the decoder on every frame)"
     seen: set[str] = set()
     for i, label in enumerate(classes):
         if not label.strip():

@@ -213,3 +213,22 @@ def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_problems_inside_tables_name_their_key_and_choices_are_listed() -> None:
+    found = problems(
+        MINIMAL.replace(
+            'classes = ["person", "hand"]',
+            'classes = ["person", "hand"]\nmask_size = "orig"\n'
+            "[prompts.thresholds]\nhand = 0.4\nperson = 1.5",
+        )
+    )
+    assert "<= 1.0, got 1.5" in found["prompts.thresholds.person"]
+    assert "prompts.thresholds.hand" not in found
+    assert found["prompts.mask_size"] == "must be 'original' or [width, height], got 'orig'"
+
+
+def test_more_classes_than_the_engines_take_is_a_problem() -> None:
+    many = ", ".join(f'"c{i}"' for i in range(300))
+    found = problems(MINIMAL.replace('classes = ["person", "hand"]', f"classes = [{many}]"))
+    assert found["prompts.classes"].startswith("300 classes; at most 256")

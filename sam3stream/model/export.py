@@ -24,6 +24,7 @@ from sam3stream.errors import InputError
 from sam3stream.model.checkpoint import LoadedModel, load_checkpoint, write_random_checkpoint
 from sam3stream.model.parts import Parts, padding_boxes, split_model
 from sam3stream.resolution import check_resolution
+from sam3stream.runtime.contract import MAX_CLASSES
 from sam3stream.runtime.manifest import (
     MANIFEST_NAME,
     EngineManifest,
@@ -42,7 +43,6 @@ __all__ = ["OPSET", "default_engine_dir", "export_engines", "load_source"]
 log = structlog.get_logger(__name__)
 
 OPSET = 23
-MAX_CLASSES = 256
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

@@ -8,7 +8,11 @@ import numpy.typing as npt
 from sam3stream.errors import EngineMismatchError, InputError
 from sam3stream.runtime.manifest import EngineManifest
 
-__all__ = ["PAD_BOX_LABEL", "check_frames"]
+__all__ = ["MAX_CLASSES", "PAD_BOX_LABEL", "check_frames"]
+
+# The most prompts one run may use: the ONNX graphs' class axis is exported up to it. Each class
+# runs the whole decoder on every frame, so memory and time grow with it.
+MAX_CLASSES = 256
 
 # transformers' Sam3Processor pads box prompts with label -10: such a box is masked out, so a
 # text-only prompt still gets the geometry encoder's CLS token (as Meta's reference does).
