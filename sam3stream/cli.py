@@ -31,6 +31,10 @@ COMMANDS: tuple[tuple[str, str], ...] = (
 )
 
 
+# Commands that set up logging themselves (the service's level and format).
+_OWN_LOGGING = ("run", "demo")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sam3stream", description="Run SAM 3 on many video streams and publish per-frame detections."
@@ -45,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from sam3stream.log import configure_logging
+
     args = build_parser().parse_args(argv)
+    if args.command not in _OWN_LOGGING:
+        # One-shot commands print their own progress and results; logs go to stderr, and only
+        # warnings.
+        configure_logging("warning")
     try:
         code: int = args.func(args)
     except ConfigError as exc:

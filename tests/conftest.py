@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.stream.videos import make_video
 
@@ -34,3 +35,11 @@ def video(tmp_path: Path) -> Callable[..., Path]:
         return make_video(tmp_path / name, frames, **kwargs)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """A test that runs the CLI in-process configures logging for the process (warnings only);
+    the next test starts from structlog's defaults again."""
+    yield
+    structlog.reset_defaults()

@@ -179,16 +179,11 @@ class _Progress:
 
     def step(self, what: str) -> None:
         self.done += 1
-        message = f"[{self.done}/{self.total}] {what}"
-        log.info(
-            "export",
-            step=self.done,
-            of=self.total,
-            what=what,
-            elapsed_s=round(time.perf_counter() - self.start, 1),
-        )
-        if self.callback is not None:
-            self.callback(message)
+        elapsed = time.perf_counter() - self.start
+        if self.callback is not None:  # the caller shows it (a progress line, or its own log)
+            self.callback(f"[{self.done}/{self.total}] {what} ({elapsed:.0f} s)")
+        else:
+            log.info("export", step=self.done, of=self.total, what=what, elapsed_s=round(elapsed, 1))
 
 
 def export_engines(
@@ -221,7 +216,8 @@ def export_engines(
     model = loaded.model
     _use_eager_attention_in_decoder(model)
     parts = split_model(model, queries)
-    steps.step(f"loaded {loaded.source} at {resolution}x{resolution}")
+    kept = f", weights kept in {shared / f'random-{random}-seed{seed}'}" if random is not None else ""
+    steps.step(f"loaded {loaded.source} at {resolution}x{resolution}{kept}")
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -193,7 +193,9 @@ class CameraSource:
         if error is not None:
             fields["error"] = error
         if changed or fields:
-            self._log.info("camera_state", state=state, **fields)
+            # A camera that keeps failing must show at logging.level = "warning" too.
+            say = self._log.warning if state == "reconnecting" else self._log.info
+            say("camera_state", state=state, **fields)
         self.state = state
         self._metrics.camera_state(self.name, state)
         if changed and self._on_state is not None:

@@ -47,8 +47,12 @@ def test_writes_detections_and_annotated_images(
         ]
     )
     assert code == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "timing (ms):" in printed and "vision=" in printed and "decoder=" in printed
+    # Results only on stdout (a script can read them); info logs are not shown at all.
+    assert printed.splitlines()[0].startswith(f"{a} (160x120): ")
+    assert "backend ready" not in captured.out + captured.err
     result = json.loads((out / "b.json").read_text())
     assert (result["width"], result["height"]) == (90, 200)
     det = result["detections"][0]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from sam3stream.runtime.fake import FakeBackend
 from sam3stream.stream.pipeline import Pipeline
@@ -88,14 +89,15 @@ async def test_camera_down_at_start_is_retried_until_it_comes_up(
     )
     config = make_config(tmp_path, cams)
     sink = MemorySink()
-    async with Pipeline(config, backend=FakeBackend(), sinks=[sink], postprocess=stub_postprocess) as p:
-        await asyncio.sleep(0.8)
-        assert p.camera_states()["remote"] == "reconnecting"
-        assert sink.seqs("remote") == []
-        assert sink.seqs("local")  # the other camera is not held up
-        start_server()
-        await asyncio.wait_for(sink.wait_for("remote"), 10)
-        await p.stop()
+    with structlog.testing.capture_logs() as logs:
+        async with Pipeline(config, backend=FakeBackend(), sinks=[sink], postprocess=stub_postprocess) as p:
+            await asyncio.sleep(0.8)
+            assert p.camera_states()["remote"] == "reconnecting"
+            assert sink.seqs("remote") == []
+            assert sink.seqs("local")  # the other camera is not held up
+            start_server()
+            await asyncio.wait_for(sink.wait_for("remote"), 10)
+            await p.stop()
     assert sink.seqs("remote")
     assert p.sources["remote"].reconnects >= 2
     states = [s for cam, s, _ in sink.states if cam == "remote"]
@@ -104,6 +106,9 @@ async def test_camera_down_at_start_is_retried_until_it_comes_up(
     assert states[0] == "connecting"
     assert states[-1] == "stopped" and p.camera_states()["remote"] == "stopped"
     assert "cannot open" in next(d for cam, s, d in sink.states if cam == "remote" and d)
+    # A camera that keeps failing shows at logging.level = "warning".
+    levels = {e["log_level"] for e in logs if e["event"] == "camera_state" and e["state"] == "reconnecting"}
+    assert levels == {"warning"}
 
 
 async def test_live_fps_samples_on_the_stream_clock(tmp_path: Path, video: Callable[..., Path]) -> None:
