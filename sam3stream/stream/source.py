@@ -230,7 +230,7 @@ class CameraSource:
             produced = self._session_frames
             if self.mode == "file":
                 if failure is None and self.camera.loop and produced > 0:
-                    self._log.debug("file_loop", seq=self.seq)
+                    self._log.info("file_loop", seq=self.seq)
                     continue
                 self.error = failure if failure is not None else (None if produced else "no frames")
                 if self.error is not None:
@@ -278,6 +278,8 @@ class CameraSource:
                         decoded = await loop.run_in_executor(pool, decoder.next)
                 except _EndOfStream:
                     bad = decoder.bad_packets
+                    # "stream_ended" is the end of one pass over it; the camera's own end is its
+                    # state (a looping file starts over: file_loop).
                     self._log.info("stream_ended", frames=self._session_frames, bad_packets=bad)
                     return
                 except TimeoutError:
