@@ -97,7 +97,8 @@ def read_checkpoint_config(ckpt: Path) -> Sam3Config:
 
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
-        raise CheckpointError(f"checkpoint directory {ckpt} does not exist")
+        what = "is a file; give the folder that holds it" if ckpt.is_file() else "does not exist"
+        raise CheckpointError(f"checkpoint directory {ckpt} {what}")
     path = ckpt / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{ckpt}: {CONFIG_NAME} is missing")

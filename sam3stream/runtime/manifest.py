@@ -77,6 +77,8 @@ class EngineManifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 def read_manifest(engine_dir: Path) -> EngineManifest:
     """Load and sanity-check ``engine_dir/manifest.json``; errors name the directory."""
     path = Path(engine_dir) / MANIFEST_NAME
+    if Path(engine_dir).exists() and not Path(engine_dir).is_dir():
+        raise EngineMismatchError(f"engine directory {engine_dir} is a file, not a folder")
     if not Path(engine_dir).is_dir():
         raise EngineMismatchError(
             f"engine directory {engine_dir} does not exist; make one with "
@@ -121,11 +123,13 @@ def check_engine_matches(
     """Raise if the engine directory was made for other shapes than the configuration asks for."""
     problems = []
     if resolution is not None and manifest.resolution != resolution:
-        problems.append(f"resolution {manifest.resolution} (config asks for {resolution})")
+        problems.append(
+            f"resolution {manifest.resolution} (config asks for {resolution}: engines.export.resolution)"
+        )
     if batch is not None and manifest.batch < batch:
-        problems.append(f"max batch {manifest.batch} (config asks for {batch})")
+        problems.append(f"max batch {manifest.batch} (config asks for {batch}: batching.max_batch)")
     if queries is not None and manifest.queries != queries:
-        problems.append(f"queries {manifest.queries} (config asks for {queries})")
+        problems.append(f"queries {manifest.queries} (config asks for {queries}: engines.export.queries)")
     if problems:
         raise EngineMismatchError(
             f"engine directory {engine_dir} was made for "

@@ -487,11 +487,15 @@ def check_tensorrt_engine(
     check_build_record(manifest, record, engine_dir)
     problems = []
     if resolution is not None and manifest.resolution != resolution:
-        problems.append(f"resolution {manifest.resolution} (config asks for {resolution})")
+        problems.append(
+            f"resolution {manifest.resolution} (config asks for {resolution}: engines.export.resolution)"
+        )
     if batch is not None and record.batch.max < batch:
-        problems.append(f"batches of up to {record.batch.max} frames (config asks for {batch})")
+        problems.append(
+            f"batches of up to {record.batch.max} frames (config asks for {batch}: batching.max_batch)"
+        )
     if classes is not None and record.classes.max < classes:
-        problems.append(f"up to {record.classes.max} classes (config has {classes})")
+        problems.append(f"up to {record.classes.max} classes (config has {classes}: prompts.classes)")
     if problems:
         raise EngineMismatchError(
             f"TensorRT engine directory {engine_dir} was built for "

@@ -74,9 +74,11 @@ def test_min_score_keeps_only_masks_that_can_be_published(tiny_engines: Path) ->
 
 def test_engine_directory_errors(tiny_engines: Path, tmp_path: Path) -> None:
     manifest = read_manifest(tiny_engines)
-    with pytest.raises(EngineMismatchError, match=r"made for resolution 490 .config asks for 672"):
+    with pytest.raises(
+        EngineMismatchError, match=r"made for resolution 490 .config asks for 672: engines.export.resolution"
+    ):
         check_engine_matches(manifest, tiny_engines, resolution=672)
-    with pytest.raises(EngineMismatchError, match=r"max batch 4 .config asks for 8"):
+    with pytest.raises(EngineMismatchError, match=r"max batch 4 .config asks for 8: batching.max_batch"):
         check_engine_matches(manifest, tiny_engines, batch=8)
     with pytest.raises(EngineMismatchError, match="does not exist"):
         read_manifest(tmp_path / "missing")

@@ -381,9 +381,12 @@ def test_mismatch_messages_say_what_was_built_and_what_is_asked(tmp_path: Path) 
     with pytest.raises(EngineMismatchError) as info:
         check_tensorrt_engine(manifest, record, out, resolution=1008, batch=8, classes=20)
     message = str(info.value)
-    assert f"TensorRT engine directory {out} was built for resolution 672 (config asks for 1008)" in message
-    assert "batches of up to 4 frames (config asks for 8)" in message
-    assert "up to 16 classes (config has 20)" in message
+    assert (
+        f"TensorRT engine directory {out} was built for resolution 672 "
+        "(config asks for 1008: engines.export.resolution)" in message
+    )
+    assert "batches of up to 4 frames (config asks for 8: batching.max_batch)" in message
+    assert "up to 16 classes (config has 20: prompts.classes)" in message
     assert "sam3stream build ONNX_DIR --max-classes N" in message
     # Fits: smaller batches and fewer classes are fine.
     check_tensorrt_engine(manifest, record, out, resolution=672, batch=2, classes=3)
