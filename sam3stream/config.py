@@ -125,7 +125,8 @@ class CameraConfig(_Section, frozen=True, kw_only=True):
     mode: Literal["auto", "live", "file"] = "auto"
     fps: Positive | None = None  # live: sample down to it; file: pace to it (None = as fast as possible)
     loop: bool = False  # files only: start again at the end
-    options: dict[str, str] = {}  # passed to av.open (e.g. rtsp_transport = "tcp")
+    # Passed to av.open, which takes strings: numbers are written out (stimeout = 5000000).
+    options: dict[str, str | int | float] = {}  # e.g. rtsp_transport = "tcp"
 
     @property
     def is_network(self) -> bool:

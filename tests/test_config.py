@@ -232,3 +232,19 @@ def test_more_classes_than_the_engines_take_is_a_problem() -> None:
     many = ", ".join(f'"c{i}"' for i in range(300))
     found = problems(MINIMAL.replace('classes = ["person", "hand"]', f"classes = [{many}]"))
     assert found["prompts.classes"].startswith("300 classes; at most 256")
+
+
+def test_camera_options_take_numbers_but_not_booleans() -> None:
+    config = parse_config(
+        MINIMAL.replace(
+            'url = "videos/a.mp4"',
+            'url = "videos/a.mp4"\noptions = { stimeout = 5000000, rtsp_transport = "tcp" }',
+        ),
+        source="t",
+        base_dir=Path("/base"),
+    )
+    assert config.cameras[0].options == {"stimeout": 5000000, "rtsp_transport": "tcp"}
+    found = problems(
+        MINIMAL.replace('url = "videos/a.mp4"', 'url = "videos/a.mp4"\noptions = { flag = true }')
+    )
+    assert "got `bool`" in found["cameras[0].options.flag"]

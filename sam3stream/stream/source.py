@@ -254,7 +254,7 @@ class CameraSource:
         pool = single_thread(f"decode-{self.name}")
         decoder = _Decoder(
             self.camera.url,
-            dict(self.camera.options),
+            {key: str(value) for key, value in self.camera.options.items()},
             resolution=self._resolution,
             keep_image=self._keep_image,
             stop=stop,
