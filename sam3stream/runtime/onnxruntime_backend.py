@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from sam3stream.config import DEVICE
 from sam3stream.errors import BackendUnavailableError, EngineMismatchError, InputError
 from sam3stream.runtime.contract import PAD_BOX_LABEL, check_frames
 from sam3stream.runtime.manifest import EngineManifest, read_manifest
@@ -114,9 +115,6 @@ class OnnxRuntimeBackend:
 
 def _cuda_device_id(device: str) -> int | None:
     """None for "cpu", the GPU's index for "cuda" or "cuda:N"; anything else is an error."""
-    if device == "cpu":
-        return None
-    name, _, index = device.partition(":")
-    if name == "cuda" and (not index or index.isdigit()):
-        return int(index or 0)
-    raise InputError(f'device must be "cpu", "cuda" or "cuda:N", got {device!r}')
+    if not DEVICE.match(device):
+        raise InputError(f'device must be "cpu", "cuda" or "cuda:N", got {device!r}')
+    return None if device == "cpu" else int(device.partition(":")[2] or 0)
