@@ -66,7 +66,7 @@ def load_source(
     if (random is None) == (checkpoint is None):
         raise ValueError("give exactly one of a checkpoint directory or a random model size")
     if random is not None:
-        checkpoint = cache / f"random-{random}-seed{seed}"
+        checkpoint = _random_checkpoint_dir(cache, random, seed)
         if not (checkpoint / "config.json").is_file():
             log.info("writing random checkpoint", size=random, seed=seed, path=str(checkpoint))
             write_random_checkpoint(random, checkpoint, seed=seed)
@@ -75,6 +75,10 @@ def load_source(
         return loaded
     assert checkpoint is not None
     return load_checkpoint(checkpoint, resolution)
+
+
+def _random_checkpoint_dir(cache: Path, size: str, seed: int) -> Path:
+    return cache / f"random-{size}-seed{seed}"
 
 
 def _check_replaceable(out: Path) -> None:
@@ -216,7 +220,7 @@ def export_engines(
     model = loaded.model
     _use_eager_attention_in_decoder(model)
     parts = split_model(model, queries)
-    kept = f", weights kept in {shared / f'random-{random}-seed{seed}'}" if random is not None else ""
+    kept = f", weights kept in {_random_checkpoint_dir(shared, random, seed)}" if random is not None else ""
     steps.step(f"loaded {loaded.source} at {resolution}x{resolution}{kept}")
 
     tmp = out.with_name(out.name + ".partial")
