@@ -66,7 +66,7 @@ def load_bench(path: Path | None, card: str = "h200") -> dict[str, Any]:
         raise InputError(f"benchmark file {path} is not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("ours"), list):
         raise InputError(f"benchmark file {path} has no 'ours' rows: not a `sam3stream bench` result")
-    measured = [r for r in data["ours"] if isinstance(r, dict) and "total_fps" in r]
+    measured = _measured_rows(data)
     if not measured:
         raise InputError(f"benchmark file {path} has no measured rows (none with total_fps)")
     for i, row in enumerate(measured):
@@ -76,6 +76,11 @@ def load_bench(path: Path | None, card: str = "h200") -> dict[str, Any]:
         if missing:
             raise InputError(f"benchmark file {path}: measured row {i} lacks {', '.join(missing)}")
     return data
+
+
+def _measured_rows(bench: dict[str, Any]) -> list[dict[str, Any]]:
+    """Our rows with a measurement (a failed one carries only its error)."""
+    return [r for r in bench["ours"] if isinstance(r, dict) and "total_fps" in r]
 
 
 def plan(
@@ -96,7 +101,7 @@ def plan(
     if objects not in OBJECT_MIN_RESOLUTION:
         raise InputError(f"--objects must be one of {', '.join(OBJECT_MIN_RESOLUTION)}, got {objects!r}")
     budget = vram_gib * 1024 * (1 - headroom)
-    rows = [r for r in bench["ours"] if "total_fps" in r]
+    rows = _measured_rows(bench)
     candidates = []
     for res in sorted({r["resolution"] for r in rows}, reverse=True):
         at_res = sorted((r for r in rows if r["resolution"] == res), key=lambda r: r["cameras"])
