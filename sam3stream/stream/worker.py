@@ -363,10 +363,10 @@ class GpuWorker:
                 work.append(
                     pool.submit(self._postprocess, *args)
                     if one.masks.size
-                    else _frame_failure(f, self._postprocess, *args)
+                    else _detections_for(f, self._postprocess, *args)
                 )
             return [
-                _frame_failure(frames[b], item.result) if isinstance(item, Future) else item
+                _detections_for(frames[b], item.result) if isinstance(item, Future) else item
                 for b, item in enumerate(work)
             ]
         except BrokenExecutor as exc:
@@ -378,7 +378,7 @@ class GpuWorker:
         frames = inferred.batch.frames
 
         def detect(b: int) -> list[Detection]:
-            return _frame_failure(frames[b], self._postprocess, *self._post_args(inferred.raw, b, frames[b]))
+            return _detections_for(frames[b], self._postprocess, *self._post_args(inferred.raw, b, frames[b]))
 
         pool = self._frame_pool
         if isinstance(pool, ProcessPoolExecutor):
@@ -413,7 +413,7 @@ class GpuWorker:
         ]
 
 
-def _frame_failure(frame: Frame, fn: Callable[..., list[Detection]], *args: Any) -> list[Detection]:
+def _detections_for(frame: Frame, fn: Callable[..., list[Detection]], *args: Any) -> list[Detection]:
     """``fn(*args)``: one frame's detections; its failure names the camera and the frame."""
     try:
         return fn(*args)
