@@ -50,6 +50,8 @@ def test_video_config_nesting_and_prefixed_weights(tiny_checkpoint: Path, tmp_pa
 def test_missing_directory_and_files(tmp_path: Path, tiny_checkpoint: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope", 448)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is a file; give the folder that holds it"):
+        load_checkpoint(tiny_checkpoint / "model.safetensors", 448)
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
     (broken / "model.safetensors").unlink()

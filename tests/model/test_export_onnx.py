@@ -82,6 +82,8 @@ def test_engine_directory_errors(tiny_engines: Path, tmp_path: Path) -> None:
         check_engine_matches(manifest, tiny_engines, batch=8)
     with pytest.raises(EngineMismatchError, match="does not exist"):
         read_manifest(tmp_path / "missing")
+    with pytest.raises(EngineMismatchError, match=r"manifest\.json is a file, not a folder"):
+        read_manifest(tiny_engines / "manifest.json")
     broken = tmp_path / "broken"
     shutil.copytree(tiny_engines, broken)
     (broken / "decoder.onnx").unlink()
