@@ -392,6 +392,10 @@ def _convert(value: object, tp: Any, path: str, problems: list[tuple[str, str]])
             return _convert_tagged(value, structs, path, problems)
         return _convert_struct(value, structs[0], path, problems)
     if typing.get_origin(tp) is list and _struct_args(typing.get_args(tp)[0]) is not None:
+        if isinstance(value, dict):
+            # The usual slip: [cameras] written once where each camera needs [[cameras]].
+            problems.append((path, f"write each entry as [[{path}]] (an array of tables), not [{path}]"))
+            return _INVALID
         if not isinstance(value, list):
             problems.append((path, f"expected an array of tables, got {_type_name(value)}"))
             return _INVALID
@@ -584,9 +588,9 @@ def _check_raw(raw: dict[str, Any]) -> Problems:
             if known is not None and label not in known:
                 yield f"prompts.thresholds.{label}", f"{label!r} is not one of prompts.classes"
     cameras = raw.get("cameras")
-    cameras = cameras if isinstance(cameras, list) else []
-    if "cameras" in raw and not cameras:
+    if isinstance(cameras, list) and not cameras:  # not a list: _convert has said so
         yield "cameras", "give at least one [[cameras]] entry"
+    cameras = cameras if isinstance(cameras, list) else []
     first: dict[str, int] = {}
     for i, cam in enumerate(cameras):
         name = cam.get("name") if isinstance(cam, dict) else None

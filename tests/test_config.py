@@ -205,9 +205,24 @@ def test_validate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert capsys.readouterr().out.startswith("ok: 1 cameras, 0 sinks")
     bad = tmp_path / "bad.toml"
     bad.write_text(MINIMAL + "foo = 1\n[batching]\nmax_batch = 0\n")
-    assert main(["validate", str(bad)]) == 1
-    lines = capsys.readouterr().out.splitlines()
-    assert lines == ["cameras[0].foo: unknown key", "batching.max_batch: expected `int` >= 1, got 0"]
+    assert main(["validate", str(bad)]) == 2
+    validated = capsys.readouterr()
+    assert validated.out == ""
+    assert validated.err.splitlines() == [
+        f"{bad}: cameras[0].foo: unknown key",
+        f"{bad}: batching.max_batch: expected `int` >= 1, got 0",
+    ]
+    # `run` reports the same problems the same way, before it opens anything.
+    assert main(["run", str(bad)]) == 2
+    assert capsys.readouterr().err == validated.err
+
+
+def test_cameras_written_as_one_table_is_one_problem() -> None:
+    found = problems(MINIMAL.replace("[[cameras]]", "[cameras]"))
+    assert found == {"cameras": "write each entry as [[cameras]] (an array of tables), not [cameras]"}
+    assert problems("cameras = []\n" + MINIMAL.split("[[cameras]]")[0]) == {
+        "cameras": "give at least one [[cameras]] entry"
+    }
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

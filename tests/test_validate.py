@@ -90,6 +90,6 @@ def test_nul_byte_in_a_path_is_a_problem_at_its_key() -> None:
 
 def test_validate_reports_a_nul_byte_in_a_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write(tmp_path, BASE.replace('"videos/a.mp4"', '"a.mp4\\u0000"') + JSONL_SINK)
-    assert main(["validate", str(config)]) == 1
-    [line] = capsys.readouterr().out.splitlines()
-    assert line.startswith("cameras[0].url: ") and "null byte" in line
+    assert main(["validate", str(config)]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"{config}: cameras[0].url: ") and "null byte" in line

@@ -1,6 +1,6 @@
 """``sam3stream validate CONFIG``: check a config file and list every problem with its key path.
 
-Exits 1 if there are problems. Warnings (valid but probably unintended settings) are printed
+Problems go to stderr, one line each, and exit 2, as ``run`` reports them. Warnings (valid but probably unintended settings) are printed
 after the ``ok`` line and do not change the exit code; ``run`` logs the same ones at start.
 """
 
@@ -10,7 +10,6 @@ import argparse
 from pathlib import Path
 
 from sam3stream.config import Config, load_config
-from sam3stream.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,12 +35,9 @@ def config_warnings(config: Config) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for path, message in exc.problems:
-            print(f"{path}: {message}" if path else message)
-        return 1
+    # A ConfigError reaches the CLI, which prints it as it does for `run`: the same lines on
+    # stderr and the same exit code, so a script can check a config either way.
+    config = load_config(args.config)
     print(f"ok: {config.summary()}")
     for path, message in config_warnings(config):
         print(f"warning: {path}: {message}")
