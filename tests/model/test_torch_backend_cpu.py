@@ -36,6 +36,9 @@ def test_matches_onnxruntime_on_the_same_engine_directory(backend: TorchBackend,
     np.testing.assert_allclose(ours.boxes, theirs.boxes, atol=1e-4)
     assert np.array_equal(ours.mask_index, theirs.mask_index)
     np.testing.assert_allclose(ours.masks, theirs.masks, atol=1e-3)
+    # Both report the same stages (infer prints them): the vision step and the decoder, timed.
+    assert set(backend.last_timings) == set(ort.last_timings) == {"vision", "decoder"}
+    assert all(ms > 0 for ms in backend.last_timings.values())
 
 
 def test_pipelined_submits_give_each_batch_its_own_outputs(backend: TorchBackend) -> None:
