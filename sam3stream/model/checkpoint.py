@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,6 +184,12 @@ def write_random_checkpoint(size: str, out: Path, seed: int = 0, resolution: int
     out.mkdir(parents=True, exist_ok=True)
     model = random_model(size, resolution, seed)
     model.save_pretrained(out, safe_serialization=True)
+    # save_pretrained leaves the weights 0600 (a private temporary file, renamed), unlike its
+    # config.json: give them the config's mode, so that a service running as another user can
+    # read the checkpoint.
+    mode = stat.S_IMODE((out / "config.json").stat().st_mode)
+    for weights in out.glob("*.safetensors"):
+        weights.chmod(mode)
     write_tiny_tokenizer(out)
     log.info("wrote random checkpoint", size=size, seed=seed, out=str(out))
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,13 @@ def test_written_at_one_resolution_loads_at_another(tiny_checkpoint: Path) -> No
     with torch.no_grad():
         fpn = b.vision_encoder(torch.zeros(1, 3, 672, 672)).fpn_hidden_states
     assert fpn[2].shape[-1] == 48
+
+
+def test_written_weights_are_as_readable_as_the_rest(tiny_checkpoint: Path) -> None:
+    # A service running as another user must be able to read a checkpoint someone wrote.
+    config_mode = stat.S_IMODE((tiny_checkpoint / "config.json").stat().st_mode)
+    assert config_mode & stat.S_IROTH  # the tests' umask leaves files readable by others
+    assert stat.S_IMODE((tiny_checkpoint / "model.safetensors").stat().st_mode) == config_mode
 
 
 def test_video_config_nesting_and_prefixed_weights(tiny_checkpoint: Path, tmp_path: Path) -> None:
