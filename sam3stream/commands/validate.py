@@ -1,7 +1,8 @@
 """``sam3stream validate CONFIG``: check a config file and list every problem with its key path.
 
-Problems go to stderr, one line each, and exit 2, as ``run`` reports them. Warnings (valid but probably unintended settings) are printed
-after the ``ok`` line and do not change the exit code; ``run`` logs the same ones at start.
+Problems go to stderr, one line each, and exit 2, as ``run`` reports them. Warnings (valid but
+probably unintended settings) are printed after the ``ok`` line and do not change the exit
+code; ``run`` logs the same ones at start.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import threading
 import time
@@ -82,6 +83,16 @@ class _Decoded:
     height: int
     pixels: npt.NDArray[np.uint8]
     image: npt.NDArray[np.uint8] | None
+
+
+def _open_problem(exc: BaseException, camera: CameraConfig) -> str:
+    """Why a camera could not be opened, in words: FFmpeg's reason without its errno, and a
+    file's path (a network URL stays out of the message: it may hold credentials)."""
+    reason = str(getattr(exc, "strerror", None) or exc)
+    if isinstance(exc, av.error.InvalidDataError):
+        empty = not camera.is_network and os.path.isfile(camera.url) and os.path.getsize(camera.url) == 0
+        reason = "the file is empty" if empty else f"not a video FFmpeg can read ({reason})"
+    return reason if camera.is_network else f"{reason}: {camera.url}"
 
 
 class _Decoder:
@@ -270,7 +281,7 @@ class CameraSource:
             except TimeoutError:
                 raise _SourceFailure(f"no answer within {self._lifecycle.stall_timeout_s} s") from None
             except _STREAM_ERRORS as exc:
-                raise _SourceFailure(f"cannot open: {exc}") from exc
+                raise _SourceFailure(f"cannot open: {_open_problem(exc, self.camera)}") from exc
             await self._set_state("running")
             while True:
                 try:

@@ -44,12 +44,15 @@ async def test_broken_files_end_their_camera_only(tmp_path: Path, video: Callabl
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(b"this is not a video" * 500)
     missing = tmp_path / "missing.mp4"
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
     cams = (
         camera_toml("good", good, fps=50)
         + camera_toml("short", short)
         + camera_toml("truncated", truncated)
         + camera_toml("corrupt", corrupt)
         + camera_toml("missing", missing)
+        + camera_toml("empty", empty)
     )
     sink = MemorySink()
     config = make_config(tmp_path, cams)
@@ -61,11 +64,17 @@ async def test_broken_files_end_their_camera_only(tmp_path: Path, video: Callabl
     expected = decodable_frames(truncated)
     assert 0 < expected < 30
     assert sink.seqs("truncated") == list(range(expected))
-    assert sink.seqs("corrupt") == [] and sink.seqs("missing") == []
-    assert p.camera_states() == dict.fromkeys(["good", "short", "truncated", "corrupt", "missing"], "ended")
+    assert sink.seqs("corrupt") == sink.seqs("missing") == sink.seqs("empty") == []
+    names = ["good", "short", "truncated", "corrupt", "missing", "empty"]
+    assert p.camera_states() == dict.fromkeys(names, "ended")
     errors = p.camera_errors()
-    assert set(errors) == {"corrupt", "missing"}
-    assert "cannot open" in errors["missing"] and "cannot open" in errors["corrupt"]
+    # Each says why in words and names its file; FFmpeg's errno numbers stay out.
+    assert errors == {
+        "corrupt": "cannot open: not a video FFmpeg can read (Invalid data found when processing input): "
+        f"{corrupt}",
+        "missing": f"cannot open: No such file or directory: {missing}",
+        "empty": f"cannot open: the file is empty: {empty}",
+    }
     assert ("missing", "ended", errors["missing"]) in sink.states  # status goes out to sinks too
     assert not worker_threads()
 
