@@ -590,6 +590,10 @@ def fake_tensorrt(cudart: Any, version: str = "10.14.1.48", fp16_flag: bool = Tr
                 assert (
                     rt.cudaMemcpy(self.addresses[meta.name], value.ctypes.data, value.nbytes, kind)[0] == ok
                 )
+            # From pageable memory cudaMemcpy may return before its DMA lands, and the backend's
+            # non-blocking stream does not wait for it: finish here, as TensorRT's own kernels
+            # would have finished on the backend's stream before anything later on it.
+            assert rt.cudaDeviceSynchronize()[0] == ok
             trt.executed.append((sorted(feeds), dict(self.addresses)))  # type: ignore[attr-defined]
             return True
 
