@@ -72,7 +72,7 @@ from sam3stream.runtime.trt_plan import (
     resolve_shape,
     total_bytes,
 )
-from sam3stream.runtime.trt_runtime import dtype_name
+from sam3stream.runtime.trt_runtime import dtype_name, native_handle
 from sam3stream.runtime.types import RawOutputs, TextFeatures
 
 __all__ = ["TensorRTBackend"]
@@ -236,7 +236,7 @@ class TensorRTBackend:
         cuda = self._cuda
         axes = {BATCH_AXIS: self._record.batch, CLASS_AXIS: self._record.classes}
         self._stream = cuda.stream()
-        self._stream_handle = int(self._stream)
+        self._stream_handle = native_handle(self._stream)
         self._events = [cuda.event() for _ in range(3)]
         # The contexts never run at the same time (one stream, in order), so their activations
         # can live in one block; separately they would cost the sum of the four needs.

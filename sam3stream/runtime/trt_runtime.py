@@ -7,6 +7,7 @@ so the rest of the package works without them.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib
 from typing import Any
@@ -18,9 +19,11 @@ __all__ = [
     "MIN_TENSORRT",
     "CudaError",
     "CudaRuntime",
+    "driver_loads",
     "dtype_name",
     "load_cudart",
     "load_tensorrt",
+    "native_handle",
     "trt_logger",
 ]
 
@@ -55,7 +58,7 @@ def load_tensorrt() -> Any:
 
 
 def load_cudart() -> Any:
-    """cuda-python's runtime module: ``cuda.bindings.runtime`` (12.6+), else the older ``cuda.cudart``."""
+    """cuda-python's runtime module: ``cuda.bindings.runtime`` (12.6.1+), else ``cuda.cudart`` (before 13)."""
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
         try:
             return importlib.import_module(name)
@@ -64,6 +67,28 @@ def load_cudart() -> Any:
     raise BackendUnavailableError(
         "the tensorrt backend needs cuda-python for device memory and streams: pip install cuda-python"
     )
+
+
+def driver_loads() -> bool:
+    """Whether the NVIDIA driver's library loads here. cuda-python 13 answers a missing driver
+    with cudaErrorInsufficientDriver, as it answers one that is too old."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def native_handle(obj: Any) -> int:
+    """A cuda-python object's address as an int (what execute_async_v3 takes for a stream).
+    cuda-python 13 deprecates ``int(obj)`` for get_cuda_native_handle; older releases lack it."""
+    if isinstance(obj, int):
+        return obj
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
 
 
 def _version(version: str) -> tuple[int, int]:
@@ -128,7 +153,9 @@ class CudaRuntime:
         if count == 0:
             why = self.describe(result[0]) if result[0] != self._success else "no device found"
             advice = "the tensorrt backend needs an NVIDIA GPU and its driver"
-            if "InsufficientDriver" in why:
+            if "InsufficientDriver" in why and not driver_loads():
+                advice = "no NVIDIA driver is installed here (libcuda.so.1 does not load); " + advice
+            elif "InsufficientDriver" in why:
                 advice = (
                     "the driver is older than this cuda-python / TensorRT build needs: update the "
                     "driver, or install the packages for its CUDA version; " + INSTALL_HINT

@@ -47,7 +47,7 @@ from sam3stream.runtime.manifest import (
 )
 from sam3stream.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from sam3stream.runtime.tensorrt_backend import TensorRTBackend
-from sam3stream.runtime.tensorrt_build import build_engine_dir
+from sam3stream.runtime.tensorrt_build import TensorRTBuildError, build_engine_dir
 from sam3stream.runtime.trt_plan import BUILD_RECORD_NAME, read_build_record, write_build_record
 from sam3stream.runtime.types import Backend, RawOutputs
 
@@ -427,6 +427,17 @@ _ORT_TYPES = {
 _MAGIC = b"STAND-IN PLAN\n"
 
 
+class _ParserError:
+    def __init__(self, desc: str) -> None:
+        self._desc = desc
+
+    def desc(self) -> str:
+        return self._desc
+
+    def __str__(self) -> str:
+        return f"In node -1 with name:  and operator:  (parse_from_file): INVALID_GRAPH: {self._desc}"
+
+
 def fake_tensorrt(cudart: Any, version: str = "10.14.1.48", fp16_flag: bool = True) -> Any:
     """A ``tensorrt`` module whose plans are ONNX graphs that onnxruntime runs on copies of device memory."""
     trt = types.ModuleType("tensorrt")
@@ -436,6 +447,7 @@ def fake_tensorrt(cudart: Any, version: str = "10.14.1.48", fp16_flag: bool = Tr
     trt.TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")  # type: ignore[attr-defined]
     trt.TensorLocation = enum.Enum("TensorLocation", "DEVICE HOST")  # type: ignore[attr-defined]
     trt.on_host = set()  # type: ignore[attr-defined]  # tensor names a plan keeps on the host
+    trt.unparsable = {}  # type: ignore[attr-defined]  # ONNX file name -> the parser's complaint
     trt.BuilderFlag = enum.Enum("BuilderFlag", "FP16 TF32" if fp16_flag else "TF32")  # type: ignore[attr-defined]
     trt.MemoryPoolType = enum.Enum("MemoryPoolType", "WORKSPACE")  # type: ignore[attr-defined]
     strategies = enum.Enum("ExecutionContextAllocationStrategy", "STATIC ON_PROFILE_CHANGE USER_MANAGED")
@@ -464,6 +476,10 @@ def fake_tensorrt(cudart: Any, version: str = "10.14.1.48", fp16_flag: bool = Tr
             self.network, self.errors = network, []
 
         def parse_from_file(self, path: str) -> bool:
+            complaint = trt.unparsable.get(Path(path).name)  # type: ignore[attr-defined]
+            if complaint is not None:
+                self.errors.append(complaint)
+                return False
             try:
                 model = onnx.load(path)
             except Exception as exc:
@@ -477,8 +493,9 @@ def fake_tensorrt(cudart: Any, version: str = "10.14.1.48", fp16_flag: bool = Tr
         def num_errors(self) -> int:
             return len(self.errors)
 
-        def get_error(self, i: int) -> str:
-            return self.errors[i]
+        def get_error(self, i: int) -> Any:
+            # TensorRT's is a ParserError: desc() and a __str__ that names the node and operator.
+            return _ParserError(self.errors[i])
 
     class Profile:
         def __init__(self) -> None:
@@ -717,6 +734,20 @@ def assert_same_outputs(got: RawOutputs, want: RawOutputs) -> None:
 # --------------------------------------------------------------------------- through the stand-ins
 
 
+def test_a_graph_the_parser_refuses_names_the_file_and_the_reason(
+    onnx_engine: Path, host_cuda: Counting, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    trt = fake_tensorrt(host_cuda)
+    trt.unparsable["decoder.onnx"] = "No importer registered for op: Attention"
+    use_tensorrt(monkeypatch, trt)
+    with pytest.raises(TensorRTBuildError) as info:
+        build_engine_dir(onnx_engine, tmp_path / "trt", max_classes=8, opt_classes=2)
+    message = str(info.value)
+    assert f"cannot parse {onnx_engine / 'decoder.onnx'}: In node" in message
+    assert "No importer registered for op: Attention" in message and "needs TensorRT 10.14" in message
+    assert not (tmp_path / "trt").exists()
+
+
 def test_build_writes_plans_manifest_and_record(onnx_engine: Path, built: Path) -> None:
     manifest = read_manifest(built)
     source = read_manifest(onnx_engine)
@@ -910,11 +941,26 @@ def test_a_missing_or_old_driver_is_named(built: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(trt_runtime, "load_cudart", _NoDriver)
     with pytest.raises(BackendUnavailableError, match=r"CUDA driver could not be loaded \(Failed to dlopen"):
         TensorRTBackend(built)
+    # cuda-python 13 gives the same error for a driver that is too old and for none at all.
     monkeypatch.setattr(trt_runtime, "load_cudart", _OldDriver)
+    monkeypatch.setattr(trt_runtime, "driver_loads", lambda: True)
     with pytest.raises(
         BackendUnavailableError, match=r"cudaErrorInsufficientDriver.*driver is older.*tensorrt-cu12"
     ):
         TensorRTBackend(built)
+    monkeypatch.setattr(trt_runtime, "driver_loads", lambda: False)
+    with pytest.raises(BackendUnavailableError, match=r"no NVIDIA driver is installed here") as info:
+        TensorRTBackend(built)
+    assert "older" not in str(info.value)
+
+
+def test_a_stream_object_becomes_the_int_handle_tensorrt_takes() -> None:
+    class Stream:  # what cuda-python returns: an object that converts to its address
+        def __int__(self) -> int:
+            return 0x7F00
+
+    assert trt_runtime.native_handle(Stream()) == 0x7F00
+    assert trt_runtime.native_handle(42) == 42
 
 
 def test_close_makes_the_device_current_and_a_failed_batch_leaves_nothing_in_flight(
