@@ -46,6 +46,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "sink_name",
+    "validate_config",
 ]
 
 OnFull: TypeAlias = Literal["drop_oldest", "block"]
@@ -277,19 +278,30 @@ def load_config(path: str | Path) -> Config:
     return parse_config(text, source=str(path), base_dir=path.resolve().parent)
 
 
-def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None) -> Config:
+def parse_config(text: str, source: str = "<config>", base_dir: str | Path | None = None) -> Config:
     """Parse TOML text; relative paths resolve against ``base_dir`` (default: the working directory)."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # tomllib's message already ends in "(at line N, column M)".
         raise ConfigError([("", f"TOML syntax error: {exc}")], source=source) from None
+    return _from_raw(raw, source, base_dir)
+
+
+def validate_config(config: Config, base_dir: str | Path | None = None) -> Config:
+    """A Config built in code, checked by the rules a config file goes through (msgspec Structs
+    check nothing when constructed): every problem raised at once as a ConfigError with its key
+    path; relative paths resolve against ``base_dir`` (default: the working directory)."""
+    return _from_raw(msgspec.to_builtins(config), "<Config>", base_dir)
+
+
+def _from_raw(raw: dict[str, Any], source: str, base_dir: str | Path | None) -> Config:
     problems: list[tuple[str, str]] = []
     config = _convert(raw, Config, "", problems)
     problems.extend(_check_raw(raw))
     if problems or not isinstance(config, Config):
         raise ConfigError(problems, source=source)
-    resolved = _resolve_paths(config, (base_dir or Path.cwd()).resolve(), problems)
+    resolved = _resolve_paths(config, Path(base_dir or Path.cwd()).resolve(), problems)
     if problems:  # a path that cannot be resolved (a NUL byte, ~nosuchuser, a symlink loop)
         raise ConfigError(problems, source=source)
     return resolved

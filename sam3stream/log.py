@@ -1,6 +1,8 @@
 """Logging: structlog, key=value on a console or one JSON object per line.
 
-Configured once by the CLI; an application embedding the pipeline keeps its own setup.
+Configured once by the CLI (configure_logging). In an application that embeds the pipeline
+and has not configured structlog, the events go through the standard ``logging`` module instead
+(use_standard_logging), so the application's own logging setup decides what is shown.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Literal, TextIO, cast
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "use_standard_logging"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -36,6 +38,30 @@ def configure_logging(level: str = "info", fmt: Literal["console", "json"] | str
         logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
+
+
+def use_standard_logging() -> None:
+    """Route sam3stream's events through ``logging``, each under the name of the module that logs
+    it (``sam3stream.stream.source``, ...), as one line: the event, then key=value pairs. The
+    application's handlers, format and levels apply; with none set up, Python shows warnings
+    and errors on stderr. Pipeline does this when structlog has not been configured."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.filter_by_level,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            _event_line,
+        ],
+        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _event_line(logger: object, method: str, event_dict: structlog.typing.EventDict) -> str:
+    event = event_dict.pop("event", "")
+    return " ".join([str(event), *(f"{key}={value}" for key, value in event_dict.items())])
 
 
 class _CurrentStderr:

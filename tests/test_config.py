@@ -8,12 +8,18 @@ import pytest
 
 from sam3stream.cli import main
 from sam3stream.config import (
+    BatchingConfig,
+    CameraConfig,
+    Config,
+    EnginesConfig,
     JsonlSinkConfig,
     MqttSinkConfig,
+    PromptsConfig,
     VideoSinkConfig,
     load_config,
     parse_config,
     sink_name,
+    validate_config,
 )
 from sam3stream.errors import ConfigError
 
@@ -263,3 +269,30 @@ def test_camera_options_take_numbers_but_not_booleans() -> None:
         MINIMAL.replace('url = "videos/a.mp4"', 'url = "videos/a.mp4"\noptions = { flag = true }')
     )
     assert "got `bool`" in found["cameras[0].options.flag"]
+
+
+def test_a_config_built_in_code_gets_the_files_checks(tmp_path: Path) -> None:
+    from sam3stream.stream.pipeline import Pipeline
+
+    bad = Config(
+        engines=EnginesConfig(dir="engines/x", backend="fake"),
+        prompts=PromptsConfig(classes=["person", "person"], conf=5.0),
+        cameras=[CameraConfig(name="door/1", url="a.mp4"), CameraConfig(name="door/1", url="b.mp4")],
+        batching=BatchingConfig(max_batch=0),
+    )  # msgspec checks none of this when the Structs are made
+    with pytest.raises(ConfigError) as info:
+        validate_config(bad)
+    found = dict(info.value.problems)
+    assert {"prompts.conf", "cameras[0].name", "cameras[1].name", "batching.max_batch"} <= set(found)
+    assert "duplicate" in found["prompts.classes[1]"]
+    with pytest.raises(ConfigError):  # the same checks before a Pipeline is made of it
+        Pipeline(bad)
+    good = Config(
+        engines=EnginesConfig(dir="engines/x", backend="fake"),
+        prompts=PromptsConfig(classes=["person"]),
+        cameras=[CameraConfig(name="door", url="a.mp4")],
+    )
+    checked = validate_config(good, base_dir=str(tmp_path))  # a str is a folder too
+    assert checked.cameras[0].url == str(tmp_path / "a.mp4")
+    assert checked.engines.dir == str(tmp_path / "engines/x")
+    assert validate_config(checked) == checked  # a checked config passes again unchanged

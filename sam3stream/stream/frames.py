@@ -38,6 +38,16 @@ class Rle(msgspec.Struct, gc=False):
 
 
 class Detection(msgspec.Struct, gc=False, omit_defaults=True):
+    """One object found in a frame.
+
+    ``score`` is SAM 3's: the query's probability times the class's presence probability in the
+    frame, 0..1, compared with the class's threshold. ``box`` is (x1, y1, x2, y2) as fractions of
+    the original frame's width and height; ``box_px`` the same in its pixels (continuous
+    coordinates: the frame spans 0..width). ``mask`` is present unless masks are off; its size is
+    ``prompts.mask_size`` (given as [width, height]) or the frame's, as (height, width).
+    ``sam3stream.rle.decode(mask)`` gives the boolean array.
+    """
+
     label: str
     score: float
     box: tuple[float, float, float, float]  # normalized xyxy, 0..1 of the original frame
@@ -58,6 +68,15 @@ class StageTimes(msgspec.Struct, gc=False):
 
 
 class FrameResult(msgspec.Struct, gc=False, kw_only=True):
+    """A frame's detections, best score first, as every sink gets them and ``Pipeline.results()``
+    yields them.
+
+    ``seq`` counts the camera's frames from 0 (a looping file keeps counting); ``pts`` and
+    ``stream_time`` (seconds) are the stream's own clock when it has one; ``capture_time`` is
+    the wall clock (``time.time()``) when the frame was decoded. ``width`` and ``height`` are the
+    original frame's. ``timing`` holds milliseconds per stage.
+    """
+
     schema: int = SCHEMA_VERSION
     camera: str
     seq: int

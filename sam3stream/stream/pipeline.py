@@ -8,7 +8,9 @@ All actors run in one TaskGroup with named tasks, so one failing actor (the
 engine dying) stops all of them and the error reaches whoever awaits the
 pipeline. Stopping drains: sources stop, frames already accepted get their
 results, sinks get everything queued for them, then the rest is cancelled.
-The drain waits at most ``lifecycle.drain_timeout_s``; after it, each sink has
+When every camera ends on its own (files), the drain waits as long as it takes: nothing was
+asked to stop, so nothing is given up. A stop request (stop(), a signal) drains for at most
+``lifecycle.drain_timeout_s``; after it, each sink has
 as long again to finish what it holds (``block`` sinks; the rest count it as
 dropped) and as long again to close, so a stuck sink bounds a stop at about
 three times the timeout.
@@ -34,8 +36,9 @@ from types import TracebackType
 
 import structlog
 
-from sam3stream.config import Config, sink_name
+from sam3stream.config import Config, sink_name, validate_config
 from sam3stream.errors import BackendUnavailableError, EngineMismatchError
+from sam3stream.log import use_standard_logging
 from sam3stream.metrics import Metrics, Reporter
 from sam3stream.runtime.loader import open_backend
 from sam3stream.runtime.manifest import check_engine_matches, check_engine_source
@@ -87,6 +90,13 @@ class Pipeline:
         post_threads: int | None = None,
         post_processes: int | None = None,
     ) -> None:
+        if not structlog.is_configured():
+            # Embedded in an application that has not set structlog up: its logging setup
+            # decides what shows (the CLI configures structlog before it gets here).
+            use_standard_logging()
+        # A Config built in code has not been through the file's checks (a TOML-loaded one passes
+        # them again unchanged): its problems surface here, named by key, not deep in a start.
+        config = validate_config(config)
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics(window_s=config.metrics.interval_s)
         self._given_backend = backend
@@ -100,6 +110,7 @@ class Pipeline:
         check_post_processes(self._post_processes, postprocess)
         self._rng = rng or random.Random()
         self._subscriber = Subscriber(results_queue) if results_queue > 0 else None
+        self._reading = False
         self._stop_requested = asyncio.Event()
         self._started = asyncio.Event()
         self._main: asyncio.Task[None] | None = None
@@ -109,7 +120,9 @@ class Pipeline:
         self.batches: BatchQueue[Batch] = BatchQueue(config.batching.batch_queue)
         self.routes: list[SinkRoute] = []
         self.in_flight = InFlight()
-        self.drained: bool | None = None  # after a stop: whether everything accepted was delivered
+        # After the end: whether every accepted frame's results reached every sink within the
+        # drain (False: the timeout of a stop cut it short; see the sink_undelivered log lines).
+        self.drained: bool | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -174,11 +187,24 @@ class Pipeline:
         """Results as they come, until the pipeline finishes (raises if it failed).
 
         Reading is optional: unread results beyond ``results_queue`` are dropped, oldest first.
+        One reader at a time: two would split the results between them, so a second raises (hand
+        them on yourself, or add a Sink, which gets every result).
         """
         main = self._require_started()
         if self._subscriber is None:
             raise RuntimeError("this pipeline was made with results_queue=0: it keeps no results to read")
-        queue = self._subscriber.queue
+        if self._reading:
+            raise RuntimeError("results() already has a reader; each result goes to one reader only")
+        self._reading = True
+        try:
+            async for result in self._read(main, self._subscriber.queue):
+                yield result
+        finally:
+            self._reading = False
+
+    async def _read(
+        self, main: asyncio.Task[None], queue: asyncio.Queue[FrameResult]
+    ) -> AsyncIterator[FrameResult]:
         while True:
             if not queue.empty():
                 yield queue.get_nowait()
@@ -202,12 +228,18 @@ class Pipeline:
 
     @property
     def results_dropped(self) -> int:
+        """Results that ``results()`` dropped because nobody read them in time (sinks count theirs
+        in the metrics)."""
         return self._subscriber.dropped if self._subscriber is not None else 0
 
     def camera_states(self) -> dict[str, str]:
+        """Each camera's state: connecting, running, reconnecting (live), ended (a file read to
+        its end), failed (a file camera that ended on an error: see camera_errors) or stopped."""
         return {name: src.state for name, src in self.sources.items()}
 
     def camera_errors(self) -> dict[str, str]:
+        """Why each failed camera failed ("cannot open: the file is empty: /videos/a.mp4"). A
+        failed camera does not stop the others, nor make ``wait()`` raise."""
         return {name: src.error for name, src in self.sources.items() if src.error is not None}
 
     # ------------------------------------------------------------------ internals
@@ -480,6 +512,11 @@ class Pipeline:
         await reporter.report()
         log.info("pipeline_stopped", drained=self.drained, in_flight=self.in_flight.count)
 
+    async def _drain(self, fanout: Fanout) -> None:
+        """Until every accepted frame has its results and every sink queue is empty."""
+        await self.in_flight.wait_idle()
+        await fanout.join()
+
     async def _supervise(
         self, sources: list[asyncio.Task[None]], rest: list[asyncio.Task[None]], fanout: Fanout
     ) -> None:
@@ -491,26 +528,38 @@ class Pipeline:
         finally:
             stop.cancel()
             ended.cancel()
-        reason = "stop requested" if self._stop_requested.is_set() else "all cameras ended"
-        log.info("pipeline_draining", reason=reason, timeout_s=self.config.lifecycle.drain_timeout_s)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.lifecycle.drain_timeout_s
+        timeout_s = self.config.lifecycle.drain_timeout_s
         # A cancelled source puts nothing more in (its pending put is what gets cancelled),
         # so the drain need not wait for its decode thread to wind down.
         for task in sources:
             task.cancel()
+        drain = asyncio.ensure_future(self._drain(fanout))
         try:
-            async with asyncio.timeout_at(deadline):
-                await self.in_flight.wait_idle()
-                await fanout.join()
-            self.drained = True
-        except TimeoutError:
-            self.drained = False
-            log.warning(
-                "drain_timeout",
-                in_flight=self.in_flight.count,
-                queued={r.name: r.queue.qsize() for r in self.routes},
-            )
+            if not self._stop_requested.is_set():
+                # Every camera ended and nobody asked to stop (a batch of files): each accepted frame
+                # gets its results, however long the engine and the sinks take. A stop requested
+                # meanwhile (a signal) bounds the rest by the timeout, counted from then.
+                log.info("pipeline_draining", reason="all cameras ended", in_flight=self.in_flight.count)
+                stop = asyncio.ensure_future(self._stop_requested.wait())
+                try:
+                    await asyncio.wait({drain, stop}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop.cancel()
+            if not drain.done():
+                log.info("pipeline_draining", reason="stop requested", timeout_s=timeout_s)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await drain
+                self.drained = True
+            except TimeoutError:
+                self.drained = False
+                log.warning(
+                    "drain_timeout",
+                    in_flight=self.in_flight.count,
+                    queued={r.name: r.queue.qsize() for r in self.routes},
+                )
+        finally:
+            drain.cancel()  # when the supervisor itself is cancelled (an error, abort)
         if sources:
             # Their "stopped" notices go to the sinks (MQTT's retained status): let them out
             # before the sinks close. A source says it before closing its decode thread.

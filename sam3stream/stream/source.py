@@ -39,7 +39,9 @@ __all__ = ["STOPPED_NOTICE_S", "Backoff", "CameraSource", "CameraState", "StateL
 
 log = structlog.get_logger(__name__)
 
-CameraState = Literal["connecting", "running", "reconnecting", "ended", "stopped"]
+# "ended": a file camera read to its end; "failed": one that ended on an error (cannot open, a
+# read error, no frames), with the error beside it; "stopped": stopped by the pipeline.
+CameraState = Literal["connecting", "running", "reconnecting", "ended", "failed", "stopped"]
 # How long a stopping source may spend telling the sinks it stopped (an MQTT status message).
 STOPPED_NOTICE_S = 1.0
 # on_state(camera, state, error or None): e.g. MQTT's retained status topic
@@ -223,7 +225,7 @@ class CameraSource:
         """Stopped by the pipeline: say so, or the last state ("running") would stay on the status
         topic and in the metrics. Bounded: the pipeline waits this long for it before it closes
         the sinks."""
-        if self.state in ("ended", "stopped"):
+        if self.state in ("ended", "failed", "stopped"):
             return
         with contextlib.suppress(Exception, asyncio.CancelledError):
             async with asyncio.timeout(STOPPED_NOTICE_S):
@@ -246,7 +248,7 @@ class CameraSource:
                 self.error = failure if failure is not None else (None if produced else "no frames")
                 if self.error is not None:
                     self._log.error("camera_failed", url=self.camera.url, error=self.error)
-                    await self._set_state("ended", error=self.error)
+                    await self._set_state("failed", error=self.error)
                 else:
                     await self._set_state("ended", frames=self.seq)
                 return

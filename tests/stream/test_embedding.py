@@ -105,6 +105,38 @@ async def test_stop_is_bounded_by_the_drain_timeout(tmp_path: Path, video: Calla
     assert not worker_threads()
 
 
+async def test_files_that_end_get_every_result_however_long_the_sinks_take(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    # Nobody asked to stop: the drain timeout does not apply, and a slow lossless sink gets all.
+    cams = "".join(camera_toml(f"cam{i}", video(f"c{i}.mp4", frames=12)) for i in range(2))
+    config = make_config(tmp_path, cams, drain_timeout_s=0.2)
+    slow = MemorySink("slow", delay_s=0.05)  # 24 results: about 1.2 s, six times the timeout
+    async with Pipeline(config, backend=FakeBackend(), sinks=[slow], postprocess=stub_postprocess) as p:
+        await asyncio.wait_for(p.wait(), 30)
+    assert slow.seqs("cam0") == list(range(12)) and slow.seqs("cam1") == list(range(12))
+    assert p.drained is True
+
+
+async def test_a_stop_during_the_files_drain_is_bounded_by_the_timeout(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    cams = "".join(camera_toml(f"cam{i}", video(f"c{i}.mp4", frames=12)) for i in range(2))
+    config = make_config(tmp_path, cams, drain_timeout_s=0.3)
+    stuck = MemorySink("stuck", delay_s=60)  # would hold the files' drain for minutes
+    async with Pipeline(config, backend=FakeBackend(), sinks=[stuck], postprocess=stub_postprocess) as p:
+        while not all(source.state == "ended" for source in p.sources.values()):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # longer than the timeout: the files' drain is still waiting
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await p.stop()
+        took = loop.time() - started
+    assert p.drained is False
+    assert took < 0.3 + 3  # the drain bound, plus the sink's own bounded close
+    assert not worker_threads()
+
+
 async def test_cancelled_while_starting_leaves_nothing_behind(
     tmp_path: Path, video: Callable[..., Path]
 ) -> None:
@@ -310,3 +342,48 @@ def test_post_threads_below_one_is_refused_before_anything_loads(
     config = make_config(tmp_path, looping_cameras(video, 1))
     with pytest.raises(ValueError, match="post_threads must be >= 1, got 0"):
         Pipeline(config, postprocess=stub_postprocess, post_threads=0)
+
+
+async def test_a_second_reader_of_results_is_refused(tmp_path: Path, video: Callable[..., Path]) -> None:
+    config = make_config(tmp_path, looping_cameras(video, n=1))
+    async with Pipeline(config, backend=FakeBackend(), postprocess=stub_postprocess) as p:
+        first = p.results()
+        await anext(first)
+        with pytest.raises(RuntimeError, match="already has a reader"):
+            await anext(p.results())
+        await first.aclose()
+        second = p.results()  # once the first reader is done, another may read
+        assert (await anext(second)).camera == "cam0"
+        await second.aclose()
+        await p.stop()
+
+
+async def test_embedded_logs_go_through_the_applications_logging(
+    tmp_path: Path,
+    video: Callable[..., Path],
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    import structlog
+
+    structlog.reset_defaults()  # an application that has not set structlog up
+    caplog.set_level(logging.INFO, logger="sam3stream")
+    cams = camera_toml("good", video("good.mp4", frames=4)) + camera_toml("gone", tmp_path / "gone.mp4")
+    config = make_config(tmp_path, cams)
+    async with Pipeline(config, backend=FakeBackend(), postprocess=stub_postprocess) as p:
+        await p.wait()
+    seen = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    assert any(
+        name == "sam3stream.stream.source" and level == logging.ERROR and "camera=gone" in message
+        for name, level, message in seen
+        if message.startswith("camera_failed")
+    )
+    assert any(message.startswith("pipeline_started") for _, _, message in seen)
+    assert capsys.readouterr().out == ""  # nothing printed behind the application's back
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="sam3stream")  # the application's level applies
+    async with Pipeline(config, backend=FakeBackend(), postprocess=stub_postprocess) as p:
+        await p.wait()
+    assert caplog.records and all(r.levelno >= logging.WARNING for r in caplog.records)

@@ -65,8 +65,11 @@ async def test_broken_files_end_their_camera_only(tmp_path: Path, video: Callabl
     assert 0 < expected < 30
     assert sink.seqs("truncated") == list(range(expected))
     assert sink.seqs("corrupt") == sink.seqs("missing") == sink.seqs("empty") == []
-    names = ["good", "short", "truncated", "corrupt", "missing", "empty"]
-    assert p.camera_states() == dict.fromkeys(names, "ended")
+    # A file that could not be read is "failed", not "ended" like one read to its end.
+    assert p.camera_states() == {
+        **dict.fromkeys(["good", "short", "truncated"], "ended"),
+        **dict.fromkeys(["corrupt", "missing", "empty"], "failed"),
+    }
     errors = p.camera_errors()
     # Each says why in words and names its file; FFmpeg's errno numbers stay out.
     assert errors == {
@@ -75,7 +78,7 @@ async def test_broken_files_end_their_camera_only(tmp_path: Path, video: Callabl
         "missing": f"cannot open: No such file or directory: {missing}",
         "empty": f"cannot open: the file is empty: {empty}",
     }
-    assert ("missing", "ended", errors["missing"]) in sink.states  # status goes out to sinks too
+    assert ("missing", "failed", errors["missing"]) in sink.states  # status goes out to sinks too
     assert not worker_threads()
 
 
