@@ -125,8 +125,8 @@ async def test_a_stop_during_the_files_drain_is_bounded_by_the_timeout(
     config = make_config(tmp_path, cams, drain_timeout_s=0.3)
     stuck = MemorySink("stuck", delay_s=60)  # would hold the files' drain for minutes
     async with Pipeline(config, backend=FakeBackend(), sinks=[stuck], postprocess=stub_postprocess) as p:
-        while not all(source.state == "ended" for source in p.sources.values()):
-            await asyncio.sleep(0.05)
+        for name in p.sources:
+            await asyncio.wait_for(stuck.wait_for_state(name, "ended"), 10)
         await asyncio.sleep(0.3)  # longer than the timeout: the files' drain is still waiting
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -387,3 +387,17 @@ async def test_embedded_logs_go_through_the_applications_logging(
     async with Pipeline(config, backend=FakeBackend(), postprocess=stub_postprocess) as p:
         await p.wait()
     assert caplog.records and all(r.levelno >= logging.WARNING for r in caplog.records)
+
+
+async def test_a_drain_cut_short_but_made_good_by_the_sinks_close_counts_as_drained(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    config = make_config(tmp_path, camera_toml("cam0", video("c0.mp4", frames=8)), drain_timeout_s=0.3)
+    slow = MemorySink("slow", delay_s=0.1)  # what it holds outlasts the drain, not its close (1 s)
+    async with Pipeline(config, backend=FakeBackend(), sinks=[slow], postprocess=stub_postprocess) as p:
+        await asyncio.wait_for(slow.wait_for("cam0", 1), 10)
+        await asyncio.wait_for(p.in_flight.wait_idle(), 10)  # all results made; the sink is behind
+        await p.stop()
+    delivered = slow.seqs("cam0")
+    assert len(delivered) >= 4 and delivered == list(range(len(delivered)))
+    assert p.drained is True
