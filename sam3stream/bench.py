@@ -1,8 +1,9 @@
 """`sam3stream bench`: per resolution and camera count, the GPU worker's throughput, latency and memory,
 next to transformers' eager ``Sam3Model`` on the same weights, measured in the same run.
 
-Each resolution runs in a child process (so memory figures are that configuration's alone and
-an out-of-memory failure costs one row, not the run); the peer runs in another child.
+Each backend (a resolution and a camera group) runs in a child process (so memory figures are
+that configuration's alone and an out-of-memory failure costs one row, not the run); the peer
+runs in another child per resolution.
 Results: JSON (every sample statistic), a markdown table and a plot.
 """
 

@@ -2,8 +2,9 @@
 
 Validation reports every problem at once, each with the key path that caused it
 (``cameras[2].url``, ``batching.max_batch``); unknown keys are errors. Validation
-never touches the file system beyond reading the config itself: whether a video
-file or an engine directory exists is the run's business, not the config's.
+touches the file system only to read the config and resolve its paths (symlinks,
+``~user``): whether a video file or an engine directory exists is the run's
+business, not the config's.
 
 Relative paths (engine directory, checkpoint, file cameras, sink outputs) are
 resolved against the config file's directory while parsing, so the Structs only
@@ -126,7 +127,7 @@ class CameraConfig(_Section, frozen=True, kw_only=True):
     mode: Literal["auto", "live", "file"] = "auto"
     fps: Positive | None = None  # live: sample down to it; file: pace to it (None = as fast as possible)
     loop: bool = False  # files only: start again at the end
-    # Passed to av.open, which takes strings: numbers are written out (stimeout = 5000000).
+    # Passed to av.open, which takes strings: numbers are written out (timeout = 5000000).
     options: dict[str, str | int | float] = {}  # e.g. rtsp_transport = "tcp"
 
     @property
@@ -190,7 +191,9 @@ class VideoSinkConfig(_Sink, frozen=True, kw_only=True, tag="video"):
     """Annotated video per camera: ``<dir>/<camera>.mp4``."""
 
     dir: str
-    fps: Positive | None = None  # None: the camera's fps, else 10
+    # None: each frame stamped with its stream time (variable rate; 100 ms apart where a frame
+    # has none); a number: a constant rate.
+    fps: Positive | None = None
     draw_masks: bool = True
     draw_boxes: bool = True
     codec: str = "libx264"

@@ -259,12 +259,12 @@ def test_camera_options_take_numbers_but_not_booleans() -> None:
     config = parse_config(
         MINIMAL.replace(
             'url = "videos/a.mp4"',
-            'url = "videos/a.mp4"\noptions = { stimeout = 5000000, rtsp_transport = "tcp" }',
+            'url = "videos/a.mp4"\noptions = { timeout = 5000000, rtsp_transport = "tcp" }',
         ),
         source="t",
         base_dir=Path("/base"),
     )
-    assert config.cameras[0].options == {"stimeout": 5000000, "rtsp_transport": "tcp"}
+    assert config.cameras[0].options == {"timeout": 5000000, "rtsp_transport": "tcp"}
     found = problems(
         MINIMAL.replace('url = "videos/a.mp4"', 'url = "videos/a.mp4"\noptions = { flag = true }')
     )

@@ -2,7 +2,8 @@
 
 SIGINT/SIGTERM drain (sources stop, accepted frames get their results, sinks
 flush) within ``lifecycle.drain_timeout_s`` and exit 0; a second signal exits 1
-at once. A fatal error (the engine dying) exits 1 with a one-line message.
+at once. A fatal error (the engine dying) exits 1 with a one-line message, and so
+does a run in which every camera failed (each camera's error on its own line).
 """
 
 from __future__ import annotations

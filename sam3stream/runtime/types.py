@@ -42,7 +42,8 @@ class RawOutputs:
     - ``query_index`` [B, C, K]: which of the decoder's queries each row came from.
     - ``masks`` [N, M, M]: mask logits (M = 4 x patch grid) for the N detections whose score
       reached ``min_score`` in :meth:`Backend.infer`; ``mask_index`` [N, 3] gives (b, c, k) of each.
-      Only kept masks cross from the device: at 1008 a dense [8, 4, 50, 288, 288] block is 265 MB.
+      Only kept masks cross from the device: at 1008 a dense [8, 4, 50, 288, 288] block is 265 MB
+      in bf16 (531 MB in float32).
     - ``mask_counts``: when the backend encoded the kept masks itself (resized to each frame's
       output size, thresholded at 0: runtime/mask_encode.py), their COCO run lengths, one array
       per ``mask_index`` row; ``masks`` is then [N, 0, 0] (no logits cross). None otherwise.

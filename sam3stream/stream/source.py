@@ -7,7 +7,8 @@ the previous one is delivered, a full inbox holds the decoder back (files), and
 the stall timer only runs while waiting on the camera, never on the pipeline.
 
 Live cameras reconnect forever with jittered exponential backoff; files end
-(after looping, if asked), and a file that cannot be read ends this camera only.
+(after looping, if asked), and a file that cannot be read fails this camera only
+(state "failed", with its error).
 """
 
 from __future__ import annotations
