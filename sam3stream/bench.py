@@ -304,4 +304,6 @@ def write_outputs(result: dict[str, Any], out: Path, *, draw: bool = True) -> li
     png = plot(result, out.with_suffix(".png")) if draw else None
     if png:
         paths.append(png)
+    else:  # an older run's plot would sit beside these rows as if it were theirs
+        out.with_suffix(".png").unlink(missing_ok=True)
     return paths

@@ -3,7 +3,9 @@ progress to stderr. Not a public entry point: run by :mod:`sam3stream.bench`."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -73,6 +75,7 @@ def _random_loaded(args: BenchArgs, resolution: int, device: str) -> Any:
     # torch backend would, while CUDA is still untouched (ours, the peer and the tools alike).
     prefer_expandable_segments(device)
     tok = Path(tempfile.mkdtemp(prefix="sam3bench-tok-"))
+    atexit.register(shutil.rmtree, tok, ignore_errors=True)  # read when the backend is built
     write_tiny_tokenizer(tok)
     model = random_model(args.random, resolution, args.seed, device=device)
     return LoadedModel(

@@ -8,6 +8,7 @@ resolution for the objects that matter (hands and tools need >= 840, people >= 5
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -75,7 +76,16 @@ def load_bench(path: Path | None, card: str = "h200") -> dict[str, Any]:
             missing.append("nvml_peak_mib or alloc_peak_mib")
         if missing:
             raise InputError(f"benchmark file {path}: measured row {i} lacks {', '.join(missing)}")
+        if not _memory_mib(row) > 0:
+            raise InputError(
+                f"benchmark file {path}: measured row {i} has no GPU memory figure (a run on the CPU?); "
+                "plan from a `sam3stream bench` run on a GPU"
+            )
     return data
+
+
+def _memory_mib(row: dict[str, Any]) -> float:
+    return float(row.get("nvml_peak_mib") or row.get("alloc_peak_mib") or 0.0)
 
 
 def _measured_rows(bench: dict[str, Any]) -> list[dict[str, Any]]:
@@ -94,8 +104,16 @@ def plan(
     headroom: float = 0.15,
 ) -> list[Candidate]:
     """Every measured resolution with what (if anything) rules it out, best first."""
-    if vram_gib <= 0 or cameras < 1 or speed_ratio <= 0:
-        raise InputError("--vram-gb and --speed-ratio must be > 0 and --cameras >= 1")
+    for flag, value, low in (
+        ("--vram-gb", vram_gib, 0.0),
+        ("--speed-ratio", speed_ratio, 0.0),
+    ):
+        if not (math.isfinite(value) and value > low):
+            raise InputError(f"{flag} must be a number > 0, got {value:g}")
+    if not (math.isfinite(min_fps_per_camera) and min_fps_per_camera >= 0):
+        raise InputError(f"--min-fps must be a number >= 0, got {min_fps_per_camera:g}")
+    if cameras < 1:
+        raise InputError(f"--cameras must be >= 1, got {cameras}")
     if not 0 <= headroom < 1:
         raise InputError(f"--headroom is the share of memory kept free: from 0 up to 1, got {headroom:g}")
     if objects not in OBJECT_MIN_RESOLUTION:
@@ -107,7 +125,7 @@ def plan(
         at_res = sorted((r for r in rows if r["resolution"] == res), key=lambda r: r["cameras"])
         # The row measured with at least as many cameras (a batch that large), else the largest.
         row = next((r for r in at_res if r["cameras"] >= cameras), at_res[-1])
-        memory = float(row.get("nvml_peak_mib") or row["alloc_peak_mib"])
+        memory = _memory_mib(row)
         # Frames per second of the whole card, shared by the cameras.
         fps = row["total_fps"] * speed_ratio / cameras
         problems = []
@@ -122,18 +140,22 @@ def plan(
 
 
 def format_plan(candidates: list[Candidate], cameras: int) -> str:
-    lines = [f"{'resolution':>10}  {'MiB':>6}  {'FPS/cam':>7}  verdict"]
+    # "from": the row each line comes from. A service batches at most 8 frames, so more cameras
+    # share that backend: its memory stays, and its frames per second are divided among them.
+    lines = [f"{'resolution':>10}  {'MiB':>6}  {'FPS/cam':>7}  {'from':>7}  verdict"]
     for c in candidates:
         verdict = "fits" if c.fits else "; ".join(c.problems)
-        lines.append(f"{c.resolution:>10}  {c.memory_mib:>6.0f}  {c.fps_per_camera:>7.1f}  {verdict}")
-    best = next((c for c in candidates if c.fits), None)
-    if best is None:
+        source = f"{c.measured_cameras} cam"
         lines.append(
-            f"no measured resolution fits {cameras} cameras: relax a constraint or use fewer cameras per card"
+            f"{c.resolution:>10}  {c.memory_mib:>6.0f}  {c.fps_per_camera:>7.1f}  {source:>7}  {verdict}"
         )
+    best = next((c for c in candidates if c.fits), None)
+    cams = f"{cameras} camera{'s' if cameras != 1 else ''}"
+    if best is None:
+        lines.append(f"no measured resolution fits {cams}: relax a constraint or use fewer cameras per card")
     else:
         lines.append(
-            f"recommended: {best.resolution} (engines: sam3stream export ... --resolution {best.resolution} "
-            f"--batch {min(cameras, 8)})"
+            f"recommended: {best.resolution}, the highest resolution that fits {cams} "
+            f"(engines: sam3stream export ... --resolution {best.resolution} --batch {min(cameras, 8)})"
         )
     return "\n".join(lines)

@@ -110,3 +110,42 @@ def test_a_bench_file_that_names_its_device_says_so(
     path.write_text(json.dumps({"ours": rows, "peer": []}))
     main(["plan", "--vram-gb", "24", "--bench", str(path)])
     assert capsys.readouterr().out.splitlines()[0] == "measured on: NVIDIA L4 (torch 2.11.0)"
+
+
+def test_a_cpu_bench_without_gpu_memory_is_refused(tmp_path: Path) -> None:
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"ours": [{**_row(560, 1, 2.0, 0.0), "alloc_peak_mib": 0.0}]}))
+    with pytest.raises(InputError, match=r"row 0 has no GPU memory figure .* on a GPU"):
+        load_bench(cpu)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"vram_gib": float("nan")}, "--vram-gb must be a number > 0, got nan"),
+        ({"vram_gib": 0.0}, "--vram-gb must be a number > 0, got 0"),
+        ({"speed_ratio": 0.0}, "--speed-ratio must be a number > 0, got 0"),
+        ({"min_fps_per_camera": float("inf")}, "--min-fps must be a number >= 0, got inf"),
+        ({"cameras": 0}, "--cameras must be >= 1, got 0"),
+    ],
+)
+def test_each_bad_flag_is_named(kwargs: dict[str, float], message: str) -> None:
+    args = {"vram_gib": 8.0, "cameras": 8, **kwargs}
+    with pytest.raises(InputError) as info:
+        plan(BENCH, **args)  # type: ignore[arg-type]
+    assert str(info.value) == message
+
+
+def test_the_plan_says_which_row_each_line_comes_from_and_why_it_recommends(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sam3stream.cli import main
+
+    stopped = tmp_path / "stopped.json"
+    stopped.write_text(json.dumps({**BENCH, "complete": False}))
+    assert main(["plan", "--bench", str(stopped), "--vram-gb", "8", "--cameras", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "note: an incomplete run (stopped part way): only the resolutions it measured"
+    rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (["560"], ["672"])}
+    assert rows["560"][3:5] == ["1", "cam"] and rows["672"][3:5] == ["8", "cam"]
+    assert lines[-1].startswith("recommended: 672, the highest resolution that fits 1 camera (")

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -103,6 +105,8 @@ def config_text(
     conf: float = 0.3,
     device_masks: bool = True,
     batch_queue: int = 1,
+    random: str = "full",
+    device: str = "cuda",
 ) -> str:
     cams = "\n".join(
         f'[[cameras]]\nname = "cam{i}"\nurl = "{clips[i % len(clips)]}"\nmode = "file"\n'
@@ -112,10 +116,10 @@ def config_text(
 [engines]
 dir = "{out / "unused-engines"}"
 backend = "torch"
-device = "cuda"
+device = "{device}"
 
 [engines.export]
-random = "full"
+random = "{random}"
 resolution = {res}
 
 [prompts]
@@ -248,6 +252,7 @@ def main() -> int:
     from sam3stream.stream.worker import post_threads_or_default
 
     work = Path(tempfile.mkdtemp(prefix="sam3-pipeline-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # the clips and the runs' JSONL
     t = time.perf_counter()
     clips = make_clips(work, min(args.cameras, 4), args.seconds)
     _say(f"clips written in {time.perf_counter() - t:.0f} s: {len(clips)} x 1920x1080, {args.seconds} s each")
@@ -304,6 +309,8 @@ def main() -> int:
             conf,
             device_masks=where == "device",
             batch_queue=batch_queue,
+            random=args.random,
+            device=args.device,
         )
         config = parse_config(toml, source="pipeline-bench.toml", base_dir=work)
         count, pipeline_fps, detections = asyncio.run(run_pipeline(config, backend, threads, processes))

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -151,6 +152,19 @@ def main() -> int:
     parser.add_argument("--device", default=None, help="also time the device encoder here (e.g. cuda)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/postprocess_cpu"))
     args = parser.parse_args()
+    for size in args.sizes:
+        if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", size):
+            parser.error(f"--sizes takes WIDTHxHEIGHT, e.g. 1920x1080; got {size!r}")
+    for flag, values in (("--masks", [args.masks]), ("--repeats", [args.repeats])):
+        if min(values) < 1:
+            parser.error(f"{flag} must be >= 1, got {min(values)}")
+    for flag, values in (("--threads", args.threads), ("--processes", args.processes)):
+        if values and min(values) < 1:
+            parser.error(f"{flag} must be >= 1, got {min(values)}")
+    if args.device is not None and args.device.startswith("cuda"):
+        from sam3stream.runtime.cuda_timing import require_cuda
+
+        require_cuda("tools/postprocess_bench.py", "leave out --device to time the host encoder alone")
 
     from sam3stream.postprocess import _dense_counts as every_pixel
     from sam3stream.postprocess import _mask_counts

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from sam3stream.bench import AUTO_CHOICES, BENCH_PROMPTS
+from sam3stream.config import DEVICE
 from sam3stream.errors import InputError
 from sam3stream.resolution import check_resolution
+
+DEFAULT_RESOLUTIONS = (1008, 840, 672, 560)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -16,7 +21,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     src = p.add_mutually_exclusive_group()
     src.add_argument("--engines", type=Path, help="an engine directory (its resolution is used)")
     src.add_argument("--random", choices=["tiny", "full"], default="full", help="random weights of this size")
-    p.add_argument("--resolution", type=int, nargs="+", default=[1008, 840, 672, 560])
+    p.add_argument(
+        "--resolution",
+        type=int,
+        nargs="+",
+        help=f"default {' '.join(map(str, DEFAULT_RESOLUTIONS))}; with --engines, the directory's",
+    )
     p.add_argument(
         "--cameras", type=int, nargs="+", default=[1, 8], help="camera counts: frames per batch measured"
     )
@@ -28,7 +38,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--classes", type=int, default=4, help=f"prompts per frame, 1..{len(BENCH_PROMPTS)}")
     p.add_argument("--queries", type=int, default=50)
-    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"])
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "onnxruntime", "tensorrt"],
+        help="torch builds from --random or --engines; onnxruntime and tensorrt run --engines",
+    )
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--iters", type=int, default=20)
@@ -90,8 +105,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     from sam3stream.bench import BenchArgs, format_table, run_bench, write_outputs
 
-    resolutions = [check_resolution(r, "--resolution") for r in args.resolution]
     _check_counts(args)
+    if args.engines is None and args.backend != "torch":
+        what = "sam3stream build DIR" if args.backend == "tensorrt" else "sam3stream export"
+        raise InputError(
+            f"--backend {args.backend} runs an engine directory: pass --engines DIR (made by {what}); "
+            "--random builds the torch backend"
+        )
+    if not DEVICE.match(args.device):
+        raise InputError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    _check_writable(args.out)
+    resolutions = [check_resolution(r, "--resolution") for r in args.resolution or DEFAULT_RESOLUTIONS]
     engine_batch = args.max_batch
     if args.engines is not None:
         from sam3stream.runtime.manifest import read_manifest
@@ -105,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(
                 f"--compile-cache applies to --random; runs of {args.engines} use its own compile-cache "
                 "folder (remove it to measure a start without the cache)"
+            )
+        if args.resolution is not None and resolutions != [manifest.resolution]:
+            raise InputError(
+                f"--resolution {' '.join(map(str, resolutions))}: {args.engines} runs at "
+                f"{manifest.resolution} only (export another directory for another resolution)"
             )
         resolutions, engine_batch = [manifest.resolution], manifest.batch
     if engine_batch is not None and max(args.cameras) > engine_batch:
@@ -137,15 +166,26 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         out=str(args.out),
     )
-    result = run_bench(
-        bench_args,
-        progress=lambda m: print(m, file=sys.stderr, flush=True),
-        on_step=lambda partial: write_outputs(partial, args.out, draw=False),
-    )
-    paths = write_outputs(result, args.out)
+
+    def on_step(partial: dict[str, Any]) -> None:
+        if any("error" not in row for row in partial["ours"]):  # never a good file by an empty one
+            write_outputs(partial, args.out, draw=False)
+
+    try:
+        result = run_bench(
+            bench_args, progress=lambda m: print(m, file=sys.stderr, flush=True), on_step=on_step
+        )
+    except KeyboardInterrupt:
+        where = f"{args.out.with_suffix('.json')} and .md"
+        print(f"stopped: the rows measured before, if any, are in {where}", file=sys.stderr)
+        raise
     print(format_table(result))
-    print("wrote " + ", ".join(str(p) for p in paths))
     failed = [row for row in result["ours"] if "error" in row]
+    if len(failed) < len(result["ours"]):
+        paths = write_outputs(result, args.out)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    else:
+        print(f"nothing measured: {args.out}.* left as it was", file=sys.stderr)
     if failed:  # a peer that ran out of memory is reported in the table; ours failing is a failure
         print(
             f"{len(failed)} of {len(result['ours'])} measurements failed; the first: {failed[0]['error']}",
@@ -153,6 +193,16 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _check_writable(out: Path) -> None:
+    """Before minutes of measuring: the output stem's folder can be made and written to."""
+    folder = out.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
 def _check_counts(args: argparse.Namespace) -> None:

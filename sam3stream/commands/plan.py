@@ -47,11 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from sam3stream.plan import format_plan, load_bench, plan
 
     bench = load_bench(args.bench, args.measured_on)
-    where = "; ".join(measured_on(bench)) or (
-        str(args.bench) if args.bench else f"the bundled {args.measured_on.upper()} table"
-    )
-    print(f"measured on: {where}")
-    candidates = plan(
+    candidates = plan(  # checks the flags before anything is printed
         bench,
         vram_gib=args.vram_gb,
         cameras=args.cameras,
@@ -60,5 +56,11 @@ def run(args: argparse.Namespace) -> int:
         speed_ratio=args.speed_ratio,
         headroom=args.headroom,
     )
+    where = "; ".join(measured_on(bench)) or (
+        str(args.bench) if args.bench else f"the bundled {args.measured_on.upper()} table"
+    )
+    print(f"measured on: {where}")
+    if bench.get("complete") is False:
+        print("note: an incomplete run (stopped part way): only the resolutions it measured")
     print(format_plan(candidates, args.cameras))
     return 0 if any(c.fits for c in candidates) else 1

@@ -76,6 +76,7 @@ def test_a_run_stopped_part_way_keeps_the_rows_it_measured(
 
     monkeypatch.setattr(bench, "_child", one_resolution)
     out = tmp_path / "stopped"
+    out.with_suffix(".png").write_bytes(b"an earlier run's plot")
     argv = ["bench", "--random", "tiny", "--resolution", "672", "840", "560", "--cameras", "1"]
     assert main([*argv, "--no-peer", "--device", "cpu", "--out", str(out)]) != 0
     result = json.loads(out.with_suffix(".json").read_text())
@@ -83,6 +84,7 @@ def test_a_run_stopped_part_way_keeps_the_rows_it_measured(
     assert [row["resolution"] for row in result["ours"]] == [672, 840]
     table = out.with_suffix(".md").read_text()
     assert "Incomplete" in table and "| 840 | 1 |" in table
+    assert not out.with_suffix(".png").exists()  # not left beside rows it does not show
 
 
 def test_an_engine_directory_is_benched_as_the_service_would_size_it(
@@ -177,15 +179,54 @@ def test_max_batch_builds_the_backend_a_service_with_that_max_batch_would(tmp_pa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the default --device cuda works here")
-def test_a_bench_on_cuda_without_a_gpu_fails_with_what_to_do(tmp_path: Path) -> None:
+def test_a_bench_on_cuda_without_a_gpu_fails_with_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Without --device cpu on a machine without CUDA, each measurement says what to change
-    (not a traceback from its child process), and the command fails."""
+    (not a traceback from its child process), the command fails, and the results of an earlier
+    run at the same --out are left as they were."""
     out = tmp_path / "nogpu"
+    earlier = '{"ours": [{"resolution": 448}]}\n'
+    out.with_suffix(".json").write_text(earlier)
     argv = ["bench", "--random", "tiny", "--resolution", "448", "--cameras", "1", "--out", str(out)]
     assert main(argv) == 1
-    result = json.loads(out.with_suffix(".json").read_text())
-    for row in (*result["ours"], *result["peer"]):
-        assert "--device cuda: torch" in row["error"] and "sees no CUDA device" in row["error"]
-        assert "--device cpu" in row["error"]
-    assert len(result["ours"]) == len(result["peer"]) == 1
-    assert not out.with_suffix(".png").exists()  # nothing measured, nothing to plot
+    printed = capsys.readouterr()
+    assert "--device cuda: torch" in printed.out and "sees no CUDA device" in printed.out
+    assert "--device cpu" in printed.out  # in the table's error rows
+    assert "nothing measured" in printed.err
+    assert out.with_suffix(".json").read_text() == earlier
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--backend", "onnxruntime"], "--backend onnxruntime runs an engine directory: pass --engines DIR"),
+        (["--backend", "tensorrt"], "(made by sam3stream build DIR)"),
+        (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+    ],
+)
+def test_options_that_cannot_be_measured_are_refused_before_anything_runs(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "--random", "tiny", "--resolution", "448", "--no-peer", "--out", str(tmp_path / "b")]
+    assert main([*argv, *extra]) == 1
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_engine_directory_is_not_measured_at_another_resolution(
+    tiny_engines: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "--engines", str(tiny_engines), "--device", "cpu", "--out", str(tmp_path / "b")]
+    assert main([*argv, "--resolution", "490", "560"]) == 1
+    assert f"--resolution 490 560: {tiny_engines} runs at 490 only" in capsys.readouterr().err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = ["bench", "--random", "tiny", "--resolution", "448", "--device", "cpu", "--no-peer"]
+    assert main([*argv, "--out", str(blocker / "b")]) == 1
+    assert f"--out {blocker / 'b'}: cannot write in {blocker}" in capsys.readouterr().err
