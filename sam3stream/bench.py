@@ -188,9 +188,11 @@ def _result(
 def _row_line(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"r={row.get('resolution')} cams={row.get('cameras', '?')}: ERROR {row['error']}"
+    mib = row.get("nvml_peak_mib") or row.get("alloc_peak_mib") or 0.0
+    memory = f"peak {mib:.0f} MiB" if mib > 0 else "no GPU memory measured"
     return (
         f"r={row['resolution']} cams={row['cameras']}: {row['batch_ms']['p50']:.1f} ms/batch p50, "
-        f"{row['total_fps']:.1f} frames/s, peak {row.get('nvml_peak_mib') or row['alloc_peak_mib']:.0f} MiB"
+        f"{row['total_fps']:.1f} frames/s, {memory}"
     )
 
 
