@@ -3,7 +3,8 @@
     python tools/make_clips.py --out demo-out/clips
     python tools/make_clips.py --out /tmp/clips --width 1280 --height 720 --seconds 10 --force
 
-Clips already there are kept unless --force is given.
+Clips already there are kept, whatever size they were written at, unless --force is given
+(each kept clip is named as kept).
 """
 
 from __future__ import annotations
@@ -25,10 +26,17 @@ def main() -> int:
     parser.add_argument("--height", type=int, default=DEFAULT_CLIPS[0].height)
     parser.add_argument("--fps", type=int, default=DEFAULT_CLIPS[0].fps)
     parser.add_argument("--seconds", type=float, default=DEFAULT_CLIPS[0].seconds)
-    parser.add_argument("--count", type=int, default=len(DEFAULT_CLIPS), help="how many of the clips")
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=len(DEFAULT_CLIPS),
+        help=f"how many of the {len(DEFAULT_CLIPS)} clips (each over its own sample photo)",
+    )
     parser.add_argument("--force", action="store_true", help="write the clips again even if they exist")
     args = parser.parse_args()
     configure_logging("warning")
+    if not 1 <= args.count <= len(DEFAULT_CLIPS):
+        parser.error(f"--count must be 1..{len(DEFAULT_CLIPS)} (the clips there are), got {args.count}")
     try:
         specs = [
             replace(spec, width=args.width, height=args.height, fps=args.fps, seconds=args.seconds)

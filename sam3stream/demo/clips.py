@@ -196,6 +196,8 @@ def ensure_clips(
         path = directory / f"{spec.name}.mp4"
         if path.is_file():
             log.debug("demo_clip_cached", path=str(path))
+            if progress is not None:
+                progress(f"kept clip {path} (already there, as it was written)")
         else:
             if progress is not None:
                 progress(f"writing clip {path} ({spec.width}x{spec.height}, {spec.frames} frames)")

@@ -45,7 +45,7 @@ class OnnxRuntimeBackend:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendUnavailableError(
                     f"device {device!r}: onnxruntime has no CUDA provider here; "
-                    'install onnxruntime-gpu, or use device = "cpu"'
+                    'install onnxruntime-gpu, or run on the CPU (engines.device = "cpu"; --device cpu)'
                 )
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": cuda_id}))
         options = ort.SessionOptions()
