@@ -27,8 +27,10 @@ __all__ = [
     "BenchArgs",
     "format_table",
     "measured_on",
+    "output_path",
     "run_bench",
     "summarize_ms",
+    "write_outputs",
 ]
 
 
@@ -296,16 +298,23 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def output_path(out: Path, suffix: str) -> Path:
+    """``out`` is a stem: ``run`` and ``run.json`` give ``run.json``; ``run.v2`` gives
+    ``run.v2.json`` (a dot in a name is not taken for a suffix to replace)."""
+    stem = out.with_suffix("") if out.suffix in (".json", ".md", ".png") else out
+    return stem.with_name(stem.name + suffix)
+
+
 def write_outputs(result: dict[str, Any], out: Path, *, draw: bool = True) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out.with_suffix(".json"), out.with_suffix(".md")]
+    paths = [output_path(out, ".json"), output_path(out, ".md")]
     paths[0].write_text(json.dumps(result, indent=2) + "\n")
     cmd = result.get("command", "")
     note = "" if result.get("complete", True) else "Incomplete: the rows measured before the run stopped.\n\n"
     paths[1].write_text(f"Command: `{cmd}`\n\n{note}" + format_table(result))
-    png = plot(result, out.with_suffix(".png")) if draw else None
+    png = plot(result, output_path(out, ".png")) if draw else None
     if png:
         paths.append(png)
     else:  # an older run's plot would sit beside these rows as if it were theirs
-        out.with_suffix(".png").unlink(missing_ok=True)
+        output_path(out, ".png").unlink(missing_ok=True)
     return paths

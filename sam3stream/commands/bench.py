@@ -103,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from sam3stream.bench import BenchArgs, format_table, run_bench, write_outputs
+    from sam3stream.bench import BenchArgs, format_table, output_path, run_bench, write_outputs
 
     _check_counts(args)
     if args.engines is None and args.backend != "torch":
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
             bench_args, progress=lambda m: print(m, file=sys.stderr, flush=True), on_step=on_step
         )
     except KeyboardInterrupt:
-        where = f"{args.out.with_suffix('.json')} and .md"
+        where = f"{output_path(args.out, '.json')} and .md"
         print(f"stopped: the rows measured before, if any, are in {where}", file=sys.stderr)
         raise
     print(format_table(result))

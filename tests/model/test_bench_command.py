@@ -230,3 +230,11 @@ def test_an_output_that_cannot_be_written_is_refused_before_measuring(
     argv = ["bench", "--random", "tiny", "--resolution", "448", "--device", "cpu", "--no-peer"]
     assert main([*argv, "--out", str(blocker / "b")]) == 1
     assert f"--out {blocker / 'b'}: cannot write in {blocker}" in capsys.readouterr().err
+
+
+def test_out_is_a_stem_whose_dots_are_kept() -> None:
+    from sam3stream.bench import output_path
+
+    assert output_path(Path("d/run"), ".md") == Path("d/run.md")
+    assert output_path(Path("d/run.json"), ".png") == Path("d/run.png")  # our own suffix: replaced
+    assert output_path(Path("d/h200.v2"), ".json") == Path("d/h200.v2.json")  # not ours: kept
