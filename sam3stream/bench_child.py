@@ -230,7 +230,7 @@ def run_ours(args: BenchArgs, resolution: int) -> None:
             "classes": args.classes,
             "queries": args.queries,
             "precision": args.precision,
-            "overlap": args.overlap,
+            "overlap": getattr(backend, "overlap", args.overlap),  # what ran: off on the CPU
             "fused_gelu": getattr(backend, "fused_gelu", None),
             "channels_last": args.channels_last,
             "fused_decoder": getattr(backend, "fused_decoder", None),

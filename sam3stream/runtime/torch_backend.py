@@ -507,6 +507,11 @@ class TorchBackend:
     def manifest(self) -> EngineManifest:
         return self._manifest
 
+    @property
+    def overlap(self) -> bool:
+        """Whether the decoder runs on a second stream (asked for, and on CUDA)."""
+        return self._decoder_stream is not None
+
     def encode_text(self, prompts: list[str]) -> TextFeatures:
         import torch
 
