@@ -17,11 +17,13 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import av
 import av.error
@@ -86,6 +88,24 @@ class _Decoded:
     height: int
     pixels: npt.NDArray[np.uint8]
     image: npt.NDArray[np.uint8] | None
+
+
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:password|passwd|pass|pwd|token|key|secret|auth)[^=&]*=)[^&]*")
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for a log line: a password in its user info, and the values of query
+    parameters that look like credentials, replaced by ``***``."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return url  # a file path
+    netloc = parts.netloc
+    if "@" in netloc:
+        user_info, host = netloc.rsplit("@", 1)
+        user = user_info.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in user_info else f"{user}@{host}"
+    query = _SECRET_QUERY.sub(r"\1***", "?" + parts.query)[1:] if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _open_problem(exc: BaseException, camera: CameraConfig) -> str:
@@ -233,7 +253,7 @@ class CameraSource:
                 await self._set_state("stopped", frames=self.seq)
 
     async def _run(self) -> None:
-        await self._set_state("connecting", url=self.camera.url, mode=self.mode)
+        await self._set_state("connecting", url=redact_url(self.camera.url), mode=self.mode)
         attempt = 0
         while True:
             failure: str | None = None
@@ -248,7 +268,7 @@ class CameraSource:
                     continue
                 self.error = failure if failure is not None else (None if produced else "no frames")
                 if self.error is not None:
-                    self._log.error("camera_failed", url=self.camera.url, error=self.error)
+                    self._log.error("camera_failed", url=redact_url(self.camera.url), error=self.error)
                     await self._set_state("failed", error=self.error)
                 else:
                     await self._set_state("ended", frames=self.seq)
@@ -300,7 +320,9 @@ class CameraSource:
                     stall, n = self._lifecycle.stall_timeout_s, self._session_frames
                     raise _SourceFailure(f"stalled: no frame for {stall} s after {n} frames") from None
                 except _STREAM_ERRORS as exc:
-                    raise _SourceFailure(f"read error after {self._session_frames} frames: {exc}") from exc
+                    # FFmpeg's own text ends in the URL, which may hold a password: its reason only.
+                    reason = str(getattr(exc, "strerror", None) or exc)
+                    raise _SourceFailure(f"read error after {self._session_frames} frames: {reason}") from exc
                 self._session_frames += 1
                 await self._deliver(decoded, loop.time())
         finally:

@@ -84,9 +84,8 @@ async def test_camera_down_at_start_is_retried_until_it_comes_up(
 ) -> None:
     port, start_server = late_http_server
     video("remote.mp4", frames=20)
-    cams = camera_toml("remote", f"http://127.0.0.1:{port}/remote.mp4") + camera_toml(
-        "local", video("local.mp4", frames=200), fps=50
-    )
+    url = f"http://cam:S3CRET@127.0.0.1:{port}/remote.mp4?token=T0KEN"  # credentials stay out of logs
+    cams = camera_toml("remote", url) + camera_toml("local", video("local.mp4", frames=200), fps=50)
     config = make_config(tmp_path, cams)
     sink = MemorySink()
     with structlog.testing.capture_logs() as logs:
@@ -109,6 +108,9 @@ async def test_camera_down_at_start_is_retried_until_it_comes_up(
     # A camera that keeps failing shows at logging.level = "warning".
     levels = {e["log_level"] for e in logs if e["event"] == "camera_state" and e["state"] == "reconnecting"}
     assert levels == {"warning"}
+    said = repr(logs) + repr(sink.states)
+    assert "S3CRET" not in said and "T0KEN" not in said
+    assert any(e.get("url") == f"http://cam:***@127.0.0.1:{port}/remote.mp4?token=***" for e in logs)
 
 
 async def test_live_fps_samples_on_the_stream_clock(tmp_path: Path, video: Callable[..., Path]) -> None:
