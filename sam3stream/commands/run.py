@@ -1,6 +1,6 @@
 """``sam3stream run CONFIG``: run the pipeline until the files end or a signal stops it.
 
-SIGINT/SIGTERM drain (sources stop, accepted frames get their results, sinks
+SIGINT/SIGTERM/SIGHUP drain (sources stop, accepted frames get their results, sinks
 flush) within ``lifecycle.drain_timeout_s`` and exit 0; a second signal exits 1
 at once. A fatal error (the engine dying) exits 1 with a one-line message, and so
 does a run in which every camera failed (each camera's error on its own line).
@@ -84,7 +84,8 @@ async def serve(config: Config) -> int:
         timer.start()
         task.cancel()
 
-    handled = (signal.SIGINT, signal.SIGTERM)
+    # SIGHUP too: a closed terminal or a reload would otherwise kill the process undrained.
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     for sig in handled:
         loop.add_signal_handler(sig, on_signal, sig)
     try:

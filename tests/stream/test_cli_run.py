@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.stream.helpers import camera_toml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,13 +110,15 @@ def events(stderr: str) -> list[dict[str, object]]:
     return out
 
 
+# SIGHUP (a closed terminal, `systemctl reload`, logrotate) stops the service as SIGTERM does.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_sigterm_drains_without_losing_or_repeating_results(
-    tmp_path: Path, video: Callable[..., Path]
+    tmp_path: Path, video: Callable[..., Path], sig: signal.Signals
 ) -> None:
     cams = "".join(camera_toml(f"cam{i}", video(f"c{i}.mp4", frames=10), loop=True, fps=30) for i in range(3))
     with running(write_config(tmp_path, cams)) as proc:
         wait_for_lines(tmp_path / "out" / "cam0.jsonl", 20, proc)
-        stderr, took = signal_and_wait(proc, signal.SIGTERM, DRAIN_S + 10)
+        stderr, took = signal_and_wait(proc, sig, DRAIN_S + 10)
     assert proc.returncode == 0, stderr
     assert took < DRAIN_S + 5
     stopped = [e for e in events(stderr) if e.get("event") == "pipeline_stopped"]
