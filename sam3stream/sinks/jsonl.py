@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +78,30 @@ def camera_files(directory: Path, camera: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _cut_partial_line(path: Path) -> None:
+    """Remove a line left half-written at the end of ``path`` (a full disk, a killed process),
+    which the next line would otherwise be appended onto, making both unreadable."""
+    try:
+        fh = open(path, "r+b")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return
+    with fh:
+        end = fh.seek(0, os.SEEK_END)
+        keep, pos = 0, end
+        while pos > 0:
+            step = min(65536, pos)
+            pos -= step
+            fh.seek(pos)
+            chunk = fh.read(step)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                keep = pos + newline + 1
+                break
+        if keep < end:
+            fh.truncate(keep)
+            log.warning("jsonl_partial_line_removed", path=str(path), bytes=end - keep)
+
+
 class _CameraFile:
     """The open file a camera currently appends to (used from the writer thread only)."""
 
@@ -86,6 +111,7 @@ class _CameraFile:
         self.limit = limit
         existing = camera_files(directory, camera)
         self.index = (_index_of(existing[-1], self.stem) or 0) if existing else 0
+        _cut_partial_line(self._path())
         self.fh: IO[bytes] = open(self._path(), "ab")  # noqa: SIM115 - lives until close()
         self.size = self.fh.tell()
         # Lines handed to the current handle since it was last flushed or closed: the ones a

@@ -176,3 +176,17 @@ async def test_a_rotation_onto_a_failing_file_counts_only_the_lines_it_lost(tmp_
 
 def msgspec_lines(path: Path) -> list[FrameResult]:
     return [msgspec.json.decode(line, type=FrameResult) for line in path.read_bytes().splitlines()]
+
+
+@pytest.mark.parametrize("tail", [b'{"schema":1,"camera":"cam1","se', b"", b"no newline at all"])
+async def test_a_line_left_half_written_is_removed_before_appending(tmp_path: Path, tail: bytes) -> None:
+    # A full disk or a killed process can leave a line half-written; the next line appended
+    # onto it would make both unreadable.
+    first = msgspec.json.encode(make_result(0)) + b"\n" if tail != b"no newline at all" else b""
+    (tmp_path / "cam1.jsonl").write_bytes(first + tail)
+    sink = JsonlSink(tmp_path)
+    await sink.start()
+    await sink.publish(make_result(1))
+    await sink.aclose()
+    want = [1] if not first else [0, 1]
+    assert [r.seq for r in read_all(tmp_path, "cam1")] == want  # every line parses
