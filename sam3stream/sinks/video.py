@@ -8,8 +8,9 @@ Timing: with ``fps`` set the video is constant-rate at that fps; without it,
 frames are stamped with their stream time (milliseconds), so a live camera's
 dropped frames show as the real gaps instead of speeding the video up.
 
-The mp4 is fragmented (``empty_moov``): a process that dies without closing
-still leaves a playable file up to the last fragment.
+The mp4 is fragmented (``empty_moov``), a fragment per keyframe and a keyframe every
+``KEYFRAME_S`` of recording: a process that dies without closing (kill -9, a power cut) still
+leaves a playable file, losing at most the last few seconds.
 
 With ``every_n`` > 1, every n-th result per camera is also saved as a PNG
 snapshot next to the video.
@@ -46,6 +47,9 @@ log = structlog.get_logger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # no dots: they separate the file index
 _MS = Fraction(1, 1000)
 _DEFAULT_FPS = 10.0
+# Seconds of recording between keyframes, hence between fragments: what a crash can lose.
+# (x264's default, 250 frames, was over a minute at a few frames per second.)
+KEYFRAME_S = 2.0
 
 
 def _free_path(directory: Path, stem: str, suffix: str) -> Path:
@@ -68,7 +72,10 @@ class _Recording:
         self.height = max(2, height - height % 2)
         self.fps = fps
         self.container = av.open(
-            str(path), mode="w", options={"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+            str(path),
+            mode="w",
+            # Each fragment reaches the file when the muxer writes it, not when an I/O buffer fills.
+            options={"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"},
         )
         try:
             self.stream = self._add_stream(codec, fps)
@@ -87,6 +94,7 @@ class _Recording:
         stream.width = self.width
         stream.height = self.height
         stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = max(1, round(KEYFRAME_S * (fps or _DEFAULT_FPS)))
         # Millisecond ticks for stream-time stamps, one tick per frame at a fixed fps.
         stream.codec_context.time_base = _MS if fps is None else 1 / rate
         if codec == "libx264":

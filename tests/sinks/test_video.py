@@ -97,3 +97,36 @@ async def test_never_overwrites_and_counts_frames_without_image(tmp_path: Path) 
     assert (tmp_path / "cam1.mp4").read_bytes() == b"an older recording"
     assert len(decode_all(tmp_path / "cam1.1.mp4")) == 1
     assert metrics.snapshot()["sinks"]["rec"]["dropped"] == 1
+
+
+def test_a_process_killed_mid_recording_leaves_all_but_the_last_seconds(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    from sam3stream.sinks.video import KEYFRAME_S
+
+    fps, sent = 10.0, 80
+    script = textwrap.dedent(
+        f"""
+        import asyncio, os, sys, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+        from sam3stream.sinks.video import VideoSink
+        from tests.sinks.results import make_result
+        from tests.sinks.test_video import frame_image
+
+        async def main():
+            sink = VideoSink({str(tmp_path)!r}, fps={fps})
+            await sink.start()
+            for i in range({sent}):
+                await sink.publish(make_result(i, width=64, height=48), frame_image(i, 48, 64))
+            await asyncio.sleep(3)  # the encoder thread catches up; then die without closing
+            os._exit(0)
+
+        asyncio.run(main())
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    kept = len(decode_all(tmp_path / "cam1.mp4"))
+    # Lost: the fragment still open (under two keyframe intervals, with the encoder's lookahead).
+    assert sent - 2 * KEYFRAME_S * fps <= kept <= sent
