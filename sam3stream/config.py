@@ -305,9 +305,27 @@ def _from_raw(raw: dict[str, Any], source: str, base_dir: str | Path | None) -> 
     if problems or not isinstance(config, Config):
         raise ConfigError(problems, source=source)
     resolved = _resolve_paths(config, Path(base_dir or Path.cwd()).resolve(), problems)
+    problems.extend(_shared_outputs(resolved))
     if problems:  # a path that cannot be resolved (a NUL byte, ~nosuchuser, a symlink loop)
         raise ConfigError(problems, source=source)
     return resolved
+
+
+def _shared_outputs(config: Config) -> Problems:
+    """Two sinks of one kind writing into one place would write each result twice into the
+    same files (JSONL) or fight over them (video). Compared once paths are absolute."""
+    first: dict[tuple[str, str], int] = {}
+    for i, sink in enumerate(config.sinks):
+        if isinstance(sink, JsonlSinkConfig):
+            key, where = ("jsonl", sink.path), "path"
+        elif isinstance(sink, VideoSinkConfig):
+            key, where = ("video", sink.dir), "dir"
+        else:
+            continue
+        if key in first:
+            yield f"sinks[{i}].{where}", f"sinks[{first[key]}] already writes {key[1]}"
+        else:
+            first[key] = i
 
 
 # --------------------------------------------------------------------------- structure

@@ -296,3 +296,16 @@ def test_a_config_built_in_code_gets_the_files_checks(tmp_path: Path) -> None:
     assert checked.cameras[0].url == str(tmp_path / "a.mp4")
     assert checked.engines.dir == str(tmp_path / "engines/x")
     assert validate_config(checked) == checked  # a checked config passes again unchanged
+
+
+def test_two_sinks_of_one_kind_cannot_share_their_output() -> None:
+    sinks = (
+        '\n[[sinks]]\ntype = "jsonl"\npath = "out"\n'
+        '\n[[sinks]]\ntype = "jsonl"\npath = "./out/../out"\n'  # the same folder, written otherwise
+        '\n[[sinks]]\ntype = "video"\ndir = "out"\n'  # another kind: .mp4 beside .jsonl is fine
+        '\n[[sinks]]\ntype = "video"\ndir = "out"\n'
+    )
+    assert problems(MINIMAL + sinks) == {
+        "sinks[1].path": "sinks[0] already writes /base/out",
+        "sinks[3].dir": "sinks[2] already writes /base/out",
+    }
