@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
+from sam3stream.errors import Sam3StreamError
 from sam3stream.stream.frames import FrameResult
 
 if TYPE_CHECKING:
     from sam3stream.config import SinkConfig
     from sam3stream.metrics import Metrics
 
-__all__ = ["Sink", "make_sink"]
+__all__ = ["Sink", "check_output_folders", "make_sink"]
 
 
 @runtime_checkable
@@ -58,3 +62,26 @@ def make_sink(cfg: SinkConfig, *, name: str | None = None, metrics: Metrics | No
 
         return VideoSink.from_config(cfg, name=label, metrics=metrics)
     raise TypeError(f"unknown sink config {type(cfg).__name__}")
+
+
+def check_output_folders(sinks: Sequence[SinkConfig]) -> None:
+    """Make each file sink's folder and check it takes a file, before the engine loads (a
+    minute on a GPU): every folder that cannot be written is named in one error."""
+    from sam3stream.config import JsonlSinkConfig, VideoSinkConfig, sink_name
+
+    problems = []
+    for i, cfg in enumerate(sinks):
+        if isinstance(cfg, JsonlSinkConfig):
+            folder, key = Path(cfg.path), "path"
+        elif isinstance(cfg, VideoSinkConfig):
+            folder, key = Path(cfg.dir), "dir"
+        else:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            problems.append(f"sink {sink_name(i, cfg)!r} (sinks[{i}].{key}) cannot write in {folder}: {why}")
+    if problems:
+        raise Sam3StreamError("; ".join(problems))

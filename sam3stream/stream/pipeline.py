@@ -15,7 +15,8 @@ as long again to finish what it holds (``block`` sinks; the rest count it as
 dropped) and as long again to close, so a stuck sink bounds a stop at about
 three times the timeout.
 
-Start-up: the metrics port is bound first (a taken one fails before the engine loads), then
+Start-up: the metrics port is bound and the file sinks' folders are checked first (a taken
+port or an unwritable folder fails before the engine loads), then
 the engine is loaded, checked and warmed up (compiled, graphs captured) before any camera or
 sink starts, so the first frames do not wait behind a compile.
 
@@ -275,6 +276,10 @@ class Pipeline:
             # Binds the metrics port before the engine loads: a taken one fails at once, naming
             # its config key, not after a minute of loading. Leaving the block closes it.
             with reporter:
+                # Likewise a sink folder that cannot be written: it fails now, all of them named.
+                from sam3stream.sinks.base import check_output_folders
+
+                await asyncio.to_thread(check_output_folders, self.config.sinks)
                 backend = self._given_backend or await self._open_backend(infer_pool, opened)
                 self.backend = backend
                 self._check_engine(backend)

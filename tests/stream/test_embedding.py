@@ -401,3 +401,31 @@ async def test_a_drain_cut_short_but_made_good_by_the_sinks_close_counts_as_drai
     delivered = slow.seqs("cam0")
     assert len(delivered) >= 4 and delivered == list(range(len(delivered)))
     assert p.drained is True
+
+
+async def test_sink_folders_that_cannot_be_written_fail_before_the_engine_loads(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    from sam3stream.errors import Sam3StreamError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    sinks = (
+        f'\n[[sinks]]\ntype = "jsonl"\npath = "{blocker / "jsonl"}"\n'
+        f'\n[[sinks]]\ntype = "video"\ndir = "{blocker / "video"}"\n'
+    )
+    config = make_config(tmp_path, camera_toml("cam0", video("c0.mp4", frames=4)), extra=sinks)
+    opened: list[str] = []
+
+    class Opening(Pipeline):
+        async def _open_backend(self, *args: Any) -> Any:
+            opened.append("engine")
+            return await super()._open_backend(*args)
+
+    with pytest.raises(Sam3StreamError) as info:
+        async with Opening(config, postprocess=stub_postprocess):
+            pass
+    message = str(info.value)
+    assert f"sink 'jsonl-0' (sinks[0].path) cannot write in {blocker / 'jsonl'}" in message
+    assert f"sink 'video-1' (sinks[1].dir) cannot write in {blocker / 'video'}" in message
+    assert opened == []  # nothing slow was started first
