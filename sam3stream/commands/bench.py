@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from sam3stream.bench import AUTO_CHOICES, BENCH_PROMPTS
 from sam3stream.config import DEVICE
 from sam3stream.errors import InputError
+from sam3stream.folders import make_writable_folder
 from sam3stream.resolution import check_resolution
 
 DEFAULT_RESOLUTIONS = (1008, 840, 672, 560)
@@ -199,8 +199,7 @@ def _check_writable(out: Path) -> None:
     """Before minutes of measuring: the output stem's folder can be made and written to."""
     folder = out.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        make_writable_folder(folder)
     except OSError as exc:
         raise InputError(f"--out {out}: cannot write in {folder} ({exc.strerror or exc})") from None
 

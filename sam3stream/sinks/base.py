@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -11,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sam3stream.errors import Sam3StreamError
+from sam3stream.folders import make_writable_folder
 from sam3stream.stream.frames import FrameResult
 
 if TYPE_CHECKING:
@@ -78,8 +78,7 @@ def check_output_folders(sinks: Sequence[SinkConfig]) -> None:
         else:
             continue
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()
+            make_writable_folder(folder)
         except OSError as exc:
             why = exc.strerror or str(exc)
             problems.append(f"sink {sink_name(i, cfg)!r} (sinks[{i}].{key}) cannot write in {folder}: {why}")

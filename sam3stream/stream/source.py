@@ -108,10 +108,16 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def _reason(exc: BaseException) -> str:
+    """FFmpeg's (or the OS's) reason alone: without the errno, and without the URL its text
+    ends in, which may hold credentials."""
+    return str(getattr(exc, "strerror", None) or exc)
+
+
 def _open_problem(exc: BaseException, camera: CameraConfig) -> str:
-    """Why a camera could not be opened, in words: FFmpeg's reason without its errno, and a
-    file's path (a network URL stays out of the message: it may hold credentials)."""
-    reason = str(getattr(exc, "strerror", None) or exc)
+    """Why a camera could not be opened, in words (``_reason``), and a file's path (a network
+    URL stays out of the message: it may hold credentials)."""
+    reason = _reason(exc)
     if isinstance(exc, av.error.InvalidDataError):
         empty = not camera.is_network and os.path.isfile(camera.url) and os.path.getsize(camera.url) == 0
         reason = "the file is empty" if empty else f"not a video FFmpeg can read ({reason})"
@@ -320,9 +326,9 @@ class CameraSource:
                     stall, n = self._lifecycle.stall_timeout_s, self._session_frames
                     raise _SourceFailure(f"stalled: no frame for {stall} s after {n} frames") from None
                 except _STREAM_ERRORS as exc:
-                    # FFmpeg's own text ends in the URL, which may hold a password: its reason only.
-                    reason = str(getattr(exc, "strerror", None) or exc)
-                    raise _SourceFailure(f"read error after {self._session_frames} frames: {reason}") from exc
+                    raise _SourceFailure(
+                        f"read error after {self._session_frames} frames: {_reason(exc)}"
+                    ) from exc
                 self._session_frames += 1
                 await self._deliver(decoded, loop.time())
         finally:
