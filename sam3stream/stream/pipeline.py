@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import structlog
 
@@ -525,6 +526,14 @@ class Pipeline:
         await reporter.report()
         log.info("pipeline_stopped", drained=self.drained, in_flight=self.in_flight.count)
 
+    async def _until_stop_requested_or(self, work: asyncio.Future[Any]) -> None:
+        """Until ``work`` is done or a stop is requested, whichever comes first; ``work`` goes on."""
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+
     async def _drain(self, fanout: Fanout) -> None:
         """Until every accepted frame has its results and every sink queue is empty."""
         await self.in_flight.wait_idle()
@@ -534,12 +543,10 @@ class Pipeline:
         self, sources: list[asyncio.Task[None]], rest: list[asyncio.Task[None]], fanout: Fanout
     ) -> None:
         """Wait for a stop request or for every camera to end, then drain and stop the rest."""
-        stop = asyncio.ensure_future(self._stop_requested.wait())
         ended = asyncio.ensure_future(asyncio.wait(sources))
         try:
-            await asyncio.wait({stop, ended}, return_when=asyncio.FIRST_COMPLETED)
+            await self._until_stop_requested_or(ended)
         finally:
-            stop.cancel()
             ended.cancel()
         timeout_s = self.config.lifecycle.drain_timeout_s
         # A cancelled source puts nothing more in (its pending put is what gets cancelled),
@@ -553,11 +560,7 @@ class Pipeline:
                 # gets its results, however long the engine and the sinks take. A stop requested
                 # meanwhile (a signal) bounds the rest by the timeout, counted from then.
                 log.info("pipeline_draining", reason="all cameras ended", in_flight=self.in_flight.count)
-                stop = asyncio.ensure_future(self._stop_requested.wait())
-                try:
-                    await asyncio.wait({drain, stop}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stop.cancel()
+                await self._until_stop_requested_or(drain)
             if not drain.done():
                 log.info("pipeline_draining", reason="stop requested", timeout_s=timeout_s)
             try:
