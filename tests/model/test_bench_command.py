@@ -134,15 +134,20 @@ def test_camera_counts_that_the_service_would_chunk_differently_get_their_own_ba
         (["--iters", "0"], "--iters must be >= 1, got 0"),
         (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
         (["--vision-chunk", "0"], "--vision-chunk must be >= 1, got 0"),
+        # Options that cannot be measured are refused before anything runs, too.
+        (["--backend", "onnxruntime"], "--backend onnxruntime runs an engine directory: pass --engines DIR"),
+        (["--backend", "tensorrt"], "(made by sam3stream build DIR)"),
+        (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
     ],
 )
-def test_bad_counts_name_their_flag(
+def test_bad_options_name_their_flag_and_write_nothing(
     extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["bench", "--random", "tiny", "--resolution", "448", "--device", "cpu", "--no-peer"]
     assert main([*argv, *extra, "--out", str(tmp_path / "b")]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+    assert not list(tmp_path.iterdir())
 
 
 def test_an_engine_directory_fixes_the_batch(
@@ -195,23 +200,6 @@ def test_a_bench_on_cuda_without_a_gpu_fails_with_what_to_do(
     assert "--device cpu" in printed.out  # in the table's error rows
     assert "nothing measured" in printed.err
     assert out.with_suffix(".json").read_text() == earlier
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--backend", "onnxruntime"], "--backend onnxruntime runs an engine directory: pass --engines DIR"),
-        (["--backend", "tensorrt"], "(made by sam3stream build DIR)"),
-        (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
-    ],
-)
-def test_options_that_cannot_be_measured_are_refused_before_anything_runs(
-    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    argv = ["bench", "--random", "tiny", "--resolution", "448", "--no-peer", "--out", str(tmp_path / "b")]
-    assert main([*argv, *extra]) == 1
-    assert message in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
 
 
 def test_an_engine_directory_is_not_measured_at_another_resolution(
