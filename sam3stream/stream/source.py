@@ -34,6 +34,7 @@ import structlog
 from sam3stream.backoff import backoff_delay
 from sam3stream.config import CameraConfig, LifecycleConfig
 from sam3stream.metrics import Metrics
+from sam3stream.outage import Outage
 from sam3stream.stream.frames import Frame
 from sam3stream.stream.mailbox import Inbox
 from sam3stream.stream.threads import close_executor, single_thread
@@ -217,6 +218,7 @@ class CameraSource:
         self._keep_image = keep_image
         self._on_state = on_state
         self._backoff = Backoff(lifecycle.reconnect_base_s, lifecycle.reconnect_cap_s, rng or random.Random())
+        self._outage = Outage()
         self._period = 1.0 / camera.fps if camera.fps else None
         self._next_due = 0.0
         self.state: CameraState = "connecting"
@@ -232,9 +234,13 @@ class CameraSource:
         self._announced = True
         if error is not None:
             fields["error"] = error
+        say = self._log.info
+        if state == "reconnecting":
+            # A camera that keeps failing must show at logging.level = "warning" too, but once
+            # per outage (and as a reminder while it lasts), not at every retry.
+            say = self._log.warning if self._outage.failed() else self._log.debug
+            fields.update(attempts=self._outage.attempts, down_s=round(self._outage.down_s, 1))
         if changed or fields:
-            # A camera that keeps failing must show at logging.level = "warning" too.
-            say = self._log.warning if state == "reconnecting" else self._log.info
             say("camera_state", state=state, **fields)
         self.state = state
         self._metrics.camera_state(self.name, state)
@@ -330,6 +336,9 @@ class CameraSource:
                         f"read error after {self._session_frames} frames: {_reason(exc)}"
                     ) from exc
                 self._session_frames += 1
+                # Back once frames flow: a camera that opens and then gives nothing is still down.
+                if self._session_frames == 1 and (outage := self._outage.recovered()) is not None:
+                    self._log.info("camera_recovered", attempts=outage[0], down_s=round(outage[1], 1))
                 await self._deliver(decoded, loop.time())
         finally:
             stop.set()
