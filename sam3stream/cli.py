@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from collections.abc import Sequence
 
 from sam3stream import __version__
@@ -49,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sam3stream.log import configure_logging
+    from sam3stream.log import configure_logging, print_error
 
     args = build_parser().parse_args(argv)
     if args.command not in _OWN_LOGGING:
@@ -59,15 +58,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+        problems = [{"key": key, "problem": problem} for key, problem in exc.problems]
+        print_error(str(exc), prefix="", problems=problems, source=exc.source)
         return 2
     except Sam3StreamError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 1
     except OSError as exc:
         # A path the user gave that cannot be written or read (permission, not a folder, disk
         # full): the message names the file; a traceback would not help.
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(str(exc))
         return 1
     except KeyboardInterrupt:
         return 130

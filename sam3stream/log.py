@@ -7,19 +7,25 @@ and has not configured structlog, the events go through the standard ``logging``
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import sys
-from typing import Literal, TextIO, cast
+from typing import Any, Literal, TextIO, cast
 
 import structlog
 
-__all__ = ["configure_logging", "use_standard_logging"]
+__all__ = ["configure_logging", "print_error", "use_standard_logging"]
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+_json_errors = False  # print_error writes JSON: configure_logging was asked for format = "json"
 
 
 def configure_logging(level: str = "info", fmt: Literal["console", "json"] | str = "console") -> None:
     """Send structlog output to stderr at ``level`` as ``console`` (key=value) or ``json`` lines."""
+    global _json_errors
+    _json_errors = fmt == "json"
     # The console renderer formats exceptions itself; JSON needs them turned into a field.
     tail: list[structlog.typing.Processor]
     if fmt == "json":
@@ -38,6 +44,26 @@ def configure_logging(level: str = "info", fmt: Literal["console", "json"] | str
         logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
+
+
+def print_error(message: str, *, prefix: str = "error: ", **fields: Any) -> None:
+    """The line that says why a command stopped, on stderr: ``<prefix><message>``, or under
+    ``format = "json"`` one JSON object shaped like the log's own lines (``event`` "fatal",
+    ``level`` "error", ``error`` the message, then ``fields``), so that a log shipper that parses
+    every line as JSON keeps the one line that matters most."""
+    if _json_errors:
+        record = {
+            "event": "fatal",
+            "level": "error",
+            "timestamp": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
+            "error": message,
+            **fields,
+        }
+        line = json.dumps(record, default=str)
+    else:
+        line = f"{prefix}{message}"
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def use_standard_logging() -> None:

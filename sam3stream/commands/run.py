@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -22,7 +21,7 @@ import structlog
 
 from sam3stream.commands.validate import config_warnings
 from sam3stream.config import Config, load_config
-from sam3stream.log import configure_logging
+from sam3stream.log import configure_logging, print_error
 
 log = structlog.get_logger(__name__)
 
@@ -93,7 +92,7 @@ async def serve(config: Config) -> int:
         await pipeline.wait()
     except asyncio.CancelledError:
         await pipeline.abort()
-        print("error: stopped by a second signal without draining", file=sys.stderr)
+        print_error("stopped by a second signal without draining")
         return 1
     finally:
         for sig in handled:
@@ -105,11 +104,11 @@ async def serve(config: Config) -> int:
     errors = pipeline.camera_errors()
     if errors and len(errors) == len(config.cameras):
         for name, error in errors.items():
-            print(f"error: camera {name}: {error}", file=sys.stderr)
+            print_error(f"camera {name}: {error}", camera=name)
         return 1
     return 0
 
 
 def _exit_now(signum: int, frame: object) -> None:
-    print("error: stopped by a signal before the pipeline could drain", file=sys.stderr, flush=True)
+    print_error("stopped by a signal before the pipeline could drain")
     os._exit(1)

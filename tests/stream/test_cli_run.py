@@ -61,7 +61,12 @@ def wait_for_lines(path: Path, n: int, proc: subprocess.Popen[str], timeout: flo
 
 
 def write_config(
-    tmp_path: Path, cameras: str, backend: str = "fake", fake: str | None = None, max_batch: int = 4
+    tmp_path: Path,
+    cameras: str,
+    backend: str = "fake",
+    fake: str | None = None,
+    max_batch: int = 4,
+    log_format: str = "json",
 ) -> Path:
     """A config running ``cameras`` into a JSONL sink; ``fake`` is the fake engine's fake.json."""
     if fake is not None:
@@ -87,7 +92,7 @@ type = "jsonl"
 path = "out"
 
 [logging]
-format = "json"
+format = "{log_format}"
 
 [lifecycle]
 drain_timeout_s = {DRAIN_S}
@@ -100,6 +105,15 @@ drain_timeout_s = {DRAIN_S}
 
 def read_jsonl(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def fatal(stderr: str) -> str:
+    """The message of the last stderr line, which under format = "json" must be a JSON "fatal"
+    event like the log's other lines."""
+    record = json.loads(stderr.strip().splitlines()[-1])
+    assert record["event"] == "fatal" and record["level"] == "error" and record["timestamp"]
+    message: str = record["error"]
+    return message
 
 
 def events(stderr: str) -> list[dict[str, object]]:
@@ -144,8 +158,8 @@ def test_a_fatal_error_is_one_line_and_exit_1(tmp_path: Path, video: Callable[..
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 1
     assert "Traceback" not in stderr
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: engine directory") and "does not exist" in last
+    last = fatal(stderr)
+    assert last.startswith("engine directory") and "does not exist" in last
 
 
 def test_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
@@ -171,7 +185,7 @@ def test_a_second_signal_exits_1_without_waiting_for_the_drain(
         stderr, took = signal_and_wait(proc, signal.SIGTERM, 10)
     assert proc.returncode == 1
     assert took < 3
-    assert "without draining" in stderr.strip().splitlines()[-1]
+    assert "without draining" in fatal(stderr)
 
 
 def test_engine_death_exits_1_with_one_line(tmp_path: Path, video: Callable[..., Path]) -> None:
@@ -180,15 +194,19 @@ def test_engine_death_exits_1_with_one_line(tmp_path: Path, video: Callable[...,
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 1
     assert "Traceback" not in stderr
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: inference failed, stopping: FakeEngineError")
+    assert fatal(stderr).startswith("inference failed, stopping: FakeEngineError")
 
 
-def test_every_camera_failing_exits_1(tmp_path: Path) -> None:
-    proc = start(write_config(tmp_path, camera_toml("gone", tmp_path / "missing.mp4")))
+@pytest.mark.parametrize("log_format", ["console", "json"])
+def test_every_camera_failing_exits_1(tmp_path: Path, log_format: str) -> None:
+    config = write_config(tmp_path, camera_toml("gone", tmp_path / "missing.mp4"), log_format=log_format)
+    proc = start(config)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 1
-    assert stderr.strip().splitlines()[-1].startswith("error: camera gone: cannot open")
+    if log_format == "console":
+        assert stderr.strip().splitlines()[-1].startswith("error: camera gone: cannot open")
+    else:
+        assert fatal(stderr).startswith("camera gone: cannot open")
 
 
 def read_until_event(proc: subprocess.Popen[str], name: str) -> list[dict[str, object]]:
@@ -212,4 +230,16 @@ def test_a_signal_during_the_engine_load_exits_at_once(tmp_path: Path, video: Ca
     assert proc.returncode == 1
     assert took < 10
     assert "exiting while the engine loads" in stderr
-    assert "before the pipeline could drain" in stderr.strip().splitlines()[-1]
+    assert "before the pipeline could drain" in fatal(stderr)
+
+
+def test_an_unwritable_sink_folder_is_one_json_event_naming_the_key(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    config = write_config(tmp_path, camera_toml("a", video("a.mp4", frames=5)))
+    (tmp_path / "out").write_text("a file where the JSONL sink wants its folder")
+    proc = start(config)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "Traceback" not in stderr
+    assert "sinks[0].path" in fatal(stderr)
