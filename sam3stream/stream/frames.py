@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import secrets
+import time
+
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["SCHEMA_VERSION", "Detection", "Frame", "FrameResult", "Rle", "StageTimes"]
+__all__ = ["SCHEMA_VERSION", "Detection", "Frame", "FrameResult", "Rle", "StageTimes", "new_run_id"]
 
 # Bumped whenever a field of FrameResult/Detection changes meaning or is removed.
 SCHEMA_VERSION = 1
+
+
+def new_run_id() -> str:
+    """An identifier for one start of a pipeline: its UTC start time, then random hex
+    (``20261206T091500Z-3f9a2c``), so that ids sort by start and two starts in one second differ."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
 class Frame(msgspec.Struct, gc=False, kw_only=True):
@@ -74,10 +83,13 @@ class FrameResult(msgspec.Struct, gc=False, kw_only=True):
     ``seq`` counts the camera's frames from 0 (a looping file keeps counting); ``pts`` and
     ``stream_time`` (seconds) are the stream's own clock when it has one; ``capture_time`` is
     the wall clock (``time.time()``) when the frame was decoded. ``width`` and ``height`` are the
-    original frame's. ``timing`` holds milliseconds per stage.
+    original frame's. ``timing`` holds milliseconds per stage. ``run`` identifies the pipeline's
+    start (:func:`new_run_id`): ``seq`` starts from 0 again after a restart, so ``(run, camera,
+    seq)`` is what names one frame's result for good.
     """
 
     schema: int = SCHEMA_VERSION
+    run: str = ""
     camera: str
     seq: int
     pts: int | None

@@ -49,7 +49,7 @@ from sam3stream.sinks.base import Sink
 from sam3stream.stream.batch_queue import BatchQueue
 from sam3stream.stream.batcher import Batch, Batcher
 from sam3stream.stream.fanout import Fanout, SinkRoute, Subscriber
-from sam3stream.stream.frames import FrameResult
+from sam3stream.stream.frames import FrameResult, new_run_id
 from sam3stream.stream.mailbox import Doorbell, Inbox, InFlight
 from sam3stream.stream.source import STOPPED_NOTICE_S, CameraSource
 from sam3stream.stream.tasks import first_error
@@ -100,6 +100,7 @@ class Pipeline:
         # them again unchanged): its problems surface here, named by key, not deep in a start.
         config = validate_config(config)
         self.config = config
+        self.run_id = new_run_id()  # in every result: seq starts again at 0 after a restart
         self.metrics = metrics if metrics is not None else Metrics(window_s=config.metrics.interval_s)
         self._given_backend = backend
         self._extra_sinks = list(sinks)
@@ -489,6 +490,7 @@ class Pipeline:
             post_threads=self._post_threads,
             post_processes=self._post_processes,
             device_masks=cfg.postprocess.device_masks,
+            run_id=self.run_id,
         )
         for route in self.routes:
             publish_stats = getattr(route.sink, "publish_stats", None)
@@ -498,6 +500,7 @@ class Pipeline:
         await self._start_routes(self.routes)
         log.info(
             "pipeline_started",
+            run=self.run_id,
             cameras=len(self.sources),
             sinks=len(self.routes),
             resolution=manifest.resolution,

@@ -147,8 +147,10 @@ class GpuWorker:
         post_threads: int | None = None,
         post_processes: int = 0,
         device_masks: bool = True,
+        run_id: str = "",
     ) -> None:
-        """``infer_pool``: the one thread that talks to the backend, when the caller made it
+        """``run_id`` goes into every result (:func:`sam3stream.stream.frames.new_run_id`).
+        ``infer_pool``: the one thread that talks to the backend, when the caller made it
         (it loaded the backend there, so device contexts stay on one thread); else our own.
         ``post_processes`` > 0: a batch's frames are postprocessed in that many processes
         (started with the worker) instead of ``post_threads`` threads. ``device_masks``: have
@@ -173,6 +175,7 @@ class GpuWorker:
         self._frame_pool: ThreadPoolExecutor | ProcessPoolExecutor | None = None
         self.text: TextFeatures | None = None
         self.batches_done = 0
+        self.run_id = run_id
 
     async def run(self) -> None:
         own_pool = self._infer_pool is None
@@ -391,6 +394,7 @@ class GpuWorker:
         now = time.time()
         return [
             FrameResult(
+                run=self.run_id,
                 camera=f.camera,
                 seq=f.seq,
                 pts=f.pts,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -117,3 +119,19 @@ async def test_backends_that_submit_get_the_next_batch_before_the_last_is_waited
     # Under load the next batch was queued before the previous one was waited for.
     ev = backend.events
     assert any(ev.index(("submit", n + 1)) < ev.index(("wait", n)) for n in range(len(backend.submitted) - 1))
+
+
+async def test_a_restart_appends_results_that_the_run_id_tells_apart(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    cams = camera_toml("cam0", video("cam0.mp4", frames=6))
+    config = make_config(tmp_path, cams, extra='[[sinks]]\ntype = "jsonl"\npath = "out"\n')
+    runs = []
+    for _ in range(2):  # the same config started twice: the JSONL file continues
+        async with Pipeline(config, backend=FakeBackend(), postprocess=stub_postprocess) as p:
+            await p.wait()
+        runs.append(p.run_id)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "cam0.jsonl").read_text().splitlines()]
+    assert [line["seq"] for line in lines] == list(range(6)) * 2  # seq alone repeats
+    assert [line["run"] for line in lines] == [runs[0]] * 6 + [runs[1]] * 6
+    assert runs[0] != runs[1] and all(re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", run) for run in runs)
