@@ -13,6 +13,7 @@ ever hold absolute paths for them.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 import types
@@ -228,6 +229,9 @@ class PostprocessConfig(_Section, frozen=True, kw_only=True):
 class MetricsConfig(_Section, frozen=True, kw_only=True):
     interval_s: Positive = 10.0  # how often the reporter logs (and publishes) stats
     prometheus_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
+    # Every interface by default, so a scraper on another host (or outside a container) reaches
+    # it; "127.0.0.1" keeps /metrics on this host.
+    prometheus_host: str = "0.0.0.0"
 
 
 class LoggingConfig(_Section, frozen=True, kw_only=True):
@@ -566,6 +570,23 @@ def _mqtt_on_full(on_full: str) -> Problems:
         yield "", f"{why}; {instead}"
 
 
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+
+
+def _listen_host(host: str) -> Problems:
+    # Whether the machine has the address is only known when binding (ConfigError then too);
+    # this catches what can never bind: a URL, a host:port, stray spaces.
+    local = '"0.0.0.0" listens on every interface, "127.0.0.1" on this host only'
+    if not host.strip():
+        yield "", f"must not be empty: {local}"
+        return
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_NAME.match(host):
+            yield "", f"{host!r} is not a host name or IP address (no scheme, port or brackets); {local}"
+
+
 _FIELD_CHECKS: dict[tuple[type[Any], str], Callable[[Any], Problems]] = {
     (EnginesConfig, "dir"): _not_empty,
     (EnginesConfig, "device"): _device,
@@ -578,6 +599,7 @@ _FIELD_CHECKS: dict[tuple[type[Any], str], Callable[[Any], Problems]] = {
     (MqttSinkConfig, "on_full"): _mqtt_on_full,
     (JsonlSinkConfig, "path"): _not_empty,
     (VideoSinkConfig, "dir"): _not_empty,
+    (MetricsConfig, "prometheus_host"): _listen_host,
 }
 
 

@@ -4,6 +4,10 @@
 because the Prometheus endpoint reads it from its own HTTP thread while the
 event loop keeps updating it. Times come from an injectable monotonic clock so
 rates can be tested without sleeping.
+
+Every camera and sink the pipeline is configured with is registered up front, so each of
+their series exists (at zero) from the first scrape: a ``rate()`` over a counter that only
+appears with its first event misses that event, and a healthy camera would show "no data".
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import math
+import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +82,39 @@ class _Rate:
         return self.total / (now - self.first)
 
 
+@dataclass(slots=True)
+class _Level:
+    value: int
+    end: float  # when the next change came; inf while it is the current level
+
+
+class _WindowMax:
+    """The highest level a value held at any moment of the last ``window_s`` seconds.
+
+    A monotonic deque: levels that ended before the window leave at the front, levels a later
+    higher one outdoes leave at the back, so it holds a few entries, not one per change.
+    """
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.current = 0
+        self._levels: deque[_Level] = deque()
+
+    def set(self, now: float, value: int) -> None:
+        if self._levels:
+            self._levels[-1].end = now
+        while self._levels and self._levels[-1].value <= value:
+            self._levels.pop()
+        self._levels.append(_Level(value, math.inf))
+        self.current = value
+
+    def peak(self, now: float) -> int:
+        horizon = now - self.window_s
+        while self._levels and self._levels[0].end <= horizon:
+            self._levels.popleft()
+        return self._levels[0].value if self._levels else self.current
+
+
 @dataclass
 class _Camera:
     decoded: _Rate
@@ -95,6 +133,10 @@ class _BatchStats:
 
 @dataclass
 class _SinkStats:
+    depth: _WindowMax
+    publish_ms: deque[float]
+    capacity: int | None = None  # None: the sink was never registered with its queue
+    delivered: int = 0
     errors: int = 0
     dropped: int = 0
 
@@ -113,9 +155,10 @@ def percentile(values: list[float], q: float) -> float | None:
 class Metrics:
     """Counters for cameras, batches and sinks.
 
-    ``window_s`` is the span of the "recent" rates (normally the report interval);
-    ``latency_window`` bounds how many recent end-to-end latencies the
-    percentiles are computed over.
+    ``window_s`` is the span of the "recent" rates and of a sink queue's peak depth (normally
+    the report interval); ``latency_window`` bounds how many recent end-to-end latencies (and
+    sink publish times) the percentiles are computed over. ``cameras`` and ``sinks`` are
+    registered at once (see :meth:`register_camera`, :meth:`register_sink`).
     """
 
     def __init__(
@@ -125,6 +168,8 @@ class Metrics:
         latency_window: int = 2048,
         clock: Clock = time.monotonic,
         gpu_memory: Callable[[], int | None] | None = None,
+        cameras: Iterable[str] = (),
+        sinks: Iterable[str] = (),
     ) -> None:
         self._window_s = window_s
         self._latency_window = latency_window
@@ -135,6 +180,10 @@ class Metrics:
         self._cameras: dict[str, _Camera] = {}
         self._batches: dict[int, _BatchStats] = {}
         self._sinks: dict[str, _SinkStats] = {}
+        for camera in cameras:
+            self.register_camera(camera)
+        for sink in sinks:
+            self.register_sink(sink)
 
     def _camera(self, camera: str) -> _Camera:
         cam = self._cameras.get(camera)
@@ -148,9 +197,27 @@ class Metrics:
         return cam
 
     def _sink(self, name: str) -> _SinkStats:
-        return self._sinks.setdefault(name, _SinkStats())
+        stats = self._sinks.get(name)
+        if stats is None:
+            stats = _SinkStats(
+                depth=_WindowMax(self._window_s), publish_ms=deque(maxlen=self._latency_window)
+            )
+            self._sinks[name] = stats
+        return stats
 
     # ------------------------------------------------------------------ updates
+
+    def register_camera(self, camera: str) -> None:
+        """List ``camera`` now, at zero and in its initial state, before its first event."""
+        with self._lock:
+            self._camera(camera)
+
+    def register_sink(self, name: str, capacity: int | None = None) -> None:
+        """List sink ``name`` now, at zero; ``capacity`` is its queue's size (None: unknown)."""
+        with self._lock:
+            stats = self._sink(name)
+            if capacity is not None:
+                stats.capacity = capacity
 
     def frame_decoded(self, camera: str) -> None:
         now = self._clock()
@@ -188,6 +255,21 @@ class Metrics:
         with self._lock:
             self._sink(sink_name).dropped += n
 
+    def sink_queue_depth(self, sink_name: str, depth: int) -> None:
+        """Results now waiting in the sink's queue (set on every change)."""
+        now = self._clock()
+        with self._lock:
+            self._sink(sink_name).depth.set(now, depth)
+
+    def sink_published(self, sink_name: str, publish_ms: float, *, delivered: bool = True) -> None:
+        """One publish call took ``publish_ms``; ``delivered`` is False when it raised (a slow
+        failure still holds the queue up, so its time counts in the percentiles)."""
+        with self._lock:
+            stats = self._sink(sink_name)
+            stats.publish_ms.append(publish_ms)
+            if delivered:
+                stats.delivered += 1
+
     # ------------------------------------------------------------------ reads
 
     def snapshot(self) -> dict[str, Any]:
@@ -202,9 +284,7 @@ class Metrics:
                 }
                 for size, b in sorted(self._batches.items())
             }
-            sinks = {
-                name: {"errors": s.errors, "dropped": s.dropped} for name, s in sorted(self._sinks.items())
-            }
+            sinks = {name: self._sink_snapshot(s, now) for name, s in sorted(self._sinks.items())}
         # Outside the lock: NVML can take milliseconds.
         return {
             "uptime_s": now - self._started,
@@ -231,6 +311,21 @@ class Metrics:
             "latency_ms_p95": percentile(latencies, 95),
         }
 
+    @staticmethod
+    def _sink_snapshot(sink: _SinkStats, now: float) -> dict[str, Any]:
+        publish_ms = list(sink.publish_ms)
+        return {
+            "errors": sink.errors,
+            "dropped": sink.dropped,
+            "delivered": sink.delivered,
+            # Waiting in the queue, not counting the one being published.
+            "queue_depth": sink.depth.current,
+            "queue_depth_max": sink.depth.peak(now),  # highest in the last window_s
+            "queue_capacity": sink.capacity,
+            "publish_ms_p50": percentile(publish_ms, 50),
+            "publish_ms_p95": percentile(publish_ms, 95),
+        }
+
 
 # --------------------------------------------------------------------------- reporter
 
@@ -254,6 +349,8 @@ def log_fields(snapshot: dict[str, Any]) -> dict[str, Any]:
     for name, s in snapshot["sinks"].items():
         fields[f"sink.{name}.errors"] = s["errors"]
         fields[f"sink.{name}.dropped"] = s["dropped"]
+        fields[f"sink.{name}.depth"] = s["queue_depth"]
+        fields[f"sink.{name}.p95_ms"] = _fmt(s["publish_ms_p95"])
     gpu = snapshot.get("gpu_memory_bytes")
     if gpu is not None:
         fields["gpu_mem_mb"] = round(gpu / 2**20, 1)
@@ -263,11 +360,11 @@ def log_fields(snapshot: dict[str, Any]) -> dict[str, Any]:
 class Reporter:
     """Every ``interval_s``: one ``stats`` log line, then each registered publisher.
 
-    With ``prometheus_port`` set it also serves ``/metrics`` (0 picks a free
-    port; the bound one is in :attr:`prometheus_port` once bound). Bind it with
+    With ``prometheus_port`` set it also serves ``/metrics`` on ``prometheus_host`` (0 picks a
+    free port; the bound one is in :attr:`prometheus_port` once bound). Bind it with
     ``with reporter:`` (or :meth:`open`) before anything else starts, so that a
-    taken port fails at once as a :class:`ConfigError` naming the key, not in
-    the middle of a run; :meth:`run` then serves on that server (it binds
+    taken port (or an address no interface has) fails at once as a :class:`ConfigError` naming
+    the key, not in the middle of a run; :meth:`run` then serves on that server (it binds
     itself if nobody did) and closes it when it ends.
     """
 
@@ -295,7 +392,8 @@ class Reporter:
         """Bind and serve ``/metrics`` now (nothing without a port, or when already open).
 
         Raises :class:`ConfigError` at ``metrics.prometheus_port`` when the port cannot be
-        bound or prometheus-client is missing.
+        bound or prometheus-client is missing, at ``metrics.prometheus_host`` when the host is
+        no local address or does not resolve.
         """
         if self.prometheus_port is not None and self._server is None:
             self._server = self._serve_prometheus(self.prometheus_port)
@@ -360,13 +458,15 @@ class Reporter:
             server, _thread = start_http_server(port, addr=self.prometheus_host, registry=registry)
         except OSError as exc:
             # Not a traceback: the fix is in the config (or in whatever else holds the port).
-            raise ConfigError([(_PORT_KEY, _bind_problem(port, self.prometheus_host, exc))]) from exc
+            raise ConfigError([_bind_problem(port, self.prometheus_host, exc)]) from exc
         self.prometheus_port = int(server.server_port)
         log.info("prometheus_serving", host=self.prometheus_host, port=self.prometheus_port)
         return server
 
 
 _PORT_KEY = "metrics.prometheus_port"
+_HOST_KEY = "metrics.prometheus_host"
+_LOCAL_HOSTS = '"0.0.0.0" listens on every interface, "127.0.0.1" on this host only'
 
 
 def _stop_server(server: Any) -> None:
@@ -374,15 +474,25 @@ def _stop_server(server: Any) -> None:
     server.server_close()
 
 
-def _bind_problem(port: int, host: str, exc: OSError) -> str:
+def _bind_problem(port: int, host: str, exc: OSError) -> tuple[str, str]:
+    """The config key to blame and what to say: the host when it is the problem, else the port."""
+    if isinstance(exc, socket.gaierror):
+        return _HOST_KEY, f"{host!r} does not resolve ({exc.strerror or exc}); {_LOCAL_HOSTS}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return _HOST_KEY, f"{host}: no network interface of this machine has that address; {_LOCAL_HOSTS}"
+    if exc.errno == errno.EAFNOSUPPORT:
+        return _HOST_KEY, f"{host}: this machine does not support that address family; {_LOCAL_HOSTS}"
     if exc.errno == errno.EADDRINUSE:
-        return (
+        return _PORT_KEY, (
             f"{port}: address already in use on {host}; choose a free port, or stop the process "
             f"that holds it (`ss -ltnp 'sport = :{port}'` names it)"
         )
     if exc.errno == errno.EACCES:
-        return f"{port}: permission denied on {host}; ports below 1024 need privileges, choose a higher one"
-    return f"{port}: cannot listen on {host}: {exc.strerror or exc}"
+        return (
+            _PORT_KEY,
+            f"{port}: permission denied on {host}; ports below 1024 need privileges, choose a higher one",
+        )
+    return _PORT_KEY, f"{port}: cannot listen on {host}: {exc.strerror or exc}"
 
 
 class SnapshotCollector:
@@ -458,13 +568,7 @@ class SnapshotCollector:
         yield batches
         yield stage
 
-        errors = CounterMetricFamily("sam3stream_sink_errors", "Sink errors", labels=["sink"])
-        dropped = CounterMetricFamily("sam3stream_sink_dropped", "Results a sink dropped", labels=["sink"])
-        for name, s in snap["sinks"].items():
-            errors.add_metric([name], s["errors"])
-            dropped.add_metric([name], s["dropped"])
-        yield errors
-        yield dropped
+        yield from _sink_families(snap["sinks"])
 
         if snap["gpu_memory_bytes"] is not None:
             yield GaugeMetricFamily(
@@ -472,3 +576,47 @@ class SnapshotCollector:
                 "GPU memory held by this process",
                 value=snap["gpu_memory_bytes"],
             )
+
+
+def _sink_families(sinks: dict[str, dict[str, Any]]) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    def per_sink(family: Any, key: str) -> Any:
+        for name, s in sinks.items():
+            if s[key] is not None:
+                family.add_metric([name], s[key])
+        return family
+
+    yield per_sink(CounterMetricFamily("sam3stream_sink_errors", "Sink errors", labels=["sink"]), "errors")
+    yield per_sink(
+        CounterMetricFamily("sam3stream_sink_dropped", "Results a sink dropped", labels=["sink"]), "dropped"
+    )
+    yield per_sink(
+        CounterMetricFamily("sam3stream_sink_delivered", "Results a sink took", labels=["sink"]), "delivered"
+    )
+    yield per_sink(
+        GaugeMetricFamily("sam3stream_sink_queue_depth", "Results waiting for the sink", labels=["sink"]),
+        "queue_depth",
+    )
+    yield per_sink(
+        GaugeMetricFamily(
+            "sam3stream_sink_queue_depth_max",
+            "Highest queue depth over the last report interval",
+            labels=["sink"],
+        ),
+        "queue_depth_max",
+    )
+    yield per_sink(
+        GaugeMetricFamily("sam3stream_sink_queue_capacity", "Size of the sink's queue", labels=["sink"]),
+        "queue_capacity",
+    )
+    publish = GaugeMetricFamily(
+        "sam3stream_sink_publish_ms",
+        "Time a sink's publish call takes, percentiles over recent results",
+        labels=["sink", "quantile"],
+    )
+    for name, s in sinks.items():
+        for q, key in (("0.5", "publish_ms_p50"), ("0.95", "publish_ms_p95")):
+            if s[key] is not None:
+                publish.add_metric([name, q], s[key])
+    yield publish

@@ -105,8 +105,57 @@ def test_latency_drops_batches_sinks_and_state() -> None:
         "1": {"count": 1, "stage_ms": {"vision": 3.0}},
         "4": {"count": 2, "stage_ms": {"vision": 15.0, "decoder": 5.0}},
     }
-    assert snap["sinks"] == {"mqtt": {"errors": 1, "dropped": 10}}
+    sink = snap["sinks"]["mqtt"]
+    assert (sink["errors"], sink["dropped"], sink["delivered"]) == (1, 10, 0)
     assert snap["gpu_memory_bytes"] is None
+
+
+def test_registered_cameras_and_sinks_are_listed_at_zero_before_any_event() -> None:
+    # A Prometheus rate() over a series that first appears with its first event misses it.
+    m = Metrics(clock=FakeClock(), gpu_memory=no_gpu, cameras=["door"], sinks=["files"])
+    m.register_sink("bus", capacity=32)
+    snap = m.snapshot()
+    door = snap["cameras"]["door"]
+    assert (door["frames_decoded"], door["frames_dropped"], door["fps"]) == (0, 0, 0.0)
+    assert door["state"] == m.snapshot()["cameras"]["door"]["state"]
+    assert set(snap["sinks"]) == {"files", "bus"}
+    bus = snap["sinks"]["bus"]
+    assert (bus["errors"], bus["dropped"], bus["delivered"], bus["queue_depth"]) == (0, 0, 0, 0)
+    assert bus["queue_capacity"] == 32 and snap["sinks"]["files"]["queue_capacity"] is None
+    assert bus["publish_ms_p95"] is None  # nothing published yet: no figure, not 0
+
+
+def test_sink_queue_depth_peak_covers_the_window_and_then_expires() -> None:
+    clock = FakeClock()
+    m = Metrics(window_s=10.0, clock=clock, gpu_memory=no_gpu, sinks=["s"])
+
+    def depth_at(t: float) -> tuple[int, int]:
+        clock.now = 1000.0 + t
+        s = m.snapshot()["sinks"]["s"]
+        return s["queue_depth"], s["queue_depth_max"]
+
+    for t, level in [(0.0, 3), (1.0, 9), (2.0, 4), (3.0, 1)]:
+        clock.now = 1000.0 + t
+        m.sink_queue_depth("s", level)
+    assert depth_at(11.9) == (1, 9)  # 9 held until 1002: inside the last 10 s
+    assert depth_at(12.1) == (1, 4)  # 9 has left the window; 4 held until 1003
+    assert depth_at(13.1) == (1, 1)
+    clock.now = 1013.5
+    m.sink_queue_depth("s", 2)
+    assert depth_at(13.6) == (2, 2)
+    assert depth_at(100.0) == (2, 2)  # the current level counts however long it holds
+
+
+def test_sink_publish_times_and_deliveries() -> None:
+    m = Metrics(latency_window=100, clock=FakeClock(), gpu_memory=no_gpu)
+    for ms in range(1, 201):  # the last 100 (101..200) count
+        m.sink_published("s", float(ms))
+    m.sink_published("s", 5000.0, delivered=False)  # a slow failure holds the queue up too
+    s = m.snapshot()["sinks"]["s"]
+    assert s["delivered"] == 200
+    times = [*range(102, 201), 5000]
+    assert s["publish_ms_p50"] == pytest.approx(float(np.percentile(times, 50)))
+    assert s["publish_ms_p95"] == pytest.approx(float(np.percentile(times, 95)))
 
 
 def test_log_fields_are_flat_key_values() -> None:
@@ -116,6 +165,7 @@ def test_log_fields_are_flat_key_values() -> None:
     fields = log_fields(m.snapshot())
     assert fields["door.p50_ms"] == 12.5
     assert fields["sink.mqtt.dropped"] == 2
+    assert fields["sink.mqtt.depth"] == 0
     assert fields["gpu_mem_mb"] == 3.0
     assert all(not isinstance(v, dict | list) for v in fields.values())
 
@@ -156,6 +206,10 @@ async def test_prometheus_endpoint_serves_metric_names() -> None:
     m.camera_state("gate", "running")
     m.batch(2, {"vision": 9.0})
     m.sink_dropped("mqtt", 5)
+    m.register_sink("files", capacity=64)  # registered, nothing happened yet: series at zero
+    m.register_camera("yard")
+    m.sink_queue_depth("mqtt", 3)
+    m.sink_published("mqtt", 2.0)
     reporter = Reporter(m, interval_s=60, prometheus_port=0, prometheus_host="127.0.0.1")
     task = asyncio.create_task(reporter.run())
     try:
@@ -173,7 +227,15 @@ async def test_prometheus_endpoint_serves_metric_names() -> None:
         'sam3stream_batches_total{size="2"} 1.0',
         'sam3stream_batch_stage_ms{size="2",stage="vision"} 9.0',
         'sam3stream_sink_dropped_total{sink="mqtt"} 5.0',
+        'sam3stream_sink_delivered_total{sink="mqtt"} 1.0',
+        'sam3stream_sink_queue_depth{sink="mqtt"} 3.0',
+        'sam3stream_sink_queue_depth_max{sink="mqtt"} 3.0',
+        'sam3stream_sink_publish_ms{quantile="0.95",sink="mqtt"} 2.0',
+        'sam3stream_sink_dropped_total{sink="files"} 0.0',
+        'sam3stream_sink_queue_capacity{sink="files"} 64.0',
+        'sam3stream_frames_dropped_total{camera="yard"} 0.0',
         "sam3stream_gpu_memory_bytes 123456.0",
     ):
         assert line in body
     assert "sam3stream_fps{" in body and "sam3stream_decode_fps{" in body
+    assert 'sam3stream_sink_publish_ms{quantile="0.5",sink="files"}' not in body  # no figure yet

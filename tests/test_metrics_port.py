@@ -148,7 +148,10 @@ async def test_pipeline_with_a_taken_port_fails_before_any_camera_starts(
         with pytest.raises(ConfigError, match=r"metrics\.prometheus_port"):
             async with asyncio.timeout(20):
                 await pipeline.start()
-        assert pipeline.metrics.snapshot()["cameras"] == {}
+        # Listed from the start (at zero), but never started.
+        cameras = pipeline.metrics.snapshot()["cameras"]
+        assert list(cameras) == ["cam0"]
+        assert (cameras["cam0"]["state"], cameras["cam0"]["frames_decoded"]) == ("unknown", 0)
     finally:
         await pipeline.abort()
 
@@ -176,3 +179,74 @@ async def test_pipeline_with_a_taken_port_fails_before_the_engine_loads(
         assert loads == []
     finally:
         await pipeline.abort()
+
+
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [
+        ("192.0.2.1", "no network interface of this machine has that address"),  # TEST-NET-1
+        ("no-such-host.invalid", "does not resolve"),
+    ],
+)
+def test_a_host_that_cannot_be_bound_is_a_config_error_naming_the_host_key(host: str, says: str) -> None:
+    reporter = Reporter(Metrics(gpu_memory=no_gpu), prometheus_port=0, prometheus_host=host)
+    with pytest.raises(ConfigError) as info:
+        reporter.open()
+    [(key, message)] = info.value.problems
+    assert key == "metrics.prometheus_host" and says in message and "127.0.0.1" in message
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except ConnectionRefusedError:
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="127.0.0.2 is a loopback address on Linux only")
+@pytest.mark.parametrize(("host", "elsewhere"), [("127.0.0.1", False), ("0.0.0.0", True)])
+def test_the_endpoint_listens_on_the_configured_host_only(host: str, elsewhere: bool) -> None:
+    reporter = Reporter(Metrics(gpu_memory=no_gpu), prometheus_port=0, prometheus_host=host)
+    with reporter:
+        port = reporter.prometheus_port
+        assert port is not None
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "sam3stream_" in body
+        # Another address of this machine (all of 127/8 is loopback on Linux) reaches a server
+        # on every interface, not one bound to 127.0.0.1.
+        assert reachable("127.0.0.2", port) is elsewhere
+
+
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [
+        ("http://0.0.0.0:9090", "is not a host name or IP address"),
+        ("0.0.0.0:9090", "is not a host name or IP address"),
+        ("  ", "must not be empty"),
+    ],
+)
+def test_a_host_that_can_never_bind_is_refused_by_the_config(host: str, says: str) -> None:
+    from sam3stream.config import parse_config
+
+    text = (
+        '[engines]\ndir = "e"\n[prompts]\nclasses = ["person"]\n'
+        '[[cameras]]\nname = "c"\nurl = "a.mp4"\n'
+        f'[metrics]\nprometheus_port = 9090\nprometheus_host = "{host}"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir="/base")
+    [(key, message)] = info.value.problems
+    assert key == "metrics.prometheus_host" and says in message
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::", "metrics.internal", "localhost"])
+def test_addresses_and_names_are_accepted(host: str) -> None:
+    from sam3stream.config import parse_config
+
+    text = (
+        '[engines]\ndir = "e"\n[prompts]\nclasses = ["person"]\n'
+        '[[cameras]]\nname = "c"\nurl = "a.mp4"\n'
+        f'[metrics]\nprometheus_host = "{host}"\n'
+    )
+    assert parse_config(text, base_dir="/base").metrics.prometheus_host == host

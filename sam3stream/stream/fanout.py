@@ -5,6 +5,10 @@ A sink never slows inference down unless it asked to: ``drop_oldest`` routes
 result when full and count it; ``block`` routes (files) make the pipeline wait,
 because losing lines from a file is worse than running slower. A sink that
 raises is logged and counted, and its runner carries on with the next result.
+
+Each route also reports its queue's depth (on every change) and how long each publish call
+takes, so that a sink falling behind is named in the metrics, not just seen as the batches'
+``queue_wait``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TypeAlias
 
 import numpy as np
@@ -46,6 +50,7 @@ class SinkRoute:
         cameras: Iterable[str] = (),
         metrics: Metrics,
         close_timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sink = sink
         self.name = name
@@ -54,11 +59,13 @@ class SinkRoute:
         self.queue: asyncio.Queue[tuple[FrameResult, Image]] = asyncio.Queue(maxsize=capacity)
         self._metrics = metrics
         self._close_timeout_s = close_timeout_s
+        self._clock = clock
         self.errors = 0
         self.dropped = 0
         self._errors_unlogged = 0
         self._last_logged = float("-inf")
         self._publishing: asyncio.Future[None] | None = None
+        metrics.register_sink(name, capacity)
 
     @property
     def wants_images(self) -> bool:
@@ -71,12 +78,16 @@ class SinkRoute:
         item = (result, image if self.wants_images else None)
         if self.on_full == "block":
             await self.queue.put(item)
-            return
-        if self.queue.full():
-            self.queue.get_nowait()
-            self.queue.task_done()
-            self._count_dropped(1)
-        self.queue.put_nowait(item)
+        else:
+            if self.queue.full():
+                self.queue.get_nowait()
+                self.queue.task_done()
+                self._count_dropped(1)
+            self.queue.put_nowait(item)
+        self._depth_changed()
+
+    def _depth_changed(self) -> None:
+        self._metrics.sink_queue_depth(self.name, self.queue.qsize())
 
     async def start(self) -> None:
         try:
@@ -90,6 +101,7 @@ class SinkRoute:
         try:
             while True:
                 result, image = await self.queue.get()
+                self._depth_changed()
                 # Shielded: a stop lands between results, and _settle_rest decides what becomes
                 # of the one being published (finished for block routes, dropped otherwise).
                 self._publishing = asyncio.ensure_future(self._deliver(result, image))
@@ -99,15 +111,22 @@ class SinkRoute:
             await self.close()
 
     async def _deliver(self, result: FrameResult, image: Image) -> None:
+        started = self._clock()
         try:
             await self.sink.publish(result, image)
         except asyncio.CancelledError:
             self._count_dropped(1)
             raise
         except Exception as exc:
+            self._published(started, delivered=False)
             self.record_error("sink_publish_failed", exc)
+        else:
+            self._published(started, delivered=True)
         finally:
             self.queue.task_done()
+
+    def _published(self, started: float, *, delivered: bool) -> None:
+        self._metrics.sink_published(self.name, (self._clock() - started) * 1000.0, delivered=delivered)
 
     async def _settle_rest(self) -> None:
         """After a stop that did not drain (the engine died, or the drain timed out): a ``block``
@@ -121,12 +140,15 @@ class SinkRoute:
                 if publishing is not None:
                     await publishing  # cancelled by the timeout: _deliver counts it
                 while block and not self.queue.empty():
-                    await self._deliver(*self.queue.get_nowait())
+                    item = self.queue.get_nowait()
+                    self._depth_changed()
+                    await self._deliver(*item)
         left = self.queue.qsize()
         for _ in range(left):
             self.queue.get_nowait()
             self.queue.task_done()
         self._count_dropped(left)
+        self._depth_changed()
         if self.dropped > undelivered_before:
             log.warning("sink_undelivered", sink=self.name, results=self.dropped - undelivered_before)
 
@@ -147,7 +169,7 @@ class SinkRoute:
         self.errors += 1
         self._errors_unlogged += 1
         self._metrics.sink_error(self.name)
-        now = time.monotonic()
+        now = self._clock()
         if force or now - self._last_logged >= _LOG_EVERY_S:
             log.error(event, sink=self.name, error=repr(exc), errors=self._errors_unlogged, exc_info=exc)
             self._last_logged = now

@@ -104,6 +104,7 @@ class Pipeline:
         self.metrics = metrics if metrics is not None else Metrics(window_s=config.metrics.interval_s)
         self._given_backend = backend
         self._extra_sinks = list(sinks)
+        self._register_metrics()
         self._postprocess = postprocess
         # Checked now, not when the worker starts after a minute of loading the engine.
         self._post_threads = post_threads_or_default(
@@ -271,7 +272,12 @@ class Pipeline:
                 backend.close()
 
         cfg = self.config.metrics
-        reporter = Reporter(self.metrics, interval_s=cfg.interval_s, prometheus_port=cfg.prometheus_port)
+        reporter = Reporter(
+            self.metrics,
+            interval_s=cfg.interval_s,
+            prometheus_port=cfg.prometheus_port,
+            prometheus_host=cfg.prometheus_host,
+        )
         # Loading includes the warm-up: neither can be interrupted (see the finally below).
         loading, interrupted_load = True, False
         try:
@@ -385,6 +391,16 @@ class Pipeline:
                 seed=export.seed,
                 checkpoint=Path(export.checkpoint) if export.checkpoint else None,
             )
+
+    def _register_metrics(self) -> None:
+        """Every camera and sink in the metrics from the start (the port is bound before the engine
+        loads), so each series is scraped at zero before its first event, not only after it."""
+        for cam in self.config.cameras:
+            self.metrics.register_camera(cam.name)
+        for i, cfg in enumerate(self.config.sinks):
+            self.metrics.register_sink(sink_name(i, cfg), cfg.queue)
+        for sink in self._extra_sinks:
+            self.metrics.register_sink(sink.name, _EXTRA_SINK_QUEUE)
 
     def _make_routes(self) -> list[SinkRoute]:
         from sam3stream.sinks.base import make_sink  # the sink modules import aiomqtt, av: only when used
