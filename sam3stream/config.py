@@ -4,7 +4,9 @@ Validation reports every problem at once, each with the key path that caused it
 (``cameras[2].url``, ``batching.max_batch``); unknown keys are errors. Validation
 touches the file system only to read the config and resolve its paths (symlinks,
 ``~user``): whether a video file or an engine directory exists is the run's
-business, not the config's.
+business, not the config's. The exception: an MQTT sink's TLS files are loaded to
+check them, since a file the sink cannot use would otherwise look like a broker
+outage, retried forever.
 
 Relative paths (engine directory, checkpoint, file cameras, sink outputs) are
 resolved against the config file's directory while parsing, so the Structs only
@@ -176,7 +178,7 @@ class MqttSinkConfig(_Sink, frozen=True, kw_only=True, tag="mqtt"):
     """One message per frame on ``<prefix>/<camera>/detections``, stats on ``<prefix>/stats``."""
 
     host: str
-    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1883
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None  # None: 8883 with tls, else 1883
     prefix: str = "sam3stream"
     qos: Literal[0, 1, 2] = 0
     client_id: str | None = None
@@ -186,6 +188,22 @@ class MqttSinkConfig(_Sink, frozen=True, kw_only=True, tag="mqtt"):
     stats_interval_s: NonNegative = 10.0  # 0 = no stats messages
     keepalive: Annotated[int, msgspec.Meta(ge=1)] = 60
     on_full: OnFull = "drop_oldest"  # only drop_oldest: a broker hiccup must never stall inference
+    tls: bool = False
+    ca_file: str | None = None  # PEM CA bundle the broker's certificate must chain to; None: the system's
+    cert_file: str | None = None  # PEM client certificate, for brokers that require one
+    key_file: str | None = None  # its PEM private key, unless it is in cert_file
+    # Last resort: skip the check that the broker's certificate names ``host`` (a broker reached
+    # by IP address with a certificate for a name). The certificate is still verified.
+    tls_insecure: bool = False
+    # At the first connection, delete the retained <prefix>/<camera>/status of cameras this sink
+    # does not serve (removed from the config), which would otherwise stay "running" for good.
+    clear_stale_status: bool = True
+
+    @property
+    def broker_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 8883 if self.tls else 1883
 
 
 class VideoSinkConfig(_Sink, frozen=True, kw_only=True, tag="video"):
@@ -310,6 +328,7 @@ def _from_raw(raw: dict[str, Any], source: str, base_dir: str | Path | None) -> 
         raise ConfigError(problems, source=source)
     resolved = _resolve_paths(config, Path(base_dir or Path.cwd()).resolve(), problems)
     problems.extend(_shared_outputs(resolved))
+    problems.extend(_tls_files(resolved, unresolved={key for key, _ in problems}))
     if problems:  # a path that cannot be resolved (a NUL byte, ~nosuchuser, a symlink loop)
         raise ConfigError(problems, source=source)
     return resolved
@@ -317,19 +336,38 @@ def _from_raw(raw: dict[str, Any], source: str, base_dir: str | Path | None) -> 
 
 def _shared_outputs(config: Config) -> Problems:
     """Two sinks of one kind writing into one place would write each result twice into the
-    same files (JSONL) or fight over them (video). Compared once paths are absolute."""
+    same files (JSONL) or fight over them (video), or, on one broker and prefix, publish every
+    result twice and clear each other's camera status. Compared once paths are absolute."""
     first: dict[tuple[str, str], int] = {}
     for i, sink in enumerate(config.sinks):
         if isinstance(sink, JsonlSinkConfig):
-            key, where = ("jsonl", sink.path), "path"
+            key, where, what = ("jsonl", sink.path), "path", f"writes {sink.path}"
         elif isinstance(sink, VideoSinkConfig):
-            key, where = ("video", sink.dir), "dir"
+            key, where, what = ("video", sink.dir), "dir", f"writes {sink.dir}"
+        elif isinstance(sink, MqttSinkConfig):
+            place, prefix = f"{sink.host}:{sink.broker_port}", sink.prefix.rstrip("/")
+            key = ("mqtt", f"{place.lower()}/{prefix}")  # host names are not case-sensitive
+            where, what = "prefix", f"publishes under {prefix!r} on {place}"
         else:
             continue
         if key in first:
-            yield f"sinks[{i}].{where}", f"sinks[{first[key]}] already writes {key[1]}"
+            yield f"sinks[{i}].{where}", f"sinks[{first[key]}] already {what}"
         else:
             first[key] = i
+
+
+def _tls_files(config: Config, unresolved: set[str]) -> Problems:
+    """Each MQTT sink's TLS files loaded as the sink will load them: a file that is missing or not
+    PEM is reported at its key now, not as connection failures retried forever."""
+    from sam3stream.tls import TlsFileError, client_context
+
+    for i, sink in enumerate(config.sinks):
+        keys = {f"sinks[{i}].{k}" for k in ("ca_file", "cert_file", "key_file")}
+        if isinstance(sink, MqttSinkConfig) and sink.tls and not keys & unresolved:
+            try:
+                client_context(sink.ca_file, sink.cert_file, sink.key_file, insecure=sink.tls_insecure)
+            except TlsFileError as exc:
+                yield f"sinks[{i}].{exc.key}", exc.message
 
 
 # --------------------------------------------------------------------------- structure
@@ -508,6 +546,12 @@ def _not_empty(value: str) -> Problems:
         yield "", "must not be empty"
 
 
+def _not_empty_if_given(value: str | None) -> Problems:
+    # None (not given) comes through too when a Config built in code is checked again.
+    if value is not None:
+        yield from _not_empty(value)
+
+
 def _device(value: str) -> Problems:
     if not DEVICE.match(value):
         yield "", f"must be cpu, cuda or cuda:N, got {value!r}"
@@ -597,6 +641,9 @@ _FIELD_CHECKS: dict[tuple[type[Any], str], Callable[[Any], Problems]] = {
     (MqttSinkConfig, "host"): _not_empty,
     (MqttSinkConfig, "prefix"): _mqtt_prefix,
     (MqttSinkConfig, "on_full"): _mqtt_on_full,
+    (MqttSinkConfig, "ca_file"): _not_empty_if_given,
+    (MqttSinkConfig, "cert_file"): _not_empty_if_given,
+    (MqttSinkConfig, "key_file"): _not_empty_if_given,
     (JsonlSinkConfig, "path"): _not_empty,
     (VideoSinkConfig, "dir"): _not_empty,
     (MetricsConfig, "prometheus_host"): _listen_host,
@@ -618,6 +665,19 @@ def _check_camera(cam: CameraConfig) -> Problems:
         yield "loop", 'only file cameras can loop (set mode = "file" or drop loop)'
 
 
+def _check_mqtt(sink: MqttSinkConfig) -> Problems:
+    # TLS is switched on by ``tls`` alone, never implied by a file key: it also moves the default
+    # port, and a left-over ca_file must not turn TLS on against a plain listener.
+    if not sink.tls:
+        for key in ("ca_file", "cert_file", "key_file"):
+            if getattr(sink, key) is not None:
+                yield key, "used only over TLS: set tls = true"
+        if sink.tls_insecure:
+            yield "tls_insecure", "used only over TLS: set tls = true"
+    if sink.key_file is not None and sink.cert_file is None:
+        yield "key_file", "a client key needs its certificate: give cert_file too"
+
+
 def _check_lifecycle(life: LifecycleConfig) -> Problems:
     if life.reconnect_base_s > life.reconnect_cap_s:
         yield "reconnect_base_s", "must not exceed reconnect_cap_s"
@@ -627,6 +687,7 @@ _CHECKS: dict[type[Any], Callable[[Any], Problems]] = {
     EnginesConfig: _check_engines,
     ExportConfig: _check_export,
     CameraConfig: _check_camera,
+    MqttSinkConfig: _check_mqtt,
     LifecycleConfig: _check_lifecycle,
 }
 
@@ -705,5 +766,9 @@ def _resolve_paths(config: Config, base: Path, problems: list[tuple[str, str]]) 
             sink = msgspec.structs.replace(sink, path=resolve(sink.path, f"sinks[{i}].path"))
         elif isinstance(sink, VideoSinkConfig):
             sink = msgspec.structs.replace(sink, dir=resolve(sink.dir, f"sinks[{i}].dir"))
+        elif isinstance(sink, MqttSinkConfig):
+            files = {k: getattr(sink, k) for k in ("ca_file", "cert_file", "key_file")}
+            resolved = {k: resolve(p, f"sinks[{i}].{k}") for k, p in files.items() if p is not None}
+            sink = msgspec.structs.replace(sink, **resolved)
         sinks.append(sink)
     return msgspec.structs.replace(config, engines=engines, cameras=cameras, sinks=sinks)

@@ -35,7 +35,8 @@ def free_port() -> int:
 
 
 class Mosquitto:
-    def __init__(self, binary: str, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, binary: str, workdir: Path, port: int | None = None, listener: str = "") -> None:
+        """``listener``: more config lines for the one listener (TLS: ``cafile``, ``certfile``...)."""
         self.binary = binary
         self.workdir = workdir
         self.port = port if port is not None else free_port()
@@ -48,6 +49,8 @@ class Mosquitto:
             "persistence false\n"
             # Running as root, mosquitto would switch to its own user; stay as we are.
             "user root\n"
+            # Listener options (cafile, certfile...) apply to the listener above them.
+            f"{listener}"
         )
         self.proc: subprocess.Popen[bytes] | None = None
 

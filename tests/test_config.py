@@ -173,7 +173,8 @@ def test_sinks_are_a_tagged_union_with_defaults() -> None:
     )
     jsonl, mqtt, vid = config.sinks
     assert isinstance(jsonl, JsonlSinkConfig) and jsonl.path == "/base/out" and jsonl.on_full == "block"
-    assert isinstance(mqtt, MqttSinkConfig) and mqtt.on_full == "drop_oldest" and mqtt.port == 1883
+    assert isinstance(mqtt, MqttSinkConfig) and mqtt.on_full == "drop_oldest"
+    assert mqtt.port is None and mqtt.broker_port == 1883  # 8883 with tls
     assert isinstance(vid, VideoSinkConfig) and vid.dir == "/base/v" and vid.codec == "libx264"
     assert [sink_name(i, s) for i, s in enumerate(config.sinks)] == ["jsonl-0", "mqtt-1", "video-2"]
 
@@ -291,6 +292,7 @@ def test_a_config_built_in_code_gets_the_files_checks(tmp_path: Path) -> None:
         engines=EnginesConfig(dir="engines/x", backend="fake"),
         prompts=PromptsConfig(classes=["person"]),
         cameras=[CameraConfig(name="door", url="a.mp4")],
+        sinks=[MqttSinkConfig(host="broker")],  # its optional TLS files come back as None
     )
     checked = validate_config(good, base_dir=str(tmp_path))  # a str is a folder too
     assert checked.cameras[0].url == str(tmp_path / "a.mp4")
@@ -309,3 +311,77 @@ def test_two_sinks_of_one_kind_cannot_share_their_output() -> None:
         "sinks[1].path": "sinks[0] already writes /base/out",
         "sinks[3].dir": "sinks[2] already writes /base/out",
     }
+
+
+MQTT = '\n[[sinks]]\ntype = "mqtt"\nhost = "broker"\n'
+
+
+def mqtt_sink(config: Config, i: int = 0) -> MqttSinkConfig:
+    sink = config.sinks[i]
+    assert isinstance(sink, MqttSinkConfig)
+    return sink
+
+
+def test_mqtt_tls_moves_the_default_port_and_a_given_port_wins() -> None:
+    tls = mqtt_sink(parse_config(MINIMAL + MQTT + "tls = true\n"))
+    assert tls.tls and tls.port is None and tls.broker_port == 8883
+    given = mqtt_sink(parse_config(MINIMAL + MQTT + "tls = true\nport = 8884\n"))
+    assert given.broker_port == 8884
+    plain = mqtt_sink(parse_config(MINIMAL + MQTT + "port = 1884\n"))
+    assert not plain.tls and plain.broker_port == 1884
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        'ca_file = "ca.pem"',
+        'cert_file = "c.pem"',
+        'cert_file = "c.pem"\nkey_file = "k.pem"',
+        "tls_insecure = true",
+    ],
+)
+def test_mqtt_tls_options_without_tls_are_refused(lines: str) -> None:
+    # A left-over ca_file must not silently turn TLS on (nor be ignored) against a plain listener.
+    found = problems(MINIMAL + MQTT + lines + "\n")
+    keys = [f"sinks[0].{line.split(' = ')[0]}" for line in lines.splitlines()]
+    assert found == dict.fromkeys(keys, "used only over TLS: set tls = true")
+
+
+def test_mqtt_key_file_without_cert_file() -> None:
+    found = problems(MINIMAL + MQTT + 'tls = true\nkey_file = "k.pem"\n')
+    # Reported before any file is read: k.pem does not exist, and that is not the problem.
+    assert found == {"sinks[0].key_file": "a client key needs its certificate: give cert_file too"}
+
+
+def test_mqtt_ca_file_is_resolved_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trustme
+
+    (tmp_path / "certs").mkdir()
+    trustme.CA().cert_pem.write_to_path(tmp_path / "certs" / "ca.pem")
+    config_file = tmp_path / "sam3.toml"
+    config_file.write_text(MINIMAL + MQTT + 'tls = true\nca_file = "certs/ca.pem"\n')
+    monkeypatch.chdir(tmp_path / "certs")  # not the working directory: the config's folder
+    sink = mqtt_sink(load_config(config_file))
+    assert sink.ca_file == str((tmp_path / "certs" / "ca.pem").resolve())
+    parsed = parse_config(config_file.read_text(), base_dir=tmp_path)
+    assert mqtt_sink(parsed).ca_file == sink.ca_file
+
+
+def test_mqtt_missing_ca_file_is_reported_at_its_key_naming_the_file() -> None:
+    found = problems(MINIMAL + MQTT + 'tls = true\nca_file = "certs/nope.pem"\n')
+    assert found == {"sinks[0].ca_file": "/base/certs/nope.pem does not exist"}
+
+
+def test_two_mqtt_sinks_cannot_share_a_broker_and_prefix() -> None:
+    # Each would publish every result twice and clear the other's camera status.
+    twice = MINIMAL + MQTT + 'prefix = "site"\n' + MQTT + 'prefix = "site/"\nport = 1883\n'
+    assert problems(twice) == {"sinks[1].prefix": "sinks[0] already publishes under 'site' on broker:1883"}
+    apart = MINIMAL + MQTT + 'prefix = "site-a"\n' + MQTT + 'prefix = "site-b"\n'
+    assert [mqtt_sink(parse_config(apart), i).prefix for i in (0, 1)] == ["site-a", "site-b"]
+    other_port = MINIMAL + MQTT + 'prefix = "site"\n' + MQTT + 'prefix = "site"\nport = 1884\n'
+    assert len(parse_config(other_port).sinks) == 2
+    upper = MINIMAL + MQTT + 'prefix = "site"\n' + MQTT + 'prefix = "site"\n'
+    upper = upper.replace('host = "broker"', 'host = "Broker"', 1)  # one host, however it is spelt
+    assert list(problems(upper)) == ["sinks[1].prefix"]

@@ -41,10 +41,18 @@ class Sink(Protocol):
     async def aclose(self) -> None: ...
 
 
-def make_sink(cfg: SinkConfig, *, name: str | None = None, metrics: Metrics | None = None) -> Sink:
+def make_sink(
+    cfg: SinkConfig,
+    *,
+    name: str | None = None,
+    metrics: Metrics | None = None,
+    cameras: Sequence[str] = (),
+) -> Sink:
     """Build the sink a config entry describes (not started yet: call ``start()``).
 
-    ``name`` defaults to the config's own name, else the sink type.
+    ``name`` defaults to the config's own name, else the sink type. ``cameras`` are the
+    pipeline's cameras (the sink's own ``cameras`` narrow them): MQTT clears the retained
+    status of any other camera under its prefix.
     """
     from sam3stream.config import JsonlSinkConfig, MqttSinkConfig, VideoSinkConfig
 
@@ -56,7 +64,7 @@ def make_sink(cfg: SinkConfig, *, name: str | None = None, metrics: Metrics | No
     if isinstance(cfg, MqttSinkConfig):
         from sam3stream.sinks.mqtt import MqttSink
 
-        return MqttSink.from_config(cfg, name=label, metrics=metrics)
+        return MqttSink.from_config(cfg, name=label, metrics=metrics, cameras=cameras)
     if isinstance(cfg, VideoSinkConfig):
         from sam3stream.sinks.video import VideoSink
 

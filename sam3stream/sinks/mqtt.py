@@ -8,7 +8,13 @@ Topics (``<p>`` is the configured prefix):
 - ``<p>/<camera>/status``: retained camera state changes.
 - ``<p>/stats``: the metrics snapshot, every ``stats_interval_s``.
 
-JSON payloads carry ``"schema": SCHEMA_VERSION``.
+JSON payloads carry ``"schema": SCHEMA_VERSION``. A prefix belongs to one pipeline: on its first
+connection the sink clears the retained status of cameras it does not serve (cameras removed
+from the config), see :mod:`sam3stream.sinks.mqtt_status_sweep`.
+
+With ``tls`` the connection is TLS, verified against ``ca_file`` (or the system's CAs), with a
+client certificate where one is given; the context is built from the files at each connection,
+so a renewed certificate is picked up at the next reconnect.
 
 ``publish()`` never waits for the broker: it appends to a bounded buffer that a
 background task drains. While the broker is unreachable the task reconnects with
@@ -25,7 +31,7 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -35,7 +41,10 @@ import numpy.typing as npt
 import structlog
 
 from sam3stream.backoff import backoff_delay
+from sam3stream.outage import Outage
+from sam3stream.sinks.mqtt_status_sweep import StatusSweep
 from sam3stream.stream.frames import SCHEMA_VERSION, FrameResult
+from sam3stream.tls import TlsFileError, client_context
 
 if TYPE_CHECKING:
     from sam3stream.config import MqttSinkConfig
@@ -76,6 +85,13 @@ class MqttSink:
         buffer: int = 1000,
         stats_interval_s: float = 10.0,
         keepalive: int = 60,
+        tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        tls_insecure: bool = False,
+        cameras: Iterable[str] = (),
+        clear_stale_status: bool = True,
         reconnect_base_s: float = 0.5,
         reconnect_cap_s: float = 30.0,
         op_timeout_s: float = 5.0,
@@ -95,6 +111,11 @@ class MqttSink:
         self.buffer = buffer
         self.stats_interval_s = stats_interval_s
         self.keepalive = keepalive
+        self.tls = tls
+        self.ca_file = ca_file
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.tls_insecure = tls_insecure
         self.reconnect_base_s = reconnect_base_s
         self.reconnect_cap_s = reconnect_cap_s
         self.op_timeout_s = op_timeout_s  # connect, acknowledgements, disconnect
@@ -118,12 +139,28 @@ class MqttSink:
         self._client: aiomqtt.Client | None = None  # set while connected
         self._task: asyncio.Task[None] | None = None
         self._overflowing = False
+        self._outage = Outage(clock=clock)
+        served = list(cameras)
+        # Without the list of cameras served, every retained status would look stale: no sweep.
+        self._sweep = (
+            StatusSweep(self.prefix, served, sink=name, qos=qos, timeout_s=op_timeout_s)
+            if clear_stale_status and served
+            else None
+        )
 
     @classmethod
-    def from_config(cls, cfg: MqttSinkConfig, *, name: str, metrics: Metrics | None = None) -> MqttSink:
+    def from_config(
+        cls,
+        cfg: MqttSinkConfig,
+        *,
+        name: str,
+        metrics: Metrics | None = None,
+        cameras: Iterable[str] = (),
+    ) -> MqttSink:
+        """``cameras``: those this sink publishes for (its ``cameras``, else all of the config's)."""
         return cls(
             cfg.host,
-            cfg.port,
+            cfg.broker_port,
             name=name,
             prefix=cfg.prefix,
             qos=cfg.qos,
@@ -133,6 +170,13 @@ class MqttSink:
             buffer=cfg.buffer,
             stats_interval_s=cfg.stats_interval_s,
             keepalive=cfg.keepalive,
+            tls=cfg.tls,
+            ca_file=cfg.ca_file,
+            cert_file=cfg.cert_file,
+            key_file=cfg.key_file,
+            tls_insecure=cfg.tls_insecure,
+            cameras=cfg.cameras or cameras,
+            clear_stale_status=cfg.clear_stale_status,
             metrics=metrics,
         )
 
@@ -165,7 +209,13 @@ class MqttSink:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"sink-{self.name}-connection")
         log.info(
-            "sink_started", sink=self.name, kind="mqtt", host=self.host, port=self.port, prefix=self.prefix
+            "sink_started",
+            sink=self.name,
+            kind="mqtt",
+            host=self.host,
+            port=self.port,
+            prefix=self.prefix,
+            tls=self.tls,
         )
 
     async def publish(self, result: FrameResult, image: npt.NDArray[np.uint8] | None = None) -> None:
@@ -282,6 +332,12 @@ class MqttSink:
     # ------------------------------------------------------------------ connection
 
     def _make_client(self) -> aiomqtt.Client:
+        # Built per connection, from the files as they are now (TlsFileError if one went bad).
+        tls_context = (
+            client_context(self.ca_file, self.cert_file, self.key_file, insecure=self.tls_insecure)
+            if self.tls
+            else None
+        )
         client = aiomqtt.Client(
             self.host,
             self.port,
@@ -291,6 +347,7 @@ class MqttSink:
             keepalive=self.keepalive,
             timeout=self.op_timeout_s,
             will=aiomqtt.Will(self.available_topic, b"offline", qos=self.qos, retain=True),
+            tls_context=tls_context,
         )
         client.pending_calls_threshold = PENDING_CALLS_THRESHOLD
         return client
@@ -298,17 +355,25 @@ class MqttSink:
     async def _run(self) -> None:
         attempt = 0
         while True:
-            # A fresh client per connection: paho's session state from a broken
-            # connection would otherwise resend what we already re-queued.
-            client = self._make_client()
             connected_before = self.connects
             try:
-                await self._session(client)
-            except* aiomqtt.MqttError as group:
+                # A fresh client per connection: paho's session state from a broken
+                # connection would otherwise resend what we already re-queued.
+                await self._session(self._make_client())
+            except* (aiomqtt.MqttError, TlsFileError) as group:
                 self.connect_failures += 1
                 event = "mqtt_disconnected" if self.connects > connected_before else "mqtt_connect_failed"
-                log.warning(
-                    event, sink=self.name, host=self.host, port=self.port, error=str(group.exceptions[0])
+                # A warning when the outage starts and every few minutes while it lasts, not at
+                # every retry of a broker that stays down.
+                say = log.warning if self._outage.failed() else log.debug
+                say(
+                    event,
+                    sink=self.name,
+                    host=self.host,
+                    port=self.port,
+                    error=str(group.exceptions[0]),
+                    attempts=self._outage.attempts,
+                    down_s=round(self._outage.down_s, 1),
                 )
             finally:
                 self._client = None
@@ -328,18 +393,24 @@ class MqttSink:
             log.info(
                 "mqtt_connected", sink=self.name, host=self.host, port=self.port, buffered=len(self._results)
             )
+            if (outage := self._outage.recovered()) is not None:
+                log.info("mqtt_recovered", sink=self.name, attempts=outage[0], down_s=round(outage[1], 1))
             await client.publish(self.available_topic, b"online", qos=self.qos, retain=True)
             # Retained state may be gone (a broker restarted without persistence): resend it.
             self._status_dirty.update(self._status)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch(client), name=f"sink-{self.name}-watch")
                 tg.create_task(self._drain(client), name=f"sink-{self.name}-drain")
+                if self._sweep is not None and not self._sweep.done:
+                    tg.create_task(self._sweep.run(client), name=f"sink-{self.name}-status-sweep")
 
     async def _watch(self, client: aiomqtt.Client) -> None:
-        # We subscribe to nothing: the iterator's only job is to raise MqttError the
-        # moment the connection drops, which tears the session down without
-        # waiting for a publish to time out.
+        # The one reader of the client's messages. Besides the status sweep's we subscribe to
+        # nothing: the iterator's other job is to raise MqttError the moment the connection
+        # drops, which tears the session down without waiting for a publish to time out.
         async for message in client.messages:
+            if self._sweep is not None and self._sweep.offer(message):
+                continue
             log.debug("mqtt_unexpected_message", sink=self.name, topic=str(message.topic))
 
     async def _drain(self, client: aiomqtt.Client) -> None:

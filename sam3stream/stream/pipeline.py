@@ -407,9 +407,10 @@ class Pipeline:
 
         routes = []
         close_s = max(1.0, self.config.lifecycle.drain_timeout_s)
+        cameras = [cam.name for cam in self.config.cameras]
         for i, cfg in enumerate(self.config.sinks):
             name = sink_name(i, cfg)
-            sink = make_sink(cfg, name=name, metrics=self.metrics)
+            sink = make_sink(cfg, name=name, metrics=self.metrics, cameras=cameras)
             routes.append(
                 SinkRoute(
                     sink,
