@@ -28,6 +28,7 @@ connection just before it broke can be lost unnoticed.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import deque
@@ -61,6 +62,24 @@ WINDOW = 64
 # unacknowledged calls. A full window is normal here; on top of it come at most the
 # "offline" publish at close and a status or stats message.
 PENDING_CALLS_THRESHOLD = 2 * WINDOW
+
+
+class _ClientLog(logging.Handler):
+    """What paho and aiomqtt log for one sink: kept, not printed. The reason a connection failed
+    is often only there (a broker that wants a client certificate ends the TLS session after the
+    handshake, and the connect just times out), so the failure event carries the last of it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: deque[str] = deque(maxlen=8)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record.getMessage())
+
+    def take(self) -> str | None:
+        last = self.records[-1] if self.records else None
+        self.records.clear()
+        return last
 
 
 class MqttSink:
@@ -140,6 +159,11 @@ class MqttSink:
         self._task: asyncio.Task[None] | None = None
         self._overflowing = False
         self._outage = Outage(clock=clock)
+        # A logger of its own, outside logging's tree: paho's lines would otherwise reach
+        # stderr unformatted (logging's last resort), at every retry of a broker that is down.
+        self._client_log = _ClientLog()
+        self._client_logger = logging.Logger(f"sam3stream.sinks.mqtt.client.{name}", logging.WARNING)
+        self._client_logger.addHandler(self._client_log)
         served = list(cameras)
         # Without the list of cameras served, every retained status would look stale: no sweep.
         self._sweep = (
@@ -348,6 +372,7 @@ class MqttSink:
             timeout=self.op_timeout_s,
             will=aiomqtt.Will(self.available_topic, b"offline", qos=self.qos, retain=True),
             tls_context=tls_context,
+            logger=self._client_logger,
         )
         client.pending_calls_threshold = PENDING_CALLS_THRESHOLD
         return client
@@ -359,6 +384,7 @@ class MqttSink:
             try:
                 # A fresh client per connection: paho's session state from a broken
                 # connection would otherwise resend what we already re-queued.
+                self._client_log.records.clear()
                 await self._session(self._make_client())
             except* (aiomqtt.MqttError, TlsFileError) as group:
                 self.connect_failures += 1
@@ -372,6 +398,7 @@ class MqttSink:
                     host=self.host,
                     port=self.port,
                     error=str(group.exceptions[0]),
+                    detail=self._client_log.take(),  # the client's own last word, if any
                     attempts=self._outage.attempts,
                     down_s=round(self._outage.down_s, 1),
                 )
