@@ -539,16 +539,13 @@ class SnapshotCollector:
             "detections",
         )
 
-        latency = GaugeMetricFamily(
+        yield _percentiles(
             "sam3stream_latency_ms",
             "End-to-end latency percentiles over recent results",
-            labels=["camera", "quantile"],
+            "camera",
+            cams,
+            "latency_ms",
         )
-        for cam, c in cams.items():
-            for q, key in (("0.5", "latency_ms_p50"), ("0.95", "latency_ms_p95")):
-                if c[key] is not None:
-                    latency.add_metric([cam, q], c[key])
-        yield latency
 
         state = GaugeMetricFamily(
             "sam3stream_camera_state", "1 for the camera's current state", labels=["camera", "state"]
@@ -610,13 +607,23 @@ def _sink_families(sinks: dict[str, dict[str, Any]]) -> Iterator[Any]:
         GaugeMetricFamily("sam3stream_sink_queue_capacity", "Size of the sink's queue", labels=["sink"]),
         "queue_capacity",
     )
-    publish = GaugeMetricFamily(
+    yield _percentiles(
         "sam3stream_sink_publish_ms",
         "Time a sink's publish call takes, percentiles over recent results",
-        labels=["sink", "quantile"],
+        "sink",
+        sinks,
+        "publish_ms",
     )
-    for name, s in sinks.items():
-        for q, key in (("0.5", "publish_ms_p50"), ("0.95", "publish_ms_p95")):
-            if s[key] is not None:
-                publish.add_metric([name, q], s[key])
-    yield publish
+
+
+def _percentiles(name: str, documentation: str, label: str, rows: dict[str, dict[str, Any]], key: str) -> Any:
+    """A gauge of each row's ``{key}_p50`` and ``{key}_p95`` as quantiles 0.5 and 0.95 (a row with
+    no figure yet has no series)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    family = GaugeMetricFamily(name, documentation, labels=[label, "quantile"])
+    for row_name, row in rows.items():
+        for q, p in (("0.5", 50), ("0.95", 95)):
+            if row[f"{key}_p{p}"] is not None:
+                family.add_metric([row_name, q], row[f"{key}_p{p}"])
+    return family

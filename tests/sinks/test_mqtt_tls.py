@@ -119,6 +119,17 @@ async def _running(sub: Subscriber) -> AsyncIterator[None]:
         await asyncio.wait({task})
 
 
+async def comes_online(sink: MqttSink, broker: Mosquitto, context: ssl.SSLContext) -> None:
+    """Start ``sink``, see its ``online`` arrive at a subscriber using ``context``, close it."""
+    topic = f"{sink.prefix}/available"
+    async with subscribed(broker, topic, context) as sub:
+        await sink.start()
+        try:
+            await sub.wait_for(lambda: sub.on(topic) == [b"online"])
+        finally:
+            await sink.aclose()
+
+
 async def refused(sink: MqttSink, attempts: int = 4) -> list[MutableMapping[str, Any]]:
     """Run ``sink`` through ``attempts`` failed connections; the connect failures it logged."""
     with structlog.testing.capture_logs() as logs:
@@ -169,12 +180,7 @@ async def test_a_broker_that_requires_a_client_certificate(
     with_cert = tls_sink(
         broker, prefix=p, ca_file=pki.ca_file, cert_file=pki.cert_file, key_file=pki.key_file
     )
-    async with subscribed(broker, f"{p}/available", pki.context(client_cert=True)) as sub:
-        await with_cert.start()
-        try:
-            await sub.wait_for(lambda: sub.on(f"{p}/available") == [b"online"])
-        finally:
-            await with_cert.aclose()
+    await comes_online(with_cert, broker, pki.context(client_cert=True))
     assert with_cert.connects == 1
 
     # With TLS 1.3 the broker refuses a missing certificate after the handshake; aiomqtt ignores a
@@ -197,12 +203,7 @@ async def test_tls_insecure_accepts_a_certificate_for_another_name(
 
     p = prefix()
     insecure = tls_sink(broker, prefix=p, ca_file=pki.ca_file, tls_insecure=True)
-    async with subscribed(broker, f"{p}/available", pki.context(check_hostname=False)) as sub:
-        await insecure.start()
-        try:
-            await sub.wait_for(lambda: sub.on(f"{p}/available") == [b"online"])
-        finally:
-            await insecure.aclose()
+    await comes_online(insecure, broker, pki.context(check_hostname=False))
     assert insecure.connects == 1 and insecure.connect_failures == 0
 
 
