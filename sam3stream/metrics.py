@@ -508,10 +508,7 @@ class SnapshotCollector:
         cams = snap["cameras"]
 
         def per_camera(family: Any, key: str) -> Any:
-            for cam, c in cams.items():
-                if c[key] is not None:
-                    family.add_metric([cam], c[key])
-            return family
+            return _per_row(family, cams, key)
 
         yield per_camera(
             GaugeMetricFamily("sam3stream_decode_fps", "Decoded frames/s, recent window", labels=["camera"]),
@@ -579,10 +576,7 @@ def _sink_families(sinks: dict[str, dict[str, Any]]) -> Iterator[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     def per_sink(family: Any, key: str) -> Any:
-        for name, s in sinks.items():
-            if s[key] is not None:
-                family.add_metric([name], s[key])
-        return family
+        return _per_row(family, sinks, key)
 
     yield per_sink(CounterMetricFamily("sam3stream_sink_errors", "Sink errors", labels=["sink"]), "errors")
     yield per_sink(
@@ -614,6 +608,14 @@ def _sink_families(sinks: dict[str, dict[str, Any]]) -> Iterator[Any]:
         sinks,
         "publish_ms",
     )
+
+
+def _per_row(family: Any, rows: dict[str, dict[str, Any]], key: str) -> Any:
+    """``family`` with each row's ``key`` under the row's name (a row with no figure: no series)."""
+    for row_name, row in rows.items():
+        if row[key] is not None:
+            family.add_metric([row_name], row[key])
+    return family
 
 
 def _percentiles(name: str, documentation: str, label: str, rows: dict[str, dict[str, Any]], key: str) -> Any:
