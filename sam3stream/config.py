@@ -174,6 +174,11 @@ class JsonlSinkConfig(_Sink, frozen=True, kw_only=True, tag="jsonl"):
     on_full: OnFull = "block"  # a file is lossless: slow disks slow the pipeline down
 
 
+TLS_FILE_KEYS = ("ca_file", "cert_file", "key_file")
+# What to listen on, said wherever a listening host is refused (here and when binding).
+LISTEN_HOSTS = '"0.0.0.0" listens on every interface, "127.0.0.1" on this host only'
+
+
 class MqttSinkConfig(_Sink, frozen=True, kw_only=True, tag="mqtt"):
     """One message per frame on ``<prefix>/<camera>/detections``, stats on ``<prefix>/stats``."""
 
@@ -198,6 +203,11 @@ class MqttSinkConfig(_Sink, frozen=True, kw_only=True, tag="mqtt"):
     # At the first connection, delete the retained <prefix>/<camera>/status of cameras this sink
     # does not serve (removed from the config), which would otherwise stay "running" for good.
     clear_stale_status: bool = True
+
+    @property
+    def tls_files(self) -> dict[str, str | None]:
+        """The TLS file keys and their values, given or not."""
+        return {key: getattr(self, key) for key in TLS_FILE_KEYS}
 
     @property
     def broker_port(self) -> int:
@@ -362,7 +372,7 @@ def _tls_files(config: Config, unresolved: set[str]) -> Problems:
     from sam3stream.tls import TlsFileError, client_context
 
     for i, sink in enumerate(config.sinks):
-        keys = {f"sinks[{i}].{k}" for k in ("ca_file", "cert_file", "key_file")}
+        keys = {f"sinks[{i}].{k}" for k in TLS_FILE_KEYS}
         if isinstance(sink, MqttSinkConfig) and sink.tls and not keys & unresolved:
             try:
                 client_context(sink.ca_file, sink.cert_file, sink.key_file, insecure=sink.tls_insecure)
@@ -620,15 +630,15 @@ _HOST_NAME = re.compile(r"^(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-
 def _listen_host(host: str) -> Problems:
     # Whether the machine has the address is only known when binding (ConfigError then too);
     # this catches what can never bind: a URL, a host:port, stray spaces.
-    local = '"0.0.0.0" listens on every interface, "127.0.0.1" on this host only'
     if not host.strip():
-        yield "", f"must not be empty: {local}"
+        yield "", f"must not be empty: {LISTEN_HOSTS}"
         return
     try:
         ipaddress.ip_address(host)
     except ValueError:
         if not _HOST_NAME.match(host):
-            yield "", f"{host!r} is not a host name or IP address (no scheme, port or brackets); {local}"
+            why = "is not a host name or IP address (no scheme, port or brackets)"
+            yield "", f"{host!r} {why}; {LISTEN_HOSTS}"
 
 
 _FIELD_CHECKS: dict[tuple[type[Any], str], Callable[[Any], Problems]] = {
@@ -669,8 +679,8 @@ def _check_mqtt(sink: MqttSinkConfig) -> Problems:
     # TLS is switched on by ``tls`` alone, never implied by a file key: it also moves the default
     # port, and a left-over ca_file must not turn TLS on against a plain listener.
     if not sink.tls:
-        for key in ("ca_file", "cert_file", "key_file"):
-            if getattr(sink, key) is not None:
+        for key, path in sink.tls_files.items():
+            if path is not None:
                 yield key, "used only over TLS: set tls = true"
         if sink.tls_insecure:
             yield "tls_insecure", "used only over TLS: set tls = true"
@@ -767,7 +777,7 @@ def _resolve_paths(config: Config, base: Path, problems: list[tuple[str, str]]) 
         elif isinstance(sink, VideoSinkConfig):
             sink = msgspec.structs.replace(sink, dir=resolve(sink.dir, f"sinks[{i}].dir"))
         elif isinstance(sink, MqttSinkConfig):
-            files = {k: getattr(sink, k) for k in ("ca_file", "cert_file", "key_file")}
+            files = sink.tls_files
             resolved = {k: resolve(p, f"sinks[{i}].{k}") for k, p in files.items() if p is not None}
             sink = msgspec.structs.replace(sink, **resolved)
         sinks.append(sink)

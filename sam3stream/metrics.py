@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from sam3stream.config import LISTEN_HOSTS
 from sam3stream.errors import ConfigError
 from sam3stream.gpu_memory import process_gpu_memory
 from sam3stream.stream.frames import FrameResult
@@ -466,7 +467,6 @@ class Reporter:
 
 _PORT_KEY = "metrics.prometheus_port"
 _HOST_KEY = "metrics.prometheus_host"
-_LOCAL_HOSTS = '"0.0.0.0" listens on every interface, "127.0.0.1" on this host only'
 
 
 def _stop_server(server: Any) -> None:
@@ -477,11 +477,11 @@ def _stop_server(server: Any) -> None:
 def _bind_problem(port: int, host: str, exc: OSError) -> tuple[str, str]:
     """The config key to blame and what to say: the host when it is the problem, else the port."""
     if isinstance(exc, socket.gaierror):
-        return _HOST_KEY, f"{host!r} does not resolve ({exc.strerror or exc}); {_LOCAL_HOSTS}"
+        return _HOST_KEY, f"{host!r} does not resolve ({exc.strerror or exc}); {LISTEN_HOSTS}"
     if exc.errno == errno.EADDRNOTAVAIL:
-        return _HOST_KEY, f"{host}: no network interface of this machine has that address; {_LOCAL_HOSTS}"
+        return _HOST_KEY, f"{host}: no network interface of this machine has that address; {LISTEN_HOSTS}"
     if exc.errno == errno.EAFNOSUPPORT:
-        return _HOST_KEY, f"{host}: this machine does not support that address family; {_LOCAL_HOSTS}"
+        return _HOST_KEY, f"{host}: this machine does not support that address family; {LISTEN_HOSTS}"
     if exc.errno == errno.EADDRINUSE:
         return _PORT_KEY, (
             f"{port}: address already in use on {host}; choose a free port, or stop the process "
