@@ -71,14 +71,13 @@ class _ClientLog(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
-        self.records: deque[str] = deque(maxlen=8)
+        self.last: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record.getMessage())
+        self.last = record.getMessage()
 
     def take(self) -> str | None:
-        last = self.records[-1] if self.records else None
-        self.records.clear()
+        last, self.last = self.last, None
         return last
 
 
@@ -384,7 +383,7 @@ class MqttSink:
             try:
                 # A fresh client per connection: paho's session state from a broken
                 # connection would otherwise resend what we already re-queued.
-                self._client_log.records.clear()
+                self._client_log.last = None
                 await self._session(self._make_client())
             except* (aiomqtt.MqttError, TlsFileError) as group:
                 self.connect_failures += 1
