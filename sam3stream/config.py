@@ -348,7 +348,7 @@ def _shared_outputs(config: Config) -> Problems:
     """Two sinks of one kind writing into one place would write each result twice into the
     same files (JSONL) or fight over them (video), or, on one broker and prefix, publish every
     result twice and clear each other's camera status. Compared once paths are absolute."""
-    first: dict[tuple[str, str], int] = {}
+    first: dict[tuple[str, str], tuple[int, str]] = {}  # key -> (index, what it does there)
     for i, sink in enumerate(config.sinks):
         if isinstance(sink, JsonlSinkConfig):
             key, where, what = ("jsonl", sink.path), "path", f"writes {sink.path}"
@@ -356,14 +356,28 @@ def _shared_outputs(config: Config) -> Problems:
             key, where, what = ("video", sink.dir), "dir", f"writes {sink.dir}"
         elif isinstance(sink, MqttSinkConfig):
             place, prefix = f"{sink.host}:{sink.broker_port}", sink.prefix.rstrip("/")
-            key = ("mqtt", f"{place.lower()}/{prefix}")  # host names are not case-sensitive
+            key = ("mqtt", f"{_broker_host(sink.host)}:{sink.broker_port}/{prefix}")
             where, what = "prefix", f"publishes under {prefix!r} on {place}"
         else:
             continue
         if key in first:
-            yield f"sinks[{i}].{where}", f"sinks[{first[key]}] already {what}"
+            j, done = first[key]
+            yield f"sinks[{i}].{where}", f"sinks[{j}] already {done}"
         else:
-            first[key] = i
+            first[key] = (i, what)
+
+
+def _broker_host(host: str) -> str:
+    """One spelling per broker host, without asking DNS: names are not case-sensitive, an address
+    has one canonical form (``::0:1`` is ``::1``), and every loopback name is this machine."""
+    name = host.rstrip(".").lower()
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return "loopback" if name == "localhost" or name.endswith(".localhost") else name
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return "loopback" if address.is_loopback else str(address)
 
 
 def _tls_files(config: Config, unresolved: set[str]) -> Problems:
@@ -627,18 +641,25 @@ def _mqtt_on_full(on_full: str) -> Problems:
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
 
 
-def _listen_host(host: str) -> Problems:
-    # Whether the machine has the address is only known when binding (ConfigError then too);
-    # this catches what can never bind: a URL, a host:port, stray spaces.
+def _host_problem(host: str, hint: str) -> Problems:
+    # Whether the name resolves is only known when connecting or binding; this catches what
+    # never can: a URL, a host:port, brackets, stray spaces.
     if not host.strip():
-        yield "", f"must not be empty: {LISTEN_HOSTS}"
+        yield "", f"must not be empty: {hint}"
         return
     try:
         ipaddress.ip_address(host)
     except ValueError:
         if not _HOST_NAME.match(host):
-            why = "is not a host name or IP address (no scheme, port or brackets)"
-            yield "", f"{host!r} {why}; {LISTEN_HOSTS}"
+            yield "", f"{host!r} is not a host name or IP address (no scheme, port or brackets); {hint}"
+
+
+def _listen_host(host: str) -> Problems:
+    yield from _host_problem(host, LISTEN_HOSTS)
+
+
+def _broker_host_name(host: str) -> Problems:
+    yield from _host_problem(host, 'the broker\'s name or address, e.g. "broker.lan"; its port goes in port')
 
 
 _FIELD_CHECKS: dict[tuple[type[Any], str], Callable[[Any], Problems]] = {
@@ -648,7 +669,7 @@ _FIELD_CHECKS: dict[tuple[type[Any], str], Callable[[Any], Problems]] = {
     (PromptsConfig, "classes"): _classes,
     (PromptsConfig, "mask_size"): _mask_size,
     (CameraConfig, "url"): _camera_url,
-    (MqttSinkConfig, "host"): _not_empty,
+    (MqttSinkConfig, "host"): _broker_host_name,
     (MqttSinkConfig, "prefix"): _mqtt_prefix,
     (MqttSinkConfig, "on_full"): _mqtt_on_full,
     (MqttSinkConfig, "ca_file"): _not_empty_if_given,

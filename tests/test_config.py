@@ -385,3 +385,34 @@ def test_two_mqtt_sinks_cannot_share_a_broker_and_prefix() -> None:
     upper = MINIMAL + MQTT + 'prefix = "site"\n' + MQTT + 'prefix = "site"\n'
     upper = upper.replace('host = "broker"', 'host = "Broker"', 1)  # one host, however it is spelt
     assert list(problems(upper)) == ["sinks[1].prefix"]
+
+
+@pytest.mark.parametrize("host", ["mqtt://broker", "broker:1883", "[::1]", " broker", "bro ker"])
+def test_a_broker_host_that_can_never_connect_is_named(host: str) -> None:
+    found = problems(MINIMAL + MQTT.replace('"broker"', f'"{host}"'))
+    assert list(found) == ["sinks[0].host"]
+    assert found["sinks[0].host"].startswith(f"{host!r} is not a host name or IP address")
+    assert "its port goes in port" in found["sinks[0].host"]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same"),
+    [
+        ("localhost", "127.0.0.1", True),
+        ("127.0.0.1", "::1", True),
+        ("LocalHost.", "::1", True),
+        ("::1", "0:0:0:0:0:0:0:1", True),
+        ("::ffff:10.0.0.7", "10.0.0.7", True),
+        ("10.0.0.7", "10.0.0.8", False),
+        ("localhost", "10.0.0.7", False),
+        ("broker.example", "broker.example.", True),
+    ],
+)
+def test_one_broker_is_recognised_however_its_host_is_written(first: str, second: str, same: bool) -> None:
+    sink = '\n[[sinks]]\ntype = "mqtt"\nprefix = "site"\nhost = "{}"\n'
+    two = MINIMAL + sink.format(first) + sink.format(second)
+    if same:
+        message = f"sinks[0] already publishes under 'site' on {first}:1883"
+        assert problems(two) == {"sinks[1].prefix": message}
+    else:
+        assert [mqtt_sink(parse_config(two), i).host for i in (0, 1)] == [first, second]
