@@ -659,7 +659,8 @@ def _listen_host(host: str) -> Problems:
 
 
 def _broker_host_name(host: str) -> Problems:
-    yield from _host_problem(host, 'the broker\'s name or address, e.g. "broker.lan"; its port goes in port')
+    hint = 'give the broker\'s name or address, e.g. "broker.lan", and its port as port'
+    yield from _host_problem(host, hint)
 
 
 _FIELD_CHECKS: dict[tuple[type[Any], str], Callable[[Any], Problems]] = {
