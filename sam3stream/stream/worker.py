@@ -30,7 +30,7 @@ import os
 import pickle
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -311,28 +311,29 @@ class GpuWorker:
         loop = asyncio.get_running_loop()
         while True:
             inferred = await handoff.get()
-            try:
-                results = await loop.run_in_executor(pool, self._results, inferred)
-            except PostprocessError as exc:
-                log.error("postprocess_failed", error=str(exc))
-                raise
+            results, failure = await loop.run_in_executor(pool, self._results, inferred)
             frames = inferred.batch.frames
-            timing = results[0].timing if results else StageTimes()
-            self._metrics.batch(
-                len(frames),
-                {
-                    "queue_wait": sum(r.timing.queue_wait for r in results) / max(len(results), 1),
-                    "preprocess": timing.preprocess,
-                    "vision": timing.vision,
-                    "decoder": timing.decoder,
-                    "postprocess": timing.postprocess,
-                },
-            )
-            for frame, result in zip(frames, results, strict=True):
+            if failure is not None:  # the frames before the failing one are still delivered
+                log.error("postprocess_failed", error=str(failure), delivered_first=len(results))
+            else:
+                timing = results[0].timing if results else StageTimes()
+                self._metrics.batch(
+                    len(frames),
+                    {
+                        "queue_wait": sum(r.timing.queue_wait for r in results) / max(len(results), 1),
+                        "preprocess": timing.preprocess,
+                        "vision": timing.vision,
+                        "decoder": timing.decoder,
+                        "postprocess": timing.postprocess,
+                    },
+                )
+            for frame, result in zip(frames, results, strict=False):
                 await self._publish(result, frame.image)
                 self._metrics.result(frame.camera, result)
+            self._in_flight.done(len(results))
+            if failure is not None:
+                raise failure
             self.batches_done += 1
-            self._in_flight.done(len(frames))
 
     def _mask_sizes(self, frames: Sequence[Frame]) -> list[tuple[int, int]]:
         """(width, height) of each frame's masks: the configured size or the frame's own."""
@@ -350,33 +351,36 @@ class GpuWorker:
 
     def _in_processes(
         self, pool: ProcessPoolExecutor, inferred: _Inferred, detect: Callable[[int], list[Detection]]
-    ) -> list[list[Detection]]:
+    ) -> Iterator[list[Detection]]:
         """A batch's detections in frame order. A frame with masks is sent to the processes with
         its own outputs only; one without (most frames, often) is cheaper here than the round
-        trip, as is one whose masks the backend encoded. If a process dies, this batch and the
-        rest are postprocessed here (``detect``)."""
+        trip, as is one whose masks the backend encoded. If a process dies, the frames from there
+        on and the later batches are postprocessed here (``detect``)."""
         from sam3stream.postprocess import frame_outputs
 
         frames, raw = inferred.batch.frames, inferred.raw
+        work: list[Future[list[Detection]] | None] = []  # None: postprocessed here, in its turn
         try:
-            work: list[Future[list[Detection]] | list[Detection]] = []
             for b, f in enumerate(frames):
                 one = frame_outputs(raw, b)
                 args = self._post_args(one, 0, f)
-                work.append(
-                    pool.submit(self._postprocess, *args)
-                    if one.masks.size
-                    else _detections_for(f, self._postprocess, *args)
-                )
-            return [
-                _detections_for(frames[b], item.result) if isinstance(item, Future) else item
-                for b, item in enumerate(work)
-            ]
+                work.append(pool.submit(self._postprocess, *args) if one.masks.size else None)
         except BrokenExecutor as exc:
             self._drop_processes(pool, exc, "postprocessing here from now on")
-        return [detect(b) for b in range(len(frames))]
+            work = [None] * len(frames)
+        for b, item in enumerate(work):
+            if item is not None:
+                try:
+                    yield _detections_for(frames[b], item.result)
+                    continue
+                except BrokenExecutor as exc:
+                    self._drop_processes(pool, exc, "postprocessing here from now on")
+                    work[b:] = [None] * (len(frames) - b)
+            yield detect(b)
 
-    def _results(self, inferred: _Inferred) -> list[FrameResult]:
+    def _results(self, inferred: _Inferred) -> tuple[list[FrameResult], PostprocessError | None]:
+        """The batch's results in frame order, and the failure that stopped it short, if one
+        did: the frames before the failing one keep their results, to be delivered."""
         t0 = time.perf_counter()
         frames = inferred.batch.frames
 
@@ -384,15 +388,23 @@ class GpuWorker:
             return _detections_for(frames[b], self._postprocess, *self._post_args(inferred.raw, b, frames[b]))
 
         pool = self._frame_pool
+        ordered: Iterable[list[Detection]]
         if isinstance(pool, ProcessPoolExecutor):
-            detections = self._in_processes(pool, inferred, detect)
+            ordered = self._in_processes(pool, inferred, detect)
         elif pool is not None and len(frames) > 1:
-            detections = list(pool.map(detect, range(len(frames))))  # in frame order
+            ordered = pool.map(detect, range(len(frames)))  # in frame order
         else:
-            detections = [detect(b) for b in range(len(frames))]
+            ordered = (detect(b) for b in range(len(frames)))
+        detections: list[list[Detection]] = []
+        failure: PostprocessError | None = None
+        try:
+            for dets in ordered:
+                detections.append(dets)
+        except PostprocessError as exc:
+            failure = exc
         post_ms = (time.perf_counter() - t0) * 1000
         now = time.time()
-        return [
+        results = [
             FrameResult(
                 run=self.run_id,
                 camera=f.camera,
@@ -413,8 +425,9 @@ class GpuWorker:
                     batch_size=len(frames),
                 ),
             )
-            for f, dets in zip(frames, detections, strict=True)
+            for f, dets in zip(frames, detections, strict=False)  # detections: up to a failure
         ]
+        return results, failure
 
 
 def _detections_for(frame: Frame, fn: Callable[..., list[Detection]], *args: Any) -> list[Detection]:

@@ -17,6 +17,7 @@ from sam3stream.runtime.types import RawOutputs
 from sam3stream.stream.frames import Detection
 from sam3stream.stream.pipeline import Pipeline
 from tests.stream.helpers import MemorySink, camera_toml, make_config, stub_postprocess
+from tests.stream.videos import gray_level
 
 
 def decodable_frames(path: Path) -> int:
@@ -137,6 +138,31 @@ async def test_a_postprocessing_failure_stops_everything_naming_the_camera_and_f
             await p.wait()
     assert sink.closed
     assert sink.seqs("b") == [0, 1]  # what came before the failure was delivered, in order
+
+
+def fails_on_frame_2(raw: RawOutputs, b: int, *rest: Any) -> list[Detection]:
+    """The stand-in postprocess, failing on the frame painted gray_level(2) (the fake engine's
+    best score is the frame's brightness). At module level, so that processes can run it."""
+    if round((float(raw.scores[b, 0, 0]) * 255 - gray_level(0)) / 8) == 2:
+        raise IndexError("a bug in postprocessing")
+    return stub_postprocess(raw, b, *rest)
+
+
+@pytest.mark.parametrize("where", [{"post_threads": 1}, {"post_threads": 3}, {"post_processes": 2}])
+async def test_the_frames_before_a_failure_in_its_batch_are_delivered(
+    tmp_path: Path, video: Callable[..., Path], where: dict[str, int]
+) -> None:
+    # One batch holds frames 0-3 (the batcher waits for it to fill): a failure on frame 2
+    # used to take frames 0 and 1 down with it.
+    config = make_config(tmp_path, camera_toml("a", video("a.mp4", frames=6)), max_batch=4, max_wait_ms=2000)
+    sink = MemorySink()
+    with pytest.raises(PostprocessError, match=r"frame 2 of camera 'a' failed: IndexError\('a bug"):
+        async with Pipeline(
+            config, backend=FakeBackend(), sinks=[sink], postprocess=fails_on_frame_2, **where
+        ) as p:
+            await p.wait()
+    assert sink.seqs("a") == [0, 1]
+    assert p.metrics.snapshot()["cameras"]["a"]["frames_processed"] == 2
 
 
 async def test_engine_death_still_delivers_what_was_computed(
