@@ -16,6 +16,7 @@ ever hold absolute paths for them.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 import types
@@ -115,6 +116,14 @@ class PromptsConfig(_Section, frozen=True, kw_only=True):
         """One threshold per class, in class order."""
         return [self.threshold(c) for c in self.classes]
 
+    def camera_thresholds(self, camera: CameraConfig) -> list[float]:
+        """One threshold per class for ``camera``: its own, else the prompts'; a class the camera
+        does not report (``classes``) gets infinity, which no score reaches."""
+        wanted = set(camera.classes or self.classes)
+        return [
+            camera.thresholds.get(c, self.threshold(c)) if c in wanted else math.inf for c in self.classes
+        ]
+
     @property
     def mask_wh(self) -> tuple[int, int] | None:
         """Mask size for postprocessing: ``None`` means the original frame size."""
@@ -132,6 +141,8 @@ class CameraConfig(_Section, frozen=True, kw_only=True):
     loop: bool = False  # files only: start again at the end
     # Passed to av.open, which takes strings: numbers are written out (timeout = 5000000).
     options: dict[str, str | int | float] = {}  # e.g. rtsp_transport = "tcp"
+    classes: list[str] = []  # only these of prompts.classes are reported (empty = all)
+    thresholds: dict[str, Probability] = {}  # this camera's own, over prompts.thresholds and conf
 
     @property
     def is_network(self) -> bool:
@@ -289,6 +300,10 @@ class Config(_Section, frozen=True, kw_only=True):
     def engine_dir(self) -> Path:
         return Path(self.engines.dir)
 
+    def camera_thresholds(self) -> dict[str, list[float]]:
+        """Each camera's threshold per class (see :meth:`PromptsConfig.camera_thresholds`)."""
+        return {cam.name: self.prompts.camera_thresholds(cam) for cam in self.cameras}
+
     def summary(self) -> str:
         return (
             f"{len(self.cameras)} cameras, {len(self.sinks)} sinks, "
@@ -334,6 +349,8 @@ def _from_raw(raw: dict[str, Any], source: str, base_dir: str | Path | None) -> 
     problems: list[tuple[str, str]] = []
     config = _convert(raw, Config, "", problems)
     problems.extend(_check_raw(raw))
+    if isinstance(config, Config):
+        problems.extend(_camera_prompts(config))
     if problems or not isinstance(config, Config):
         raise ConfigError(problems, source=source)
     resolved = _resolve_paths(config, Path(base_dir or Path.cwd()).resolve(), problems)
@@ -342,6 +359,27 @@ def _from_raw(raw: dict[str, Any], source: str, base_dir: str | Path | None) -> 
     if problems:  # a path that cannot be resolved (a NUL byte, ~nosuchuser, a symlink loop)
         raise ConfigError(problems, source=source)
     return resolved
+
+
+def _camera_prompts(config: Config) -> Problems:
+    """A camera's classes and thresholds name classes that are prompted: the decoder runs for
+    prompts.classes only, so a camera can report fewer of them, never others."""
+    prompted = config.prompts.classes
+    known = f"one of prompts.classes ({', '.join(map(repr, prompted))})"
+    for i, cam in enumerate(config.cameras):
+        seen: set[str] = set()
+        for j, label in enumerate(cam.classes):
+            if label not in prompted:
+                yield f"cameras[{i}].classes[{j}]", f"{label!r} is not {known}"
+            elif label in seen:
+                yield f"cameras[{i}].classes[{j}]", f"{label!r} is listed twice"
+            seen.add(label)
+        for label in cam.thresholds:
+            if label not in prompted:
+                yield f"cameras[{i}].thresholds.{label}", f"{label!r} is not {known}"
+            elif cam.classes and label not in cam.classes:
+                why = "is not one of this camera's classes: it would never be reported"
+                yield f"cameras[{i}].thresholds.{label}", f"{label!r} {why}"
 
 
 def _shared_outputs(config: Config) -> Problems:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -416,3 +417,29 @@ def test_one_broker_is_recognised_however_its_host_is_written(first: str, second
         assert problems(two) == {"sinks[1].prefix": message}
     else:
         assert [mqtt_sink(parse_config(two), i).host for i in (0, 1)] == [first, second]
+
+
+def test_a_camera_names_only_prompted_classes_once_each() -> None:
+    found = problems(MINIMAL + 'classes = ["person", "dog", "person"]\nthresholds = { cat = 0.5 }\n')
+    known = "one of prompts.classes ('person', 'hand')"
+    assert found == {
+        "cameras[0].classes[1]": f"'dog' is not {known}",
+        "cameras[0].classes[2]": "'person' is listed twice",
+        "cameras[0].thresholds.cat": f"'cat' is not {known}",
+    }
+
+
+def test_a_camera_threshold_for_a_class_it_does_not_report_is_refused() -> None:
+    found = problems(MINIMAL + 'classes = ["person"]\nthresholds = { hand = 0.5 }\n')
+    assert list(found) == ["cameras[0].thresholds.hand"]
+    assert "not one of this camera's classes" in found["cameras[0].thresholds.hand"]
+    assert list(problems(MINIMAL + "thresholds = { hand = 1.5 }\n")) == ["cameras[0].thresholds.hand"]
+
+
+def test_camera_thresholds_take_the_cameras_own_then_the_prompts() -> None:
+    text = MINIMAL.replace('classes = ["person", "hand"]', 'classes = ["person", "hand", "cup"]\nconf = 0.3')
+    text += "thresholds = { hand = 0.6 }\n[prompts.thresholds]\ncup = 0.4\nhand = 0.2\n"
+    text += '[[cameras]]\nname = "cam2"\nurl = "b.mp4"\nclasses = ["cup", "hand"]\n'
+    config = parse_config(text)
+    assert config.camera_thresholds() == {"cam1": [0.3, 0.6, 0.4], "cam2": [math.inf, 0.2, 0.4]}
+    assert config.prompts.threshold_list == [0.3, 0.2, 0.4]  # the prompts' own are unchanged

@@ -508,6 +508,7 @@ class Pipeline:
             post_processes=self._post_processes,
             device_masks=cfg.postprocess.device_masks,
             run_id=self.run_id,
+            camera_thresholds=cfg.camera_thresholds(),
         )
         for route in self.routes:
             publish_stats = getattr(route.sink, "publish_stats", None)

@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib
+import math
 import multiprocessing
 import os
 import pickle
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -148,8 +149,11 @@ class GpuWorker:
         post_processes: int = 0,
         device_masks: bool = True,
         run_id: str = "",
+        camera_thresholds: Mapping[str, Sequence[float]] | None = None,
     ) -> None:
         """``run_id`` goes into every result (:func:`sam3stream.stream.frames.new_run_id`).
+        ``camera_thresholds``: a camera's own threshold per class (infinity: not reported,
+        :meth:`sam3stream.config.Config.camera_thresholds`); other cameras take the prompts'.
         ``infer_pool``: the one thread that talks to the backend, when the caller made it
         (it loaded the backend there, so device contexts stay on one thread); else our own.
         ``post_processes`` > 0: a batch's frames are postprocessed in that many processes
@@ -161,7 +165,11 @@ class GpuWorker:
         self._infer_pool = infer_pool
         self._labels = list(prompts.classes)
         self._thresholds = prompts.threshold_list
-        self._min_score = min(self._thresholds)
+        self._camera_thresholds = {name: list(t) for name, t in (camera_thresholds or {}).items()}
+        # The backend keeps masks from the lowest threshold any camera uses.
+        self._min_score = min(
+            self._thresholds + [t for ts in self._camera_thresholds.values() for t in ts if t != math.inf]
+        )
         self._mask_size = prompts.mask_wh
         self._batches = batches
         self._publish = publish
@@ -193,6 +201,7 @@ class GpuWorker:
                 "prompts_encoded",
                 classes=self._labels,
                 min_score=self._min_score,
+                **self._camera_prompts(),
                 post_threads=0 if self.post_processes else self.post_threads,
                 post_processes=self.post_processes,
                 masks_encoded_on="device" if self.device_masks else "host",
@@ -335,13 +344,23 @@ class GpuWorker:
                 raise failure
             self.batches_done += 1
 
+    def _camera_prompts(self) -> dict[str, dict[str, dict[str, float]]]:
+        """For the start-up log: the cameras whose classes or thresholds are their own."""
+        own = {
+            name: {label: t for label, t in zip(self._labels, ts, strict=True) if t != math.inf}
+            for name, ts in self._camera_thresholds.items()
+            if ts != self._thresholds
+        }
+        return {"camera_thresholds": own} if own else {}
+
     def _mask_sizes(self, frames: Sequence[Frame]) -> list[tuple[int, int]]:
         """(width, height) of each frame's masks: the configured size or the frame's own."""
         return [self._mask_size or (f.width, f.height) for f in frames]
 
     def _post_args(self, raw: RawOutputs, b: int, frame: Frame) -> tuple[Any, ...]:
         """The postprocess call's arguments for frame ``b`` of ``raw``."""
-        return (raw, b, self._labels, self._thresholds, frame.width, frame.height, self._mask_size)
+        thresholds = self._camera_thresholds.get(frame.camera, self._thresholds)
+        return (raw, b, self._labels, thresholds, frame.width, frame.height, self._mask_size)
 
     def _drop_processes(self, pool: ProcessPoolExecutor, exc: BaseException, detail: str) -> None:
         """Postprocess in this process from now on: nothing is lost, the log says why it is slower."""
