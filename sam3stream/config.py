@@ -60,6 +60,7 @@ NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 Probability = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]  # of a frame's width or height
 
 # Camera names become MQTT topic levels and file names.
 CAMERA_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -133,6 +134,13 @@ class PromptsConfig(_Section, frozen=True, kw_only=True):
 # --------------------------------------------------------------------------- cameras
 
 
+class ZoneConfig(_Section, frozen=True, kw_only=True):
+    """A named region of a camera's picture (``[[cameras.zones]]``)."""
+
+    name: str
+    polygon: list[tuple[Fraction, Fraction]]  # [x, y] vertices, fractions of the frame's width and height
+
+
 class CameraConfig(_Section, frozen=True, kw_only=True):
     name: CameraName
     url: str  # a file path, or rtsp://, rtsps://, http(s)://
@@ -143,6 +151,9 @@ class CameraConfig(_Section, frozen=True, kw_only=True):
     options: dict[str, str | int | float] = {}  # e.g. rtsp_transport = "tcp"
     classes: list[str] = []  # only these of prompts.classes are reported (empty = all)
     thresholds: dict[str, Probability] = {}  # this camera's own, over prompts.thresholds and conf
+    zones: list[ZoneConfig] = []  # each detection names the zones its anchor point is in
+    zone_anchor: Literal["center", "bottom"] = "center"  # the box's centre or its bottom edge's middle
+    only_in_zones: bool = False  # drop the detections that are in none of the zones
 
     @property
     def is_network(self) -> bool:
@@ -299,10 +310,6 @@ class Config(_Section, frozen=True, kw_only=True):
     @property
     def engine_dir(self) -> Path:
         return Path(self.engines.dir)
-
-    def camera_thresholds(self) -> dict[str, list[float]]:
-        """Each camera's threshold per class (see :meth:`PromptsConfig.camera_thresholds`)."""
-        return {cam.name: self.prompts.camera_thresholds(cam) for cam in self.cameras}
 
     def summary(self) -> str:
         return (
@@ -503,9 +510,21 @@ def _leaf(value: object, tp: Any, path: str, problems: list[tuple[str, str]]) ->
             msg = f"use only letters, digits, '_' and '-' (it becomes an MQTT topic level), got {value!r}"
         else:
             msg = f"{msg[0].lower()}{msg[1:]}"
-            msg += "" if "got" in msg else f", got {value!r}"
+            msg += "" if "got" in msg else f", got {_at_path(value, sub)!r}"
         problems.append((path + sub, msg))
         return _INVALID
+
+
+def _at_path(value: object, sub: str) -> object:
+    """The part of ``value`` that msgspec's error path ``sub`` (``[1][0]``, ``.key``) names."""
+    for index, key in re.findall(r"\[(\d+)\]|\.(\w+)", sub):
+        if index and isinstance(value, list) and int(index) < len(value):
+            value = value[int(index)]
+        elif key and isinstance(value, dict) and key in value:
+            value = value[key]
+        else:
+            break
+    return value
 
 
 def _struct_args(tp: Any) -> list[type[msgspec.Struct]] | None:
@@ -733,6 +752,20 @@ def _check_export(export: ExportConfig) -> Problems:
 def _check_camera(cam: CameraConfig) -> Problems:
     if cam.loop and cam.effective_mode == "live":
         yield "loop", 'only file cameras can loop (set mode = "file" or drop loop)'
+    if cam.only_in_zones and not cam.zones:
+        yield "only_in_zones", "give the camera's [[cameras.zones]]: with none it would report nothing"
+    seen: dict[str, int] = {}
+    for j, zone in enumerate(cam.zones):
+        if zone.name in seen:
+            yield f"zones[{j}].name", f"duplicate zone name {zone.name!r} (also zones[{seen[zone.name]}])"
+        seen.setdefault(zone.name, j)
+
+
+def _check_zone(zone: ZoneConfig) -> Problems:
+    if not zone.name.strip():
+        yield "name", "must not be empty"
+    if len(zone.polygon) < 3:
+        yield "polygon", f"{len(zone.polygon)} points; a zone needs 3 or more ([x, y] fractions of the frame)"
 
 
 def _check_mqtt(sink: MqttSinkConfig) -> Problems:
@@ -757,6 +790,7 @@ _CHECKS: dict[type[Any], Callable[[Any], Problems]] = {
     EnginesConfig: _check_engines,
     ExportConfig: _check_export,
     CameraConfig: _check_camera,
+    ZoneConfig: _check_zone,
     MqttSinkConfig: _check_mqtt,
     LifecycleConfig: _check_lifecycle,
 }

@@ -15,8 +15,9 @@ from PIL import Image, ImageDraw
 
 from sam3stream import rle
 from sam3stream.stream.frames import Detection
+from sam3stream.zones import Zone
 
-__all__ = ["PALETTE", "draw_detections", "label_color", "resize_mask"]
+__all__ = ["PALETTE", "ZONE_COLOR", "draw_detections", "label_color", "resize_mask"]
 
 # Distinct, saturated colors that stay readable on both dark and light scenes.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -37,6 +38,10 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (128, 0, 0),
     (170, 255, 195),
 )
+
+
+# Zones are outlined in one colour that no label takes, so they never read as a detection.
+ZONE_COLOR = (255, 255, 255)
 
 
 def label_color(label: str) -> tuple[int, int, int]:
@@ -62,8 +67,10 @@ def draw_detections(
     masks: bool = True,
     boxes: bool = True,
     alpha: float = 0.45,
+    zones: Sequence[Zone] = (),
 ) -> npt.NDArray[np.uint8]:
-    """Return a copy of ``image`` ([H, W, 3] RGB uint8) with the detections drawn on it."""
+    """Return a copy of ``image`` ([H, W, 3] RGB uint8) with the detections drawn on it, over
+    the outlines of ``zones`` (polygons in fractions of the frame) and their names."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be [H, W, 3] RGB, got shape {image.shape}")
     height, width = image.shape[:2]
@@ -79,11 +86,15 @@ def draw_detections(
             px = out[m].astype(np.float32)
             out[m] = (px * (1.0 - alpha) + tint * alpha).round().astype(np.uint8)
 
-    if boxes and detections:
+    if zones or (boxes and detections):
         canvas = Image.fromarray(out)
         pen = ImageDraw.Draw(canvas)
         thickness = max(1, round(min(height, width) / 300))
-        for det in detections:
+        for name, polygon in zones:
+            corners = [(x * width, y * height) for x, y in polygon]
+            pen.line([*corners, corners[0]], fill=ZONE_COLOR, width=thickness)
+            pen.text((corners[0][0] + 2, corners[0][1] + 2), name, fill=ZONE_COLOR)
+        for det in detections if boxes else ():
             color = label_color(det.label)
             x0, y0, x1, y1 = (float(v) for v in det.box_px)
             pen.rectangle((x0, y0, max(x0, x1), max(y0, y1)), outline=color, width=thickness)

@@ -441,5 +441,34 @@ def test_camera_thresholds_take_the_cameras_own_then_the_prompts() -> None:
     text += "thresholds = { hand = 0.6 }\n[prompts.thresholds]\ncup = 0.4\nhand = 0.2\n"
     text += '[[cameras]]\nname = "cam2"\nurl = "b.mp4"\nclasses = ["cup", "hand"]\n'
     config = parse_config(text)
-    assert config.camera_thresholds() == {"cam1": [0.3, 0.6, 0.4], "cam2": [math.inf, 0.2, 0.4]}
+    cam1, cam2 = config.cameras
+    assert config.prompts.camera_thresholds(cam1) == [0.3, 0.6, 0.4]
+    assert config.prompts.camera_thresholds(cam2) == [math.inf, 0.2, 0.4]
     assert config.prompts.threshold_list == [0.3, 0.2, 0.4]  # the prompts' own are unchanged
+
+
+ZONE = '[[cameras.zones]]\nname = "{}"\npolygon = {}\n'
+
+
+def test_zone_problems_are_named_at_their_keys() -> None:
+    found = problems(
+        MINIMAL
+        + ZONE.format("door", "[[0.1, 0.2], [0.5, 1.2], [0.3, 0.3]]")
+        + ZONE.format(" ", "[[0, 0], [1, 1]]")
+    )
+    assert found == {
+        "cameras[0].zones[0].polygon[1][1]": "expected `float` <= 1.0, got 1.2",
+        "cameras[0].zones[1].name": "must not be empty",
+        "cameras[0].zones[1].polygon": "2 points; a zone needs 3 or more ([x, y] fractions of the frame)",
+    }
+
+
+def test_zone_names_are_unique_per_camera_and_only_in_zones_needs_zones() -> None:
+    square = "[[0, 0], [1, 0], [1, 1]]"
+    found = problems(MINIMAL + ZONE.format("door", square) + ZONE.format("door", square))
+    assert found == {"cameras[0].zones[1].name": "duplicate zone name 'door' (also zones[0])"}
+    found = problems(MINIMAL + "only_in_zones = true\n")
+    assert list(found) == ["cameras[0].only_in_zones"]
+    other_camera = '[[cameras]]\nname = "cam2"\nurl = "b.mp4"\n' + ZONE.format("door", square)
+    config = parse_config(MINIMAL + ZONE.format("door", square) + other_camera)  # another camera's may match
+    assert [[z.name for z in c.zones] for c in config.cameras] == [["door"], ["door"]]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sam3stream import rle
-from sam3stream.draw import draw_detections, label_color, resize_mask
+from sam3stream.draw import ZONE_COLOR, draw_detections, label_color, resize_mask
 from sam3stream.stream.frames import Detection
 
 
@@ -69,3 +69,15 @@ def test_colors_are_stable_per_label() -> None:
 def test_rejects_non_rgb() -> None:
     with pytest.raises(ValueError, match="RGB"):
         draw_detections(np.zeros((4, 4), dtype=np.uint8), [])
+
+
+def test_zones_are_outlined_with_their_names_and_their_insides_left_alone() -> None:
+    image = np.zeros((100, 200, 3), dtype=np.uint8)
+    zone = ("dock", ((0.1, 0.2), (0.6, 0.2), (0.6, 0.8), (0.1, 0.8)))
+    out = draw_detections(image, [], zones=[zone])
+    white = np.array(ZONE_COLOR)
+    assert (out[50, 20] == white).all() and (out[50, 120] == white).all()  # left and right edges
+    assert (out[20, 90] == white).all() and (out[80, 90] == white).all()  # top and bottom
+    assert (out[40:75, 40:110] == 0).all()  # inside: untouched
+    assert out[22:34, 22:60].max() > 100  # the name, by the first corner
+    assert (draw_detections(image, []) == 0).all()  # no zones, nothing drawn

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -12,6 +12,7 @@ import numpy.typing as npt
 from sam3stream.errors import Sam3StreamError
 from sam3stream.folders import make_writable_folder
 from sam3stream.stream.frames import FrameResult
+from sam3stream.zones import Zone
 
 if TYPE_CHECKING:
     from sam3stream.config import SinkConfig
@@ -47,12 +48,14 @@ def make_sink(
     name: str | None = None,
     metrics: Metrics | None = None,
     cameras: Sequence[str] = (),
+    zones: Mapping[str, Sequence[Zone]] | None = None,
 ) -> Sink:
     """Build the sink a config entry describes (not started yet: call ``start()``).
 
     ``name`` defaults to the config's own name, else the sink type. ``cameras`` are the
     pipeline's cameras (the sink's own ``cameras`` narrow them): MQTT clears the retained
-    status of any other camera under its prefix.
+    status of any other camera under its prefix. ``zones``: each camera's, which the video
+    sink outlines.
     """
     from sam3stream.config import JsonlSinkConfig, MqttSinkConfig, VideoSinkConfig
 
@@ -68,7 +71,7 @@ def make_sink(
     if isinstance(cfg, VideoSinkConfig):
         from sam3stream.sinks.video import VideoSink
 
-        return VideoSink.from_config(cfg, name=label, metrics=metrics)
+        return VideoSink.from_config(cfg, name=label, metrics=metrics, zones=zones)
     raise TypeError(f"unknown sink config {type(cfg).__name__}")
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
@@ -35,6 +35,7 @@ from PIL import Image
 
 from sam3stream.draw import draw_detections
 from sam3stream.stream.frames import FrameResult
+from sam3stream.zones import Zone
 
 if TYPE_CHECKING:
     from sam3stream.config import VideoSinkConfig
@@ -151,7 +152,9 @@ class VideoSink:
         every_n: int = 1,
         lossless: bool = True,
         metrics: Metrics | None = None,
+        zones: Mapping[str, Sequence[Zone]] | None = None,
     ) -> None:
+        """``zones``: each camera's, outlined under its detections."""
         self.name = name
         self.lossless = lossless
         self.directory = Path(directory)
@@ -161,13 +164,21 @@ class VideoSink:
         self.draw_boxes = draw_boxes
         self.every_n = every_n
         self._metrics = metrics
+        self.zones = dict(zones or {})
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sink-{name}")
         self._recordings: dict[str, _Recording] = {}
         self._counts: dict[str, int] = {}
         self._warned_no_image: set[str] = set()
 
     @classmethod
-    def from_config(cls, cfg: VideoSinkConfig, *, name: str, metrics: Metrics | None = None) -> VideoSink:
+    def from_config(
+        cls,
+        cfg: VideoSinkConfig,
+        *,
+        name: str,
+        metrics: Metrics | None = None,
+        zones: Mapping[str, Sequence[Zone]] | None = None,
+    ) -> VideoSink:
         return cls(
             cfg.dir,
             name=name,
@@ -178,6 +189,7 @@ class VideoSink:
             every_n=cfg.every_n,
             lossless=cfg.on_full == "block",
             metrics=metrics,
+            zones=zones,
         )
 
     def recording_path(self, camera: str) -> Path | None:
@@ -209,7 +221,13 @@ class VideoSink:
     # ------------------------------------------------------------------ encoder thread
 
     def _write(self, result: FrameResult, image: npt.NDArray[np.uint8]) -> None:
-        drawn = draw_detections(image, result.detections, masks=self.draw_masks, boxes=self.draw_boxes)
+        drawn = draw_detections(
+            image,
+            result.detections,
+            masks=self.draw_masks,
+            boxes=self.draw_boxes,
+            zones=self.zones.get(result.camera, ()),
+        )
         camera = result.camera
         rec = self._recordings.get(camera)
         if rec is None:

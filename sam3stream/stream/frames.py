@@ -54,7 +54,8 @@ class Detection(msgspec.Struct, gc=False, omit_defaults=True):
     the original frame's width and height; ``box_px`` the same in its pixels (continuous
     coordinates: the frame spans 0..width). ``mask`` is present unless masks are off; its size is
     ``prompts.mask_size`` (given as [width, height]) or the frame's, as (height, width).
-    ``sam3stream.rle.decode(mask)`` gives the boolean array.
+    ``sam3stream.rle.decode(mask)`` gives the boolean array. ``zones`` names the camera's zones
+    the detection is in (``[[cameras.zones]]``; left out when it is in none).
     """
 
     label: str
@@ -62,6 +63,7 @@ class Detection(msgspec.Struct, gc=False, omit_defaults=True):
     box: tuple[float, float, float, float]  # normalized xyxy, 0..1 of the original frame
     box_px: tuple[float, float, float, float]  # xyxy in pixels of the original frame
     mask: Rle | None = None
+    zones: list[str] = []
 
 
 class StageTimes(msgspec.Struct, gc=False):

@@ -55,6 +55,7 @@ from sam3stream.stream.source import STOPPED_NOTICE_S, CameraSource
 from sam3stream.stream.tasks import first_error
 from sam3stream.stream.threads import close_executor, single_thread
 from sam3stream.stream.worker import GpuWorker, Postprocess, check_post_processes, post_threads_or_default
+from sam3stream.zones import CameraZones
 
 __all__ = ["Pipeline"]
 
@@ -408,9 +409,10 @@ class Pipeline:
         routes = []
         close_s = max(1.0, self.config.lifecycle.drain_timeout_s)
         cameras = [cam.name for cam in self.config.cameras]
+        zones = {cam.name: z.zones for cam in self.config.cameras if (z := CameraZones.of(cam)) is not None}
         for i, cfg in enumerate(self.config.sinks):
             name = sink_name(i, cfg)
-            sink = make_sink(cfg, name=name, metrics=self.metrics, cameras=cameras)
+            sink = make_sink(cfg, name=name, metrics=self.metrics, cameras=cameras, zones=zones)
             routes.append(
                 SinkRoute(
                     sink,
@@ -508,7 +510,7 @@ class Pipeline:
             post_processes=self._post_processes,
             device_masks=cfg.postprocess.device_masks,
             run_id=self.run_id,
-            camera_thresholds=cfg.camera_thresholds(),
+            cameras=cfg.cameras,
         )
         for route in self.routes:
             publish_stats = getattr(route.sink, "publish_stats", None)

@@ -31,7 +31,7 @@ import os
 import pickle
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from sam3stream.config import PromptsConfig
+from sam3stream.config import CameraConfig, PromptsConfig
 from sam3stream.errors import EngineDeadError, PostprocessError
 from sam3stream.metrics import Metrics
 from sam3stream.runtime.types import Backend, RawOutputs, TextFeatures
@@ -50,6 +50,7 @@ from sam3stream.stream.frames import Detection, Frame, FrameResult, StageTimes
 from sam3stream.stream.mailbox import InFlight
 from sam3stream.stream.tasks import first_error
 from sam3stream.stream.threads import close_executor, in_background, single_thread
+from sam3stream.zones import CameraZones
 
 __all__ = ["GpuWorker", "Postprocess", "Publish"]
 
@@ -149,11 +150,12 @@ class GpuWorker:
         post_processes: int = 0,
         device_masks: bool = True,
         run_id: str = "",
-        camera_thresholds: Mapping[str, Sequence[float]] | None = None,
+        cameras: Sequence[CameraConfig] = (),
     ) -> None:
         """``run_id`` goes into every result (:func:`sam3stream.stream.frames.new_run_id`).
-        ``camera_thresholds``: a camera's own threshold per class (infinity: not reported,
-        :meth:`sam3stream.config.Config.camera_thresholds`); other cameras take the prompts'.
+        ``cameras``: their own classes and thresholds (:meth:`PromptsConfig.camera_thresholds`)
+        and zones (:class:`sam3stream.zones.CameraZones`); a camera not listed takes the prompts'
+        and has no zones.
         ``infer_pool``: the one thread that talks to the backend, when the caller made it
         (it loaded the backend there, so device contexts stay on one thread); else our own.
         ``post_processes`` > 0: a batch's frames are postprocessed in that many processes
@@ -165,7 +167,8 @@ class GpuWorker:
         self._infer_pool = infer_pool
         self._labels = list(prompts.classes)
         self._thresholds = prompts.threshold_list
-        self._camera_thresholds = {name: list(t) for name, t in (camera_thresholds or {}).items()}
+        self._camera_thresholds = {cam.name: prompts.camera_thresholds(cam) for cam in cameras}
+        self._zones = {cam.name: z for cam in cameras if (z := CameraZones.of(cam)) is not None}
         # The backend keeps masks from the lowest threshold any camera uses.
         self._min_score = min(
             self._thresholds + [t for ts in self._camera_thresholds.values() for t in ts if t != math.inf]
@@ -406,6 +409,10 @@ class GpuWorker:
         def detect(b: int) -> list[Detection]:
             return _detections_for(frames[b], self._postprocess, *self._post_args(inferred.raw, b, frames[b]))
 
+        def in_zones(frame: Frame, dets: list[Detection]) -> list[Detection]:
+            zones = self._zones.get(frame.camera)
+            return dets if zones is None else zones.apply(dets)
+
         pool = self._frame_pool
         ordered: Iterable[list[Detection]]
         if isinstance(pool, ProcessPoolExecutor):
@@ -417,8 +424,8 @@ class GpuWorker:
         detections: list[list[Detection]] = []
         failure: PostprocessError | None = None
         try:
-            for dets in ordered:
-                detections.append(dets)
+            for frame, dets in zip(frames, ordered, strict=False):
+                detections.append(in_zones(frame, dets))
         except PostprocessError as exc:
             failure = exc
         post_ms = (time.perf_counter() - t0) * 1000

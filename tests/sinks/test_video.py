@@ -130,3 +130,19 @@ def test_a_process_killed_mid_recording_leaves_all_but_the_last_seconds(tmp_path
     kept = len(decode_all(tmp_path / "cam1.mp4"))
     # Lost: the fragment still open (under two keyframe intervals, with the encoder's lookahead).
     assert sent - 2 * KEYFRAME_S * fps <= kept <= sent
+
+
+async def test_each_cameras_zones_are_outlined_on_its_video_only(tmp_path: Path) -> None:
+    h, w = 96, 128
+    zone = ("dock", ((0.25, 0.25), (0.75, 0.25), (0.75, 0.75), (0.25, 0.75)))
+    sink = VideoSink(tmp_path, draw_masks=False, draw_boxes=False, zones={"cam1": [zone]})
+    await sink.start()
+    black = np.zeros((h, w, 3), dtype=np.uint8)
+    for i in range(3):
+        await sink.publish(make_result(i, camera="cam1", width=w, height=h), black)
+        await sink.publish(make_result(i, camera="cam2", width=w, height=h), black)
+    await sink.aclose()
+    zoned, plain = decode_all(tmp_path / "cam1.mp4")[-1], decode_all(tmp_path / "cam2.mp4")[-1]
+    assert zoned[48, 32].mean() > 150 and zoned[24, 64].mean() > 150  # on the left and top edges
+    assert zoned[48, 64].mean() < 20  # inside
+    assert plain.max() < 20

@@ -1,4 +1,4 @@
-"""A camera reports its own classes at its own thresholds; the others keep the prompts'."""
+"""A camera's own classes, thresholds and zones; the other cameras keep the prompts' and have none."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
+
 from sam3stream.runtime.fake import FakeBackend
+from sam3stream.stream.frames import FrameResult
 from sam3stream.stream.pipeline import Pipeline
 from tests.stream.helpers import MemorySink, camera_toml, make_config
 
@@ -23,7 +26,7 @@ async def test_each_camera_reports_its_classes_at_its_thresholds(
         + "thresholds = { hand = 1.0, person = 0.0 }\n"
     )
     config = make_config(tmp_path, cameras)
-    assert config.camera_thresholds() == {
+    assert {c.name: config.prompts.camera_thresholds(c) for c in config.cameras} == {
         "every": [0.05, 0.05],
         "people": [0.05, math.inf],
         "strict": [0.0, 1.0],
@@ -43,3 +46,37 @@ async def test_each_camera_reports_its_classes_at_its_thresholds(
         assert pe == [label for label in e if label == "person"]
         assert "hand" not in st and st.count("person") >= e.count("person")  # 0.0 keeps every query
     assert all(d.mask is not None for r in sink.results["people"] for d in r.detections)
+
+
+async def test_zones_reach_the_files_and_only_in_zones_drops_the_rest(
+    tmp_path: Path, video: Callable[..., Path]
+) -> None:
+    # The fake engine's boxes are centred on the frame.
+    middle = "[[0.4, 0.4], [0.6, 0.4], [0.6, 0.6], [0.4, 0.6]]"
+    corner = "[[0, 0], [0.2, 0], [0.2, 0.2], [0, 0.2]]"
+    zone = '[[cameras.zones]]\nname = "{}"\npolygon = {}\n'
+    clip = video("same.mp4", frames=6)
+    cameras = (
+        camera_toml("tagged", clip)
+        + zone.format("corner", corner)
+        + zone.format("middle", middle)
+        + camera_toml("fenced", clip, only_in_zones=True)
+        + zone.format("corner", corner)
+        + camera_toml("plain", clip)
+    )
+    config = make_config(tmp_path, cameras, extra='[[sinks]]\ntype = "jsonl"\npath = "out"\n')
+    async with Pipeline(config, backend=FakeBackend()) as p:
+        await p.wait()
+
+    def frames(camera: str) -> list[FrameResult]:
+        lines = (tmp_path / "out" / f"{camera}.jsonl").read_bytes().splitlines()
+        return [msgspec.json.decode(line, type=FrameResult) for line in lines]
+
+    tagged, fenced, plain = frames("tagged"), frames("fenced"), frames("plain")
+    assert len(tagged) == len(fenced) == len(plain) == 6
+    assert all(r.detections for r in plain)
+    for t, pl in zip(tagged, plain, strict=True):
+        assert [d.box for d in t.detections] == [d.box for d in pl.detections]
+        assert all(d.zones == ["middle"] for d in t.detections)
+        assert all(d.zones == [] for d in pl.detections)
+    assert all(r.detections == [] for r in fenced)
