@@ -125,6 +125,7 @@ def test_demo_config_is_a_valid_config_file(tmp_path: Path) -> None:
     assert [c.name for c in config.cameras] == ["cam1-a_clip", "cam2-b", "cam3-a_clip"]
     assert [c.url for c in config.cameras] == [str(clips[0]), str(clips[1]), str(clips[0])]
     assert all(not c.loop and c.fps is None for c in config.cameras)
+    assert [[z.name for z in c.zones] for c in config.cameras] == [["left_half"], [], []]
     assert config.prompts.classes == list(PROMPTS)
     assert config.prompts.threshold_list == list(thresholds.values())
     assert config.engines.backend == "onnxruntime" and config.engines.device == "cpu"

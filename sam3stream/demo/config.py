@@ -63,6 +63,13 @@ class DemoLayout:
                 path.unlink()
 
 
+# On the first camera: its detections list the zone their centre is in, and its video outlines it.
+DEMO_ZONE = """\
+[[cameras.zones]]
+name = "left_half"
+polygon = [[0.0, 0.0], [0.5, 0.0], [0.5, 1.0], [0.0, 1.0]]"""
+
+
 def assign_clips(clips: Sequence[Path], cameras: int) -> list[tuple[str, Path]]:
     """``cameras`` (name, clip) pairs, cycling through the clips: cam1-astronaut, cam2-coffee, ..."""
     return [
@@ -112,9 +119,11 @@ def demo_config_text(
         "camera_queue = 1",
         "batch_queue = 1",
     ]
-    for name, clip in cameras:
+    for i, (name, clip) in enumerate(cameras):
         # No fps: decoded as fast as the model takes frames. No loop: a camera ends with its clip.
         lines += ["", "[[cameras]]", f"name = {_s(name)}", f"url = {_s(clip.resolve())}"]
+        if i == 0:
+            lines += [DEMO_ZONE]
     lines += ["", "[[sinks]]", 'type = "jsonl"', f"path = {_s(layout.jsonl.resolve())}"]
     lines += ["", "[[sinks]]", 'type = "video"', f"dir = {_s(layout.video.resolve())}"]
     lines += [f"draw_masks = {str(draw_masks).lower()}"]
