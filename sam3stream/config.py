@@ -764,8 +764,18 @@ def _check_camera(cam: CameraConfig) -> Problems:
 def _check_zone(zone: ZoneConfig) -> Problems:
     if not zone.name.strip():
         yield "name", "must not be empty"
-    if len(zone.polygon) < 3:
-        yield "polygon", f"{len(zone.polygon)} points; a zone needs 3 or more ([x, y] fractions of the frame)"
+    points = zone.polygon
+    if len(points) < 3:
+        yield "polygon", f"{len(points)} points; a zone needs 3 or more ([x, y] fractions of the frame)"
+    elif _on_one_line(points):
+        yield "polygon", "its points are on one line: the zone has no inside"
+
+
+def _on_one_line(points: list[tuple[float, float]]) -> bool:
+    (x0, y0), rest = points[0], points[1:]
+    far = max(rest, key=lambda p: abs(p[0] - x0) + abs(p[1] - y0))  # a second point, not the first
+    dx, dy = far[0] - x0, far[1] - y0
+    return all(abs(dx * (y - y0) - dy * (x - x0)) < 1e-12 for x, y in rest)
 
 
 def _check_mqtt(sink: MqttSinkConfig) -> Problems:

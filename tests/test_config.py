@@ -463,6 +463,18 @@ def test_zone_problems_are_named_at_their_keys() -> None:
     }
 
 
+def test_a_zone_with_no_inside_is_refused() -> None:
+    for line in (
+        "[[0, 0], [0.5, 0.5], [1, 1]]",
+        "[[0.2, 0.2], [0.2, 0.2], [0.2, 0.2]]",
+        "[[0, 1], [1, 1], [0.5, 1]]",
+    ):
+        found = problems(MINIMAL + ZONE.format("edge", line))
+        assert found == {"cameras[0].zones[0].polygon": "its points are on one line: the zone has no inside"}
+    bow_tie = "[[0, 0], [1, 1], [1, 0], [0, 1]]"  # no area as signed sums go, but an inside
+    assert parse_config(MINIMAL + ZONE.format("tie", bow_tie)).cameras[0].zones[0].name == "tie"
+
+
 def test_zone_names_are_unique_per_camera_and_only_in_zones_needs_zones() -> None:
     square = "[[0, 0], [1, 0], [1, 1]]"
     found = problems(MINIMAL + ZONE.format("door", square) + ZONE.format("door", square))
