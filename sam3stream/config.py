@@ -356,8 +356,6 @@ def _from_raw(raw: dict[str, Any], source: str, base_dir: str | Path | None) -> 
     problems: list[tuple[str, str]] = []
     config = _convert(raw, Config, "", problems)
     problems.extend(_check_raw(raw))
-    if isinstance(config, Config):
-        problems.extend(_camera_prompts(config))
     if problems or not isinstance(config, Config):
         raise ConfigError(problems, source=source)
     resolved = _resolve_paths(config, Path(base_dir or Path.cwd()).resolve(), problems)
@@ -368,25 +366,26 @@ def _from_raw(raw: dict[str, Any], source: str, base_dir: str | Path | None) -> 
     return resolved
 
 
-def _camera_prompts(config: Config) -> Problems:
-    """A camera's classes and thresholds name classes that are prompted: the decoder runs for
-    prompts.classes only, so a camera can report fewer of them, never others."""
-    prompted = config.prompts.classes
+def _camera_prompts(prompted: list[str], i: int, cam: dict[str, Any]) -> Problems:
+    """Camera ``i``'s classes and thresholds (raw TOML, types unchecked) name prompted classes:
+    the decoder runs for prompts.classes only, so a camera can report fewer of them, never others."""
     known = f"one of prompts.classes ({', '.join(map(repr, prompted))})"
-    for i, cam in enumerate(config.cameras):
-        seen: set[str] = set()
-        for j, label in enumerate(cam.classes):
-            if label not in prompted:
-                yield f"cameras[{i}].classes[{j}]", f"{label!r} is not {known}"
-            elif label in seen:
-                yield f"cameras[{i}].classes[{j}]", f"{label!r} is listed twice"
-            seen.add(label)
-        for label in cam.thresholds:
-            if label not in prompted:
-                yield f"cameras[{i}].thresholds.{label}", f"{label!r} is not {known}"
-            elif cam.classes and label not in cam.classes:
-                why = "is not one of this camera's classes: it would never be reported"
-                yield f"cameras[{i}].thresholds.{label}", f"{label!r} {why}"
+    classes = cam.get("classes")
+    classes = [c for c in classes if isinstance(c, str)] if isinstance(classes, list) else []
+    seen: set[str] = set()
+    for j, label in enumerate(classes):
+        if label not in prompted:
+            yield f"cameras[{i}].classes[{j}]", f"{label!r} is not {known}"
+        elif label in seen:
+            yield f"cameras[{i}].classes[{j}]", f"{label!r} is listed twice"
+        seen.add(label)
+    thresholds = cam.get("thresholds")
+    for label in thresholds if isinstance(thresholds, dict) else ():
+        if label not in prompted:
+            yield f"cameras[{i}].thresholds.{label}", f"{label!r} is not {known}"
+        elif classes and label not in classes:
+            why = "is not one of this camera's classes: it would never be reported"
+            yield f"cameras[{i}].thresholds.{label}", f"{label!r} {why}"
 
 
 def _shared_outputs(config: Config) -> Problems:
@@ -412,17 +411,21 @@ def _shared_outputs(config: Config) -> Problems:
             first[key] = (i, what)
 
 
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
 def _broker_host(host: str) -> str:
     """One spelling per broker host, without asking DNS: names are not case-sensitive, an address
-    has one canonical form (``::0:1`` is ``::1``), and every loopback name is this machine."""
+    has one canonical form (``::0:1`` is ``::1``), and localhost, 127.0.0.1 and ::1 are the
+    broker on this machine (other loopback addresses can be other listeners)."""
     name = host.rstrip(".").lower()
     try:
         address = ipaddress.ip_address(name)
     except ValueError:
-        return "loopback" if name == "localhost" or name.endswith(".localhost") else name
+        return "loopback" if name in _LOOPBACK else name
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return "loopback" if address.is_loopback else str(address)
+    return "loopback" if str(address) in _LOOPBACK else str(address)
 
 
 def _tls_files(config: Config, unresolved: set[str]) -> Problems:
@@ -550,7 +553,8 @@ def _convert(value: object, tp: Any, path: str, problems: list[tuple[str, str]])
     if typing.get_origin(tp) is list and _struct_args(typing.get_args(tp)[0]) is not None:
         if isinstance(value, dict):
             # The usual slip: [cameras] written once where each camera needs [[cameras]].
-            problems.append((path, f"write each entry as [[{path}]] (an array of tables), not [{path}]"))
+            header = re.sub(r"\[\d+\]", "", path)  # TOML headers name tables, not entries
+            problems.append((path, f"write each entry as [[{header}]] (an array of tables), not [{header}]"))
             return _INVALID
         if not isinstance(value, list):
             problems.append((path, f"expected an array of tables, got {_type_name(value)}"))
@@ -695,7 +699,9 @@ def _mqtt_on_full(on_full: str) -> Problems:
         yield "", f"{why}; {instead}"
 
 
-_HOST_NAME = re.compile(r"^(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+# Underscores too: container names (mqtt_broker) resolve in Docker's and Compose's DNS.
+_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
+_HOST_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
 
 
 def _host_problem(host: str, hint: str) -> Problems:
@@ -764,6 +770,8 @@ def _check_camera(cam: CameraConfig) -> Problems:
 def _check_zone(zone: ZoneConfig) -> Problems:
     if not zone.name.strip():
         yield "name", "must not be empty"
+    elif zone.name != zone.name.strip():  # "dock " and "dock" would read as one zone and be two
+        yield "name", f"{zone.name!r} starts or ends with spaces"
     points = zone.polygon
     if len(points) < 3:
         yield "polygon", f"{len(points)} points; a zone needs 3 or more ([x, y] fractions of the frame)"
@@ -807,15 +815,14 @@ _CHECKS: dict[type[Any], Callable[[Any], Problems]] = {
 
 
 def _check_raw(raw: dict[str, Any]) -> Problems:
-    """Rules across keys: unique camera and sink names, sinks naming cameras, thresholds naming classes."""
+    """Rules across keys: unique camera and sink names, sinks naming cameras, thresholds and
+    cameras' classes naming prompted classes."""
     prompts = raw.get("prompts")
+    classes = prompts.get("classes") if isinstance(prompts, dict) else None
+    prompted = classes if isinstance(classes, list) and all(isinstance(c, str) for c in classes) else None
     if isinstance(prompts, dict) and isinstance(prompts.get("thresholds"), dict):
-        classes = prompts.get("classes")
-        known = (
-            set(classes) if isinstance(classes, list) and all(isinstance(c, str) for c in classes) else None
-        )
         for label in prompts["thresholds"]:
-            if known is not None and label not in known:
+            if prompted is not None and label not in prompted:
                 yield f"prompts.thresholds.{label}", f"{label!r} is not one of prompts.classes"
     cameras = raw.get("cameras")
     if isinstance(cameras, list) and not cameras:  # not a list: _convert has said so
@@ -823,6 +830,8 @@ def _check_raw(raw: dict[str, Any]) -> Problems:
     cameras = cameras if isinstance(cameras, list) else []
     first: dict[str, int] = {}
     for i, cam in enumerate(cameras):
+        if isinstance(cam, dict) and prompted is not None:
+            yield from _camera_prompts(prompted, i, cam)
         name = cam.get("name") if isinstance(cam, dict) else None
         if isinstance(name, str) and name in first:
             yield f"cameras[{i}].name", f"duplicate camera name {name!r} (also cameras[{first[name]}])"

@@ -388,7 +388,7 @@ def test_two_mqtt_sinks_cannot_share_a_broker_and_prefix() -> None:
     assert list(problems(upper)) == ["sinks[1].prefix"]
 
 
-@pytest.mark.parametrize("host", ["mqtt://broker", "broker:1883", "[::1]", " broker", "bro ker"])
+@pytest.mark.parametrize("host", ["mqtt://broker", "broker:1883", "[::1]", " broker", "bro ker", "-broker"])
 def test_a_broker_host_that_can_never_connect_is_named(host: str) -> None:
     found = problems(MINIMAL + MQTT.replace('"broker"', f'"{host}"'))
     assert list(found) == ["sinks[0].host"]
@@ -406,6 +406,8 @@ def test_a_broker_host_that_can_never_connect_is_named(host: str) -> None:
         ("::ffff:10.0.0.7", "10.0.0.7", True),
         ("10.0.0.7", "10.0.0.8", False),
         ("localhost", "10.0.0.7", False),
+        ("127.0.0.1", "127.0.0.2", False),  # another loopback address can be another listener
+        ("::ffff:127.0.0.1", "localhost", True),
         ("broker.example", "broker.example.", True),
     ],
 )
@@ -461,6 +463,28 @@ def test_zone_problems_are_named_at_their_keys() -> None:
         "cameras[0].zones[1].name": "must not be empty",
         "cameras[0].zones[1].polygon": "2 points; a zone needs 3 or more ([x, y] fractions of the frame)",
     }
+
+
+def test_broker_hosts_may_be_container_names() -> None:
+    config = parse_config(MINIMAL + MQTT.replace('"broker"', '"mqtt_broker"'))
+    assert mqtt_sink(config).host == "mqtt_broker"  # Docker's DNS resolves underscores
+
+
+def test_a_zones_table_written_once_is_told_its_header() -> None:
+    found = problems(MINIMAL + '[cameras.zones]\nname = "a"\npolygon = [[0, 0], [1, 0], [1, 1]]\n')
+    assert found == {
+        "cameras[0].zones": "write each entry as [[cameras.zones]] (an array of tables), not [cameras.zones]"
+    }
+
+
+def test_a_camera_class_is_checked_while_another_section_is_wrong() -> None:
+    found = problems(MINIMAL + 'classes = ["dog"]\n' + '[[sinks]]\ntype = "carrier-pigeon"\n')
+    assert set(found) == {"cameras[0].classes[0]", "sinks[0].type"}
+
+
+def test_a_zone_name_with_spaces_around_it_is_refused() -> None:
+    found = problems(MINIMAL + ZONE.format("dock ", "[[0, 0], [1, 0], [1, 1]]"))
+    assert found == {"cameras[0].zones[0].name": "'dock ' starts or ends with spaces"}
 
 
 def test_a_zone_with_no_inside_is_refused() -> None:
