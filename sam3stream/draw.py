@@ -91,9 +91,13 @@ def draw_detections(
         pen = ImageDraw.Draw(canvas)
         thickness = max(1, round(min(height, width) / 300))
         for name, polygon in zones:
-            corners = [(x * width, y * height) for x, y in polygon]
+            # Pixel centres: a corner at 1.0 is the last row or column, not one past it.
+            corners = [(x * (width - 1), y * (height - 1)) for x, y in polygon]
             pen.line([*corners, corners[0]], fill=ZONE_COLOR, width=thickness)
-            pen.text((corners[0][0] + 2, corners[0][1] + 2), name, fill=ZONE_COLOR)
+            left, top, right, bottom = pen.textbbox((0, 0), name)
+            tx = min(corners[0][0] + 2, width - (right - left) - 2)
+            ty = min(corners[0][1] + 2, height - (bottom - top) - 2)
+            pen.text((max(tx, 0), max(ty, 0)), name, fill=ZONE_COLOR)
         for det in detections if boxes else ():
             color = label_color(det.label)
             x0, y0, x1, y1 = (float(v) for v in det.box_px)

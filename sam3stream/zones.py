@@ -5,11 +5,15 @@ resolution the camera sends. A detection is in a zone when one point of its box 
 box's centre, or the middle of its bottom edge (``anchor = "bottom"``: where a person
 stands, which for a camera looking down at a floor is the point that belongs to the
 zone drawn on it). The test is even-odd (a ray's crossings), so a zone that crosses
-itself still has an inside; a point exactly on an edge may fall either way.
+itself still has an inside; a point exactly on an edge may fall either way, except on the
+frame's own edges: boxes are clipped to the frame, so a box cut off at the bottom has its
+feet at exactly 1.0, and the point is moved just inside so that a zone drawn to the frame's
+edge holds it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -26,6 +30,9 @@ __all__ = ["Anchor", "CameraZones", "Point", "Zone", "contains"]
 Anchor = Literal["center", "bottom"]
 Point = tuple[float, float]
 Zone = tuple[str, tuple[Point, ...]]  # (name, polygon)
+
+# The largest float below 1: a point at the frame's right or bottom edge, moved inside.
+_JUST_INSIDE = math.nextafter(1.0, 0.0)
 
 
 def contains(polygon: Sequence[Point], x: float, y: float) -> bool:
@@ -59,7 +66,8 @@ class CameraZones:
 
     def point(self, detection: Detection) -> Point:
         x1, y1, x2, y2 = detection.box
-        return (x1 + x2) / 2, (y2 if self.anchor == "bottom" else (y1 + y2) / 2)
+        x, y = (x1 + x2) / 2, (y2 if self.anchor == "bottom" else (y1 + y2) / 2)
+        return min(x, _JUST_INSIDE), min(y, _JUST_INSIDE)
 
     def names(self, detection: Detection) -> list[str]:
         x, y = self.point(detection)

@@ -76,8 +76,20 @@ def test_zones_are_outlined_with_their_names_and_their_insides_left_alone() -> N
     zone = ("dock", ((0.1, 0.2), (0.6, 0.2), (0.6, 0.8), (0.1, 0.8)))
     out = draw_detections(image, [], zones=[zone])
     white = np.array(ZONE_COLOR)
-    assert (out[50, 20] == white).all() and (out[50, 120] == white).all()  # left and right edges
-    assert (out[20, 90] == white).all() and (out[80, 90] == white).all()  # top and bottom
+
+    def on_line(rows: slice | int, cols: slice | int) -> bool:  # within a pixel of where it falls
+        return bool((out[rows, cols] == white).all(axis=-1).any())
+
+    assert on_line(50, slice(19, 22)) and on_line(50, slice(118, 121))  # left and right edges
+    assert on_line(slice(19, 22), 90) and on_line(slice(78, 81), 90)  # top and bottom
     assert (out[40:75, 40:110] == 0).all()  # inside: untouched
     assert out[22:34, 22:60].max() > 100  # the name, by the first corner
     assert (draw_detections(image, []) == 0).all()  # no zones, nothing drawn
+
+
+def test_a_zone_along_the_frames_edges_is_drawn_on_them_and_named_inside() -> None:
+    image = np.zeros((100, 200, 3), dtype=np.uint8)
+    whole = ("all", ((1.0, 1.0), (0.0, 1.0), (0.0, 0.0), (1.0, 0.0)))  # first corner: bottom right
+    out = draw_detections(image, [], zones=[whole])
+    assert (out[99, 50:150] == ZONE_COLOR).all() and (out[20:80, 199] == ZONE_COLOR).all()
+    assert out[80:97, 150:197].max() > 100  # the name, kept inside the frame by its first corner

@@ -56,6 +56,16 @@ def test_the_bottom_anchor_is_where_a_person_stands() -> None:
     assert feet.names(standing) == ["floor"]
 
 
+def test_a_box_cut_off_at_the_frames_edge_is_in_a_zone_drawn_to_that_edge() -> None:
+    # Boxes are clipped to the frame: feet out of the picture are at exactly 1.0.
+    floor = ((0.3, 0.5), (0.7, 0.5), (0.8, 1.0), (0.2, 1.0))
+    right = ((0.5, 0.0), (1.0, 0.0), (1.0, 1.0), (0.5, 1.0))
+    zones = CameraZones((("floor", floor), ("right", right)), anchor="bottom")
+    assert zones.names(detection((0.3, 0.6, 0.45, 1.0))) == ["floor"]
+    assert zones.names(detection((0.9, 0.2, 1.0, 1.0))) == ["right"]  # x at 0.95, feet at 1.0
+    assert CameraZones((("right", right),)).names(detection((1.0, 0.4, 1.0, 0.6))) == ["right"]
+
+
 def test_only_in_zones_drops_the_rest_and_a_detection_in_none_is_left_as_it_was() -> None:
     inside, outside = detection((0.3, 0.3, 0.5, 0.5)), detection((0.7, 0.7, 0.9, 0.9))
     assert CameraZones((("z", SQUARE),), only_in_zones=True).apply([outside, inside]) == [

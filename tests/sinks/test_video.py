@@ -143,6 +143,7 @@ async def test_each_cameras_zones_are_outlined_on_its_video_only(tmp_path: Path)
         await sink.publish(make_result(i, camera="cam2", width=w, height=h), black)
     await sink.aclose()
     zoned, plain = decode_all(tmp_path / "cam1.mp4")[-1], decode_all(tmp_path / "cam2.mp4")[-1]
-    assert zoned[48, 32].mean() > 150 and zoned[24, 64].mean() > 150  # on the left and top edges
+    # On the left and top edges (within a pixel of where they fall).
+    assert zoned[48, 30:34].mean(axis=-1).max() > 150 and zoned[22:26, 64].mean(axis=-1).max() > 150
     assert zoned[48, 64].mean() < 20  # inside
     assert plain.max() < 20
