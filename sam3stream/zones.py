@@ -19,13 +19,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 
 from sam3stream.stream.frames import Detection
 
 if TYPE_CHECKING:
     from sam3stream.config import CameraConfig
 
-__all__ = ["Anchor", "CameraZones", "Point", "Zone", "contains"]
+__all__ = ["Anchor", "CameraZones", "Point", "Zone", "contains", "inside"]
 
 Anchor = Literal["center", "bottom"]
 Point = tuple[float, float]
@@ -35,22 +37,31 @@ Zone = tuple[str, tuple[Point, ...]]  # (name, polygon)
 _JUST_INSIDE = math.nextafter(1.0, 0.0)
 
 
-def contains(polygon: Sequence[Point], x: float, y: float) -> bool:
-    """Whether (x, y) is inside ``polygon`` (its vertices in order, closed implicitly)."""
-    inside = False
+def inside(polygon: Sequence[Point], xs: npt.ArrayLike, ys: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+    """Which of the points (xs, ys) are inside ``polygon`` (its vertices in order, closed
+    implicitly), element by element."""
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    result = np.zeros(np.broadcast(x, y).shape, dtype=np.bool_)
     x0, y0 = polygon[-1]
     for x1, y1 in polygon:
-        # The edge (x0, y0)-(x1, y1) crosses the horizontal line through y to the right of x.
-        if (y1 > y) != (y0 > y) and x < x0 + (y - y0) * (x1 - x0) / (y1 - y0):
-            inside = not inside
+        if y1 != y0:  # a level edge never crosses the horizontal line through a point
+            # The edge crosses the horizontal line through (x, y) to the right of x.
+            result ^= ((y1 > y) != (y0 > y)) & (x < x0 + (y - y0) * (x1 - x0) / (y1 - y0))
         x0, y0 = x1, y1
-    return inside
+    return result
+
+
+def contains(polygon: Sequence[Point], x: float, y: float) -> bool:
+    """Whether (x, y) is inside ``polygon``."""
+    return bool(inside(polygon, x, y))
 
 
 @dataclass(frozen=True, slots=True)
 class CameraZones:
     """One camera's zones: ``apply`` names each detection's zones in ``Detection.zones``
-    (in the order the zones are configured) and, with ``only_in_zones``, drops those in none."""
+    (in the order the zones are configured) and, with ``only_in_zones``, drops those in none;
+    ``holds`` tells which of a frame's boxes are in one, so that the others can be left out
+    before their masks are made."""
 
     zones: tuple[Zone, ...]
     anchor: Anchor = "center"
@@ -64,14 +75,24 @@ class CameraZones:
         zones = tuple((z.name, tuple(z.polygon)) for z in camera.zones)
         return cls(zones, anchor=camera.zone_anchor, only_in_zones=camera.only_in_zones)
 
-    def point(self, detection: Detection) -> Point:
-        x1, y1, x2, y2 = detection.box
-        x, y = (x1 + x2) / 2, (y2 if self.anchor == "bottom" else (y1 + y2) / 2)
-        return min(x, _JUST_INSIDE), min(y, _JUST_INSIDE)
+    def anchors(self, boxes: npt.ArrayLike) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """The tested point of each box ([..., 4] xyxy, clipped to the frame as detections are)."""
+        b = np.clip(np.asarray(boxes, dtype=np.float64), 0.0, 1.0)
+        x = (b[..., 0] + b[..., 2]) / 2
+        y = b[..., 3] if self.anchor == "bottom" else (b[..., 1] + b[..., 3]) / 2
+        return np.minimum(x, _JUST_INSIDE), np.minimum(y, _JUST_INSIDE)
+
+    def holds(self, boxes: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+        """Which boxes ([..., 4]) are in at least one zone."""
+        x, y = self.anchors(boxes)
+        found = np.zeros(x.shape, dtype=np.bool_)
+        for _, polygon in self.zones:
+            found |= inside(polygon, x, y)
+        return found
 
     def names(self, detection: Detection) -> list[str]:
-        x, y = self.point(detection)
-        return [name for name, polygon in self.zones if contains(polygon, x, y)]
+        x, y = self.anchors(detection.box)
+        return [name for name, polygon in self.zones if inside(polygon, x, y)]
 
     def apply(self, detections: list[Detection]) -> list[Detection]:
         out = []

@@ -23,6 +23,7 @@ an engine in an unknown state.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import importlib
 import math
@@ -361,8 +362,17 @@ class GpuWorker:
         return [self._mask_size or (f.width, f.height) for f in frames]
 
     def _post_args(self, raw: RawOutputs, b: int, frame: Frame) -> tuple[Any, ...]:
-        """The postprocess call's arguments for frame ``b`` of ``raw``."""
+        """The postprocess call's arguments for frame ``b`` of ``raw``. For a camera that keeps
+        only what is in its zones, the queries outside them get a score that no threshold
+        reaches, so that their masks are never resized or encoded."""
         thresholds = self._camera_thresholds.get(frame.camera, self._thresholds)
+        zones = self._zones.get(frame.camera)
+        if zones is not None and zones.only_in_zones:
+            from sam3stream.postprocess import frame_outputs
+
+            one = frame_outputs(raw, b)
+            scores = np.where(zones.holds(one.boxes), one.scores, -np.inf).astype(one.scores.dtype)
+            raw, b = dataclasses.replace(one, scores=scores), 0
         return (raw, b, self._labels, thresholds, frame.width, frame.height, self._mask_size)
 
     def _drop_processes(self, pool: ProcessPoolExecutor, exc: BaseException, detail: str) -> None:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
+import numpy as np
 
+from sam3stream.postprocess import to_detections
 from sam3stream.runtime.fake import FakeBackend
+from sam3stream.runtime.types import RawOutputs
 from sam3stream.stream.frames import Detection, FrameResult
 from sam3stream.stream.pipeline import Pipeline
 from tests.stream.helpers import MemorySink, camera_toml, make_config
@@ -66,12 +70,19 @@ async def test_zones_reach_the_files_and_only_in_zones_drops_the_rest(
         camera_toml("tagged", clip)
         + zone.format("corner", corner)
         + zone.format("middle", middle)
-        + camera_toml("fenced", clip, only_in_zones=True)
+        + camera_toml("fenced", video("wide.mp4", frames=6, width=80), only_in_zones=True)
         + zone.format("corner", corner)
         + camera_toml("plain", clip)
     )
     config = make_config(tmp_path, cameras, extra='[[sinks]]\ntype = "jsonl"\npath = "out"\n')
-    async with Pipeline(config, backend=FakeBackend()) as p:
+    keepable: dict[int, list[int]] = {}  # frame width -> rows that could be kept, per call
+
+    def counting(raw: RawOutputs, b: int, labels: Any, thresholds: Any, width: int, *rest: Any) -> Any:
+        keep = raw.scores[b] >= np.asarray(thresholds)[:, None]
+        keepable.setdefault(width, []).append(int(keep.sum()))
+        return to_detections(raw, b, labels, thresholds, width, *rest)
+
+    async with Pipeline(config, backend=FakeBackend(), postprocess=counting) as p:
         await p.wait()
 
     def frames(camera: str) -> list[FrameResult]:
@@ -86,3 +97,6 @@ async def test_zones_reach_the_files_and_only_in_zones_drops_the_rest(
         assert all(d.zones == ["middle"] for d in t.detections)
         assert all(d.zones == [] for d in pl.detections)
     assert all(r.detections == [] for r in fenced)
+    # The fenced camera's queries outside its zone never reached the postprocessing as keepable,
+    # so none of their masks was made.
+    assert sorted(keepable) == [64, 80] and min(keepable[64]) > 0 and keepable[80] == [0] * 6
