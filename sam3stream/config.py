@@ -21,7 +21,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias
 from urllib.parse import urlsplit
@@ -372,13 +372,12 @@ def _camera_prompts(prompted: list[str], i: int, cam: dict[str, Any]) -> Problem
     known = f"one of prompts.classes ({', '.join(map(repr, prompted))})"
     classes = cam.get("classes")
     classes = [c for c in classes if isinstance(c, str)] if isinstance(classes, list) else []
-    seen: set[str] = set()
+    repeated = _repeats(classes)
     for j, label in enumerate(classes):
         if label not in prompted:
             yield f"cameras[{i}].classes[{j}]", f"{label!r} is not {known}"
-        elif label in seen:
+        elif j in repeated:
             yield f"cameras[{i}].classes[{j}]", f"{label!r} is listed twice"
-        seen.add(label)
     thresholds = cam.get("thresholds")
     for label in thresholds if isinstance(thresholds, dict) else ():
         if label not in prompted:
@@ -654,13 +653,12 @@ def _classes(classes: list[str]) -> Problems:
         yield "", "give at least one class"
     if len(classes) > MAX_CLASSES:
         yield "", f"{len(classes)} classes; at most {MAX_CLASSES} (each runs the decoder on every frame)"
-    seen: set[str] = set()
+    repeated = _repeats(classes)
     for i, label in enumerate(classes):
         if not label.strip():
             yield f"[{i}]", "must not be empty"
-        elif label in seen:
+        elif i in repeated:
             yield f"[{i}]", f"duplicate class {label!r}"
-        seen.add(label)
 
 
 def _mask_size(value: tuple[int, int] | str) -> Problems:
@@ -760,11 +758,8 @@ def _check_camera(cam: CameraConfig) -> Problems:
         yield "loop", 'only file cameras can loop (set mode = "file" or drop loop)'
     if cam.only_in_zones and not cam.zones:
         yield "only_in_zones", "give the camera's [[cameras.zones]]: with none it would report nothing"
-    seen: dict[str, int] = {}
-    for j, zone in enumerate(cam.zones):
-        if zone.name in seen:
-            yield f"zones[{j}].name", f"duplicate zone name {zone.name!r} (also zones[{seen[zone.name]}])"
-        seen.setdefault(zone.name, j)
+    for j, first in _repeats([zone.name for zone in cam.zones]).items():
+        yield f"zones[{j}].name", f"duplicate zone name {cam.zones[j].name!r} (also zones[{first}])"
 
 
 def _check_zone(zone: ZoneConfig) -> Problems:
@@ -828,29 +823,43 @@ def _check_raw(raw: dict[str, Any]) -> Problems:
     if isinstance(cameras, list) and not cameras:  # not a list: _convert has said so
         yield "cameras", "give at least one [[cameras]] entry"
     cameras = cameras if isinstance(cameras, list) else []
-    first: dict[str, int] = {}
+    names = [cam.get("name") if isinstance(cam, dict) else None for cam in cameras]
+    repeated = _repeats(names)
     for i, cam in enumerate(cameras):
         if isinstance(cam, dict) and prompted is not None:
             yield from _camera_prompts(prompted, i, cam)
-        name = cam.get("name") if isinstance(cam, dict) else None
-        if isinstance(name, str) and name in first:
-            yield f"cameras[{i}].name", f"duplicate camera name {name!r} (also cameras[{first[name]}])"
-        elif isinstance(name, str):
-            first[name] = i
+        if i in repeated:
+            yield f"cameras[{i}].name", f"duplicate camera name {names[i]!r} (also cameras[{repeated[i]}])"
     sinks = raw.get("sinks")
-    seen: dict[str, int] = {}
-    for i, sink in enumerate(sinks if isinstance(sinks, list) else []):
+    sinks = sinks if isinstance(sinks, list) else []
+    sink_names = [
+        (sink.get("name") or f"{sink.get('type')}-{i}") if isinstance(sink, dict) else None
+        for i, sink in enumerate(sinks)
+    ]
+    repeated = _repeats(sink_names)
+    known = {name for name in names if isinstance(name, str)}
+    for i, sink in enumerate(sinks):
         if not isinstance(sink, dict):
             continue
-        name = sink.get("name") or f"{sink.get('type')}-{i}"
-        if isinstance(name, str) and name in seen:
-            yield f"sinks[{i}].name", f"duplicate sink name {name!r} (also sinks[{seen[name]}])"
-        elif isinstance(name, str):
-            seen[name] = i
+        if i in repeated:
+            yield f"sinks[{i}].name", f"duplicate sink name {sink_names[i]!r} (also sinks[{repeated[i]}])"
         wanted = sink.get("cameras")
         for j, cam_name in enumerate(wanted if isinstance(wanted, list) else []):
-            if isinstance(cam_name, str) and cam_name not in first:
+            if isinstance(cam_name, str) and cam_name not in known:
                 yield f"sinks[{i}].cameras[{j}]", f"no camera is named {cam_name!r}"
+
+
+def _repeats(names: Sequence[object]) -> dict[int, int]:
+    """The index of each name seen before (strings only) -> the index where it first appeared."""
+    first: dict[str, int] = {}
+    repeated: dict[int, int] = {}
+    for i, name in enumerate(names):
+        if isinstance(name, str):
+            if name in first:
+                repeated[i] = first[name]
+            else:
+                first[name] = i
+    return repeated
 
 
 def _resolve_paths(config: Config, base: Path, problems: list[tuple[str, str]]) -> Config:
